@@ -1,0 +1,668 @@
+"""Load, canonicalize and save ONNX models.
+
+Loading validates the file (protobuf, checker, opset, external-data paths confined to the
+model's folder) and turns every problem into a one-line ``ModelLoadError``. Canonicalization
+rewrites an exporter's graph into the plain form the passes expect (constants folded,
+BatchNormalization folded into the Conv/Gemm before it, shapes inferred) while keeping the
+user's tensor names, opset and metadata. Saving is atomic: a temp file, then a rename.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnx_ir.passes.common as ir_common
+from onnx_ir import external_data as ir_external_data
+
+from onnxcompress.errors import ModelLoadError, ModelSaveError
+
+logger = logging.getLogger(__name__)
+
+# Beyond this a protobuf cannot hold the weights inline; ONNX's limit is 2 GiB.
+EXTERNAL_DATA_THRESHOLD_BYTES = 2**31 - 2**25
+# Opsets below 7 predate the broadcasting rules every exporter has used since 2017.
+MIN_OPSET = 7
+# Folding a node whose output is bigger than this would bloat the file; leave it to the runtime.
+MAX_FOLDED_ELEMENTS = 1 << 26
+# Ops whose outputs are not a function of their inputs: never folded.
+_NON_DETERMINISTIC_OPS = frozenset(
+    {
+        "RandomNormal",
+        "RandomNormalLike",
+        "RandomUniform",
+        "RandomUniformLike",
+        "Multinomial",
+        "Bernoulli",
+        "Dropout",
+    }
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def load_model(path: str | os.PathLike[str]) -> ir.Model:
+    """Load and validate an ONNX model file.
+
+    Raises:
+        ModelLoadError: the file is missing, empty, not ONNX, fails the checker, uses an opset
+            or IR version this onnx does not know, or references external data that is missing
+            or lies outside the model's folder.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file")
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: not a regular file")
+    if path.stat().st_size == 0:
+        raise ModelLoadError(f"{path}: the file is empty")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises several unrelated types for garbage input
+        raise ModelLoadError(f"{path}: not a readable ONNX model ({_first_line(exc)})") from exc
+    validate_proto(proto, path)
+    try:
+        model = ir.serde.deserialize_model(proto)
+    except Exception as exc:
+        raise ModelLoadError(f"{path}: the graph cannot be read ({_first_line(exc)})") from exc
+    ir_external_data.set_base_dir(model.graph, str(path.parent))
+    return model
+
+
+def validate_proto(proto: onnx.ModelProto, path: Path) -> None:
+    """Structural checks that make a model safe and meaningful to rewrite."""
+    if not proto.HasField("graph") or (not proto.graph.node and not proto.graph.output):
+        raise ModelLoadError(f"{path}: not an ONNX model (no graph in the file)")
+    if proto.ir_version > onnx.IR_VERSION:
+        raise ModelLoadError(
+            f"{path}: IR version {proto.ir_version} is newer than this onnx supports "
+            f"({onnx.IR_VERSION}); upgrade onnx or re-export with an older IR version"
+        )
+    default_opset = next(
+        (o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None
+    )
+    max_opset = onnx.defs.onnx_opset_version()
+    if default_opset is None:
+        raise ModelLoadError(f"{path}: the model imports no default-domain opset")
+    if not MIN_OPSET <= default_opset <= max_opset:
+        raise ModelLoadError(
+            f"{path}: opset {default_opset} is not supported (supported: {MIN_OPSET}..{max_opset})"
+        )
+    _check_external_data_locations(proto, path)
+    has_external = any(
+        t.data_location == onnx.TensorProto.EXTERNAL for t in _iter_tensor_protos(proto.graph)
+    )
+    try:
+        # Given a proto, the checker looks for external data in the cwd; given the path, beside
+        # the model, where the files were checked above.
+        onnx.checker.check_model(str(path) if has_external else proto)
+    except Exception as exc:
+        raise ModelLoadError(f"{path}: invalid ONNX model: {_first_line(exc)}") from exc
+
+
+def _iter_tensor_protos(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _iter_tensor_protos(attr.g)
+            for sub in attr.graphs:
+                yield from _iter_tensor_protos(sub)
+
+
+def _check_external_data_locations(proto: onnx.ModelProto, path: Path) -> None:
+    """Refuse external data that is missing or escapes the model's folder.
+
+    A hostile model could name ``../../etc/passwd`` or an absolute path as its weights file;
+    reading it would leak another file's bytes into the output.
+    """
+    base = path.parent.resolve()
+    for tensor in _iter_tensor_protos(proto.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        location = info.get("location", "")
+        if not location:
+            raise ModelLoadError(
+                f"{path}: tensor {tensor.name!r} has external data without a location"
+            )
+        if os.path.isabs(location) or location.startswith(("/", "\\")):
+            raise ModelLoadError(
+                f"{path}: tensor {tensor.name!r} points its data at an absolute path {location!r}; "
+                "external data must lie in the model's folder"
+            )
+        target = (base / location).resolve()
+        if target != base and base not in target.parents:
+            raise ModelLoadError(
+                f"{path}: tensor {tensor.name!r} points its data outside the model's folder "
+                f"({location!r}); refusing to read it"
+            )
+        if not target.is_file():
+            raise ModelLoadError(
+                f"{path}: external data file {location!r} for tensor {tensor.name!r} is missing"
+            )
+        offset = int(info.get("offset", 0) or 0)
+        length = int(info.get("length", 0) or 0)
+        if offset + length > target.stat().st_size:
+            raise ModelLoadError(
+                f"{path}: external data for tensor {tensor.name!r} runs past the end of "
+                f"{location!r}"
+            )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving
+# ---------------------------------------------------------------------------------------------
+
+
+def model_nbytes(model: ir.Model) -> int:
+    """Bytes held by the model's initializers."""
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value)
+
+
+def save_model(
+    model: ir.Model,
+    path: str | os.PathLike[str],
+    *,
+    overwrite: bool = True,
+    protect: tuple[str | os.PathLike[str], ...] = (),
+) -> Path:
+    """Write ``model`` to ``path`` atomically.
+
+    The model goes to a temporary file in the destination folder first and is renamed over the
+    destination only once complete, so a crash never leaves a partial file. Models whose weights
+    exceed protobuf's 2 GiB limit get their weights in ``<name>.data`` beside the file.
+
+    Args:
+        overwrite: replace an existing file at ``path``; otherwise raise.
+        protect: paths that must never be written (the user's input model).
+    """
+    path = Path(path)
+    resolved = path.resolve()
+    for other in protect:
+        if Path(other).resolve() == resolved:
+            raise ModelSaveError(
+                f"{path}: refusing to overwrite the input model; choose another -o"
+            )
+    if path.exists() and not overwrite:
+        raise ModelSaveError(f"{path}: already exists (pass --force to replace it)")
+    if not path.parent.exists():
+        raise ModelSaveError(f"{path}: the folder {path.parent} does not exist")
+    external = model_nbytes(model) > EXTERNAL_DATA_THRESHOLD_BYTES
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    data_name = f"{path.name}.data"
+    tmp_data = path.parent / f".{data_name}.tmp"
+    try:
+        if external:
+            # The data file is referenced by name from the model, so it is written under a temp
+            # name that the rename below turns into ``data_name``.
+            ir.save(model, tmp, external_data=tmp_data.name)
+            _rewrite_external_location(tmp, tmp_data.name, data_name)
+            os.replace(tmp_data, path.parent / data_name)
+        else:
+            ir.save(model, tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise ModelSaveError(f"{path}: cannot write ({exc.strerror or exc})") from exc
+    finally:
+        for leftover in (tmp, tmp_data):
+            if leftover.exists():
+                leftover.unlink()
+    return path
+
+
+def _rewrite_external_location(model_path: Path, old: str, new: str) -> None:
+    proto = onnx.load(str(model_path), load_external_data=False)
+    for tensor in _iter_tensor_protos(proto.graph):
+        for entry in tensor.external_data:
+            if entry.key == "location" and entry.value == old:
+                entry.value = new
+    with open(model_path, "wb") as handle:
+        handle.write(proto.SerializeToString())
+
+
+def model_to_bytes(model: ir.Model) -> bytes:
+    """Serialize for an in-memory ONNX Runtime session (models below 2 GiB).
+
+    Weights still on disk (external data) are read into memory first: a session built from
+    bytes has no folder to resolve external paths against.
+    """
+    if any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values()):
+        ir_external_data.load_to_model(model)
+    return ir.serde.serialize_model(model).SerializeToString()
+
+
+def clone_model(model: ir.Model) -> ir.Model:
+    """A deep, independent copy (weights included)."""
+    return model.clone()
+
+
+# ---------------------------------------------------------------------------------------------
+# Canonicalization
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class CanonicalizeSummary:
+    """What canonicalization changed, for the report."""
+
+    initializer_inputs_removed: int = 0
+    constants_folded: int = 0
+    batchnorms_folded: int = 0
+    identities_removed: int = 0
+    reshapes_to_flatten: int = 0
+    nodes_before: int = 0
+    nodes_after: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+def canonicalize(
+    model: ir.Model,
+    *,
+    fold_constants: bool = True,
+    fold_batchnorm: bool = True,
+    keep_initializer_inputs: tuple[str, ...] = (),
+) -> CanonicalizeSummary:
+    """Rewrite ``model`` in place into the canonical form the passes work on.
+
+    Args:
+        fold_constants: evaluate every node whose inputs are all constant and store the result
+            as an initializer (weights built by ``Constant``/``ConstantOfShape``/``Identity``,
+            shape arithmetic on static shapes).
+        fold_batchnorm: fold inference-mode BatchNormalization into the Conv/Gemm before it
+            when that Conv/Gemm feeds nothing else.
+        keep_initializer_inputs: legacy models (opset <= 9, Caffe2) list initializers as graph
+            inputs too; these are treated as constants unless named here (the user feeds them).
+    """
+    graph = model.graph
+    summary = CanonicalizeSummary(nodes_before=graph.num_nodes())
+    summary.initializer_inputs_removed = _drop_initializer_inputs(graph, keep_initializer_inputs)
+    ir_common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+    infer_shapes(model)
+    if fold_constants:
+        summary.constants_folded = _fold_constant_nodes(model)
+    before_identity = graph.num_nodes()
+    ir_common.IdentityEliminationPass()(model)
+    summary.identities_removed = before_identity - graph.num_nodes()
+    if fold_batchnorm:
+        summary.batchnorms_folded = _fold_batchnorms(graph)
+    summary.reshapes_to_flatten = _reshapes_to_flatten(graph)
+    ir_common.RemoveUnusedNodesPass()(model)
+    _drop_unused_initializers(graph)
+    infer_shapes(model)
+    ir_common.TopologicalSortPass()(model)
+    summary.nodes_after = graph.num_nodes()
+    return summary
+
+
+def infer_shapes(model: ir.Model) -> None:
+    """Run ONNX shape inference and merge the inferred shapes into the IR.
+
+    Shape inference is best-effort: a model it cannot handle (unknown domain ops) keeps the
+    shapes it had.
+    """
+    try:
+        ir_common.ShapeInferencePass(strict_mode=False)(model)
+    except Exception as exc:  # onnx raises InferenceError and others for exotic graphs
+        logger.warning("shape inference failed, keeping the shapes the model had: %s", exc)
+
+
+def _drop_initializer_inputs(graph: ir.Graph, keep: tuple[str, ...]) -> int:
+    dropped = 0
+    for value in list(graph.inputs):
+        if value.is_initializer() and value.name not in keep:
+            graph.inputs.remove(value)
+            dropped += 1
+    return dropped
+
+
+def _drop_unused_initializers(graph: ir.Graph) -> None:
+    for name, value in list(graph.initializers.items()):
+        if not value.uses() and not value.is_graph_output() and not value.is_graph_input():
+            del graph.initializers[name]
+
+
+def _fold_constant_nodes(model: ir.Model) -> int:
+    """Evaluate nodes whose inputs are all constants; returns how many were folded."""
+    from onnx.reference import ReferenceEvaluator  # heavy import, only when folding
+
+    graph = model.graph
+    opset = model.opset_imports.get("", 17)
+    folded = 0
+    for node in list(graph):
+        if node.domain not in ("", "ai.onnx") or node.op_type in _NON_DETERMINISTIC_OPS:
+            continue
+        if any(
+            attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+            for attr in node.attributes.values()
+        ):
+            continue
+        if any(out.is_graph_output() for out in node.outputs):
+            continue
+        results = _static_shape_result(node)
+        if results is None:
+            if not node.inputs or not all(
+                inp is None or inp.const_value is not None for inp in node.inputs
+            ):
+                continue
+            try:
+                results = _evaluate_node(node, opset, ReferenceEvaluator)
+            except Exception as exc:
+                logger.debug("not folding %s (%s): %s", node.name, node.op_type, exc)
+                continue
+        if results is None or any(r.size > MAX_FOLDED_ELEMENTS for r in results):
+            continue
+        for out, array in zip(node.outputs, results, strict=True):
+            replace_with_initializer(graph, out, array)
+        graph.remove(node, safe=True)
+        folded += 1
+    return folded
+
+
+def _static_shape_result(node: ir.Node) -> list[np.ndarray] | None:
+    """``Shape``/``Size`` of a tensor whose shape is fully static fold without evaluation."""
+    if node.op_type not in ("Shape", "Size") or not node.inputs or node.inputs[0] is None:
+        return None
+    shape = node.inputs[0].shape
+    if shape is None or not all(isinstance(d, int) for d in shape.dims):
+        return None
+    dims = np.array([d for d in shape.dims if isinstance(d, int)], dtype=np.int64)
+    if node.op_type == "Size":
+        return [np.array(int(np.prod(dims)), dtype=np.int64)]
+    rank = len(dims)
+    start_attr = node.attributes.get("start")
+    end_attr = node.attributes.get("end")
+    start = start_attr.as_int() if start_attr is not None else 0
+    end = end_attr.as_int() if end_attr is not None else rank
+    return [dims[slice(start, end)]]
+
+
+def _evaluate_node(node: ir.Node, opset: int, evaluator_cls: type) -> list[np.ndarray]:
+    input_names = [f"in{i}" if inp is not None else "" for i, inp in enumerate(node.inputs)]
+    output_names = [f"out{i}" for i in range(len(node.outputs))]
+    attrs = [ir.serde.serialize_attribute(attr) for attr in node.attributes.values()]
+    onnx_node = onnx.helper.make_node(node.op_type, input_names, output_names)
+    onnx_node.attribute.extend(attrs)
+    evaluator = evaluator_cls(onnx_node, opsets={"": opset})
+    feeds = {
+        name: inp.const_value.numpy()
+        for name, inp in zip(input_names, node.inputs, strict=True)
+        if inp is not None and inp.const_value is not None
+    }
+    return [np.asarray(r) for r in evaluator.run(None, feeds)]
+
+
+def replace_with_initializer(graph: ir.Graph, value: ir.Value, array: np.ndarray) -> ir.Value:
+    """Replace the node output ``value`` by an initializer holding ``array``, keeping its name."""
+    name = value.name
+    value.name = f"{name}__folded"
+    constant = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+    constant.shape = ir.Shape(array.shape)
+    constant.type = ir.TensorType(ir.DataType.from_numpy(array.dtype))
+    value.replace_all_uses_with(constant)
+    graph.register_initializer(constant)
+    return constant
+
+
+def constant_array(value: ir.Value | None) -> np.ndarray | None:
+    """The numpy value of a constant (initializer) input, or None if it is computed."""
+    if value is None or value.const_value is None:
+        return None
+    return value.const_value.numpy()
+
+
+def set_initializer(graph: ir.Graph, value: ir.Value, array: np.ndarray) -> ir.Value:
+    """Give an initializer new contents; copies it first if other nodes share it.
+
+    Returns the value that now holds ``array`` for the consumers that asked (the same value when
+    unshared, a new initializer otherwise).
+    """
+    if len(value.uses()) > 1:
+        raise ValueError(f"initializer {value.name!r} is shared; use copy_initializer_for")
+    value.const_value = ir.tensor(array, name=value.name)
+    value.shape = ir.Shape(array.shape)
+    return value
+
+
+def private_initializer(graph: ir.Graph, node: ir.Node, index: int) -> ir.Value:
+    """Make input ``index`` of ``node`` an initializer that only this node uses.
+
+    Edits to weights must not leak into other nodes that share the same initializer (tied
+    weights, deduplicated exports), so a shared one is copied under a fresh name first.
+    """
+    value = node.inputs[index]
+    if value is None or value.const_value is None:
+        raise ValueError(f"input {index} of node {node.name!r} is not an initializer")
+    if len(value.uses()) == 1 and not value.is_graph_output():
+        return value
+    array = value.const_value.numpy().copy()
+    name = _fresh_name(graph, f"{value.name}__{node.name or node.op_type}")
+    copy = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+    copy.shape = ir.Shape(array.shape)
+    copy.type = value.type
+    graph.register_initializer(copy)
+    node.replace_input_with(index, copy)
+    return copy
+
+
+def _fresh_name(graph: ir.Graph, base: str) -> str:
+    taken = set(graph.initializers)
+    taken.update(v.name for n in graph for v in n.outputs if v.name)
+    taken.update(v.name for v in graph.inputs if v.name)
+    if base not in taken:
+        return base
+    index = 1
+    while f"{base}_{index}" in taken:
+        index += 1
+    return f"{base}_{index}"
+
+
+def fresh_name(graph: ir.Graph, base: str) -> str:
+    """A tensor name not yet used anywhere in ``graph``."""
+    return _fresh_name(graph, base)
+
+
+def _fold_batchnorms(graph: ir.Graph) -> int:
+    folded = 0
+    for bn in list(graph):
+        if bn.op_type != "BatchNormalization" or bn.domain not in ("", "ai.onnx"):
+            continue
+        if _fold_one_batchnorm(graph, bn):
+            folded += 1
+    return folded
+
+
+def _fold_one_batchnorm(graph: ir.Graph, bn: ir.Node) -> bool:
+    training = bn.attributes.get("training_mode")
+    if (training is not None and training.as_int() != 0) or len(
+        [o for o in bn.outputs if o.uses() or o.is_graph_output()]
+    ) > 1:
+        return False
+    source = bn.inputs[0]
+    producer = source.producer() if source is not None else None
+    if producer is None or producer.op_type not in ("Conv", "Gemm") or source is None:
+        return False
+    if len(source.uses()) != 1 or source.is_graph_output():
+        return False
+    params = [constant_array(v) for v in bn.inputs[1:5]]
+    if any(p is None for p in params):
+        return False
+    gamma, beta, mean, var = (np.asarray(p, dtype=np.float64) for p in params)
+    eps_attr = bn.attributes.get("epsilon")
+    eps = eps_attr.as_float() if eps_attr is not None else 1e-5
+    scale = gamma / np.sqrt(var + eps)
+    weight = constant_array(producer.inputs[1])
+    if weight is None:
+        return False
+    if producer.op_type == "Conv":
+        if weight.shape[0] != scale.shape[0]:
+            return False
+        new_weight = weight * scale.reshape(-1, *([1] * (weight.ndim - 1)))
+    else:
+        # BN over a Gemm's output features; Gemm(alpha, transB) decides where features live.
+        if (
+            _gemm_attr(producer, "transA", 0)
+            or weight.ndim != 2
+            or source.shape is None
+            or len(source.shape) != 2
+        ):
+            return False
+        alpha = _gemm_attr_float(producer, "alpha", 1.0)
+        beta_gemm = _gemm_attr_float(producer, "beta", 1.0)
+        if alpha != 1.0 or beta_gemm != 1.0:
+            return False
+        trans_b = _gemm_attr(producer, "transB", 0)
+        features = weight.shape[0] if trans_b else weight.shape[1]
+        if features != scale.shape[0]:
+            return False
+        new_weight = weight * (scale[:, None] if trans_b else scale[None, :])
+    out_channels = scale.shape[0]
+    bias_value = producer.inputs[2] if len(producer.inputs) > 2 else None
+    bias = constant_array(bias_value)
+    if bias_value is not None and bias is None:
+        return False
+    if bias is None:
+        bias = np.zeros(out_channels)
+    bias = np.broadcast_to(bias, (out_channels,)) if bias.size in (1, out_channels) else None
+    if bias is None:
+        return False
+    new_bias = (bias - mean) * scale + beta
+    dtype = weight.dtype
+    weight_value = private_initializer(graph, producer, 1)
+    set_initializer(graph, weight_value, new_weight.astype(dtype))
+    if bias_value is not None:
+        bias_value = private_initializer(graph, producer, 2)
+        set_initializer(graph, bias_value, new_bias.astype(dtype))
+    else:
+        name = fresh_name(graph, f"{producer.name or 'conv'}.bias")
+        bias_value = ir.Value(name=name, const_value=ir.tensor(new_bias.astype(dtype), name=name))
+        bias_value.shape = ir.Shape([out_channels])
+        bias_value.type = ir.TensorType(ir.DataType.from_numpy(np.dtype(dtype)))
+        graph.register_initializer(bias_value)
+        if len(producer.inputs) == 2:
+            producer.resize_inputs(3)
+        producer.replace_input_with(2, bias_value)
+    # The BN's output keeps its (user-visible) name; the producer now writes it directly.
+    bn_out = bn.outputs[0]
+    out_name = bn_out.name
+    bn_out.name = f"{out_name}__bn_folded"
+    bn_out.replace_all_uses_with(source, replace_graph_outputs=True)
+    source.name = out_name
+    graph.remove(bn, safe=True)
+    return True
+
+
+def _reshapes_to_flatten(graph: ir.Graph) -> int:
+    """Turn the exporters' dynamic-batch flatten into ``Flatten(axis=1)``.
+
+    ``torch.flatten(x, 1)`` under a dynamic batch exports as
+    ``Reshape(x, Concat(Unsqueeze(Gather(Shape(x), 0)), [-1]))``: shape inference loses the
+    feature count and channel analysis cannot see that channels map to column blocks. A
+    Reshape whose target is provably ``[N, -1]`` (or a constant ``[0, -1]``) is a Flatten.
+    """
+    rewritten = 0
+    for node in list(graph):
+        if node.op_type != "Reshape" or len(node.inputs) < 2:
+            continue
+        data, target = node.inputs[0], node.inputs[1]
+        if data is None or target is None or not _is_batch_then_minus_one(target, data):
+            continue
+        allowzero = node.attributes.get("allowzero")
+        if allowzero is not None and allowzero.as_int() != 0:
+            constant = constant_array(target)
+            if constant is not None:  # with allowzero a literal 0 means a zero-sized dim
+                continue
+        flatten = ir.Node(
+            "", "Flatten", [data], attributes=[ir.AttrInt64("axis", 1)], name=node.name
+        )
+        graph.insert_before(node, flatten)
+        out = node.outputs[0]
+        new_out = flatten.outputs[0]
+        name = out.name
+        out.name = f"{name}__reshape"
+        new_out.name = name
+        new_out.type = out.type
+        out.replace_all_uses_with(new_out, replace_graph_outputs=True)
+        graph.remove(node, safe=True)
+        rewritten += 1
+    return rewritten
+
+
+def _is_batch_then_minus_one(target: ir.Value, data: ir.Value) -> bool:
+    constant = constant_array(target)
+    if constant is not None:
+        return constant.tolist() == [0, -1]
+    concat = target.producer()
+    if concat is None or concat.op_type != "Concat" or len(concat.inputs) != 2:
+        return False
+    first, second = concat.inputs
+    tail = constant_array(second)
+    if first is None or tail is None or tail.reshape(-1).tolist() != [-1]:
+        return False
+    unsqueeze = first.producer()
+    if unsqueeze is not None and unsqueeze.op_type == "Unsqueeze":
+        first = unsqueeze.inputs[0]
+        unsqueeze_source = first.producer() if first is not None else None
+    else:
+        unsqueeze_source = unsqueeze
+    gather = unsqueeze_source
+    if gather is None or first is None:
+        return False
+    if gather.op_type == "Gather":
+        index = constant_array(gather.inputs[1])
+        shape_node = gather.inputs[0].producer() if gather.inputs[0] is not None else None
+        if index is None or index.reshape(-1).tolist() != [0]:
+            return False
+    elif gather.op_type == "Slice":
+        starts, ends = constant_array(gather.inputs[1]), constant_array(gather.inputs[2])
+        shape_node = gather.inputs[0].producer() if gather.inputs[0] is not None else None
+        if starts is None or ends is None or starts.tolist() != [0] or ends.tolist() != [1]:
+            return False
+    else:
+        return False
+    if shape_node is None or shape_node.op_type != "Shape":
+        return False
+    start = shape_node.attributes.get("start")
+    return shape_node.inputs[0] is data and (start is None or start.as_int() == 0)
+
+
+def _gemm_attr(node: ir.Node, name: str, default: int) -> int:
+    attr = node.attributes.get(name)
+    return attr.as_int() if attr is not None else default
+
+
+def _gemm_attr_float(node: ir.Node, name: str, default: float) -> float:
+    attr = node.attributes.get(name)
+    return attr.as_float() if attr is not None else default
+
+
+def load_canonical(path: str | os.PathLike[str]) -> tuple[ir.Model, CanonicalizeSummary]:
+    """Load a model and canonicalize it (the usual way into the passes)."""
+    model = load_model(path)
+    summary = canonicalize(model)
+    return model, summary

@@ -1,0 +1,239 @@
+"""What every compression pass shares: its config, context, report, and option parsing.
+
+A pass is an ``onnx_ir`` in-place pass (``call(model) -> PassResult``) with a validated config
+dataclass. It records what it did per layer, and every node it declined with the reason, in a
+``PassReport`` the pipeline turns into the user's report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import typing
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes import InPlacePass, PassResult
+
+from onnxcompress.errors import PassConfigError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Declined:
+    """A node (or channel group) a pass left alone, and why."""
+
+    node: str
+    reason: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"node": self.node, "reason": self.reason}
+
+
+@dataclasses.dataclass
+class PassReport:
+    """What a pass did, in data the report can print."""
+
+    name: str
+    options: dict[str, Any]
+    modified: bool = False
+    layers: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    declined: list[Declined] = dataclasses.field(default_factory=list)
+    summary: dict[str, Any] = dataclasses.field(default_factory=dict)
+    seconds: float = 0.0
+
+    def decline(self, node: str, reason: str) -> None:
+        logger.info("%s: leaving %s alone: %s", self.name, node, reason)
+        self.declined.append(Declined(node, reason))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "options": _jsonable(self.options),
+            "modified": self.modified,
+            "layers": _jsonable(self.layers),
+            "declined": [d.as_dict() for d in self.declined],
+            "summary": _jsonable(self.summary),
+            "seconds": round(self.seconds, 4),
+        }
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
+@dataclasses.dataclass
+class PassContext:
+    """What the pipeline hands a pass besides the model.
+
+    Attributes:
+        calibration: input batch for the model's first input (preprocessed, NCHW), used by
+            passes that fit on activations. None when the user gave no data.
+        calibration_labels: labels of that batch, when known.
+        train_spec / validation_spec: dataset specs for passes that retrain.
+        seed: for every random choice a pass makes.
+        progress: whether long steps may draw progress bars.
+    """
+
+    calibration: np.ndarray | None = None
+    calibration_labels: np.ndarray | None = None
+    train_spec: str | None = None
+    validation_spec: str | None = None
+    seed: int = 0
+    progress: bool = False
+    extras: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class PassConfig:
+    """Base of every pass config; subclasses add fields and validate in ``validate``."""
+
+    def validate(self) -> None:
+        """Raise PassConfigError for an out-of-range value."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+
+class CompressionPass(InPlacePass):
+    """Base class: subclasses set ``name``, ``config_class`` and implement ``run``."""
+
+    name: ClassVar[str] = ""
+    summary_line: ClassVar[str] = ""
+    config_class: ClassVar[type[PassConfig]] = PassConfig
+    needs_data: ClassVar[bool] = False
+
+    def __init__(self, config: PassConfig | None = None, context: PassContext | None = None):
+        super().__init__()
+        self.config = config if config is not None else self.config_class()
+        self.context = context if context is not None else PassContext()
+        self.report = PassReport(self.name, dataclasses.asdict(self.config))
+
+    def call(self, model: ir.Model) -> PassResult:
+        if self.needs_data and self.context.calibration is None:
+            raise PassConfigError(
+                f"pass {self.name!r} needs data: give --data SPEC (e.g. --data digits)"
+            )
+        start = time.perf_counter()
+        self.report = PassReport(self.name, dataclasses.asdict(self.config))
+        self.run(model, self.report)
+        self.report.seconds = time.perf_counter() - start
+        return PassResult(model, modified=self.report.modified)
+
+    def run(self, model: ir.Model, report: PassReport) -> None:
+        raise NotImplementedError
+
+
+def parse_options(
+    config_class: type[PassConfig], options: Mapping[str, Any], pass_name: str
+) -> Any:
+    """Build a config from ``key=value`` strings (CLI) or typed values (recipes).
+
+    Values are coerced to the field's annotated type; unknown keys and bad values raise
+    PassConfigError naming the valid options.
+    """
+    fields = {f.name: f for f in dataclasses.fields(config_class)}
+    hints = typing.get_type_hints(config_class)
+    kwargs: dict[str, Any] = {}
+    for key, raw in options.items():
+        field_name = key.replace("-", "_")
+        if field_name not in fields:
+            valid = ", ".join(sorted(fields)) or "(none)"
+            raise PassConfigError(f"pass {pass_name!r} has no option {key!r} (options: {valid})")
+        try:
+            kwargs[field_name] = _coerce(raw, hints[field_name])
+        except (TypeError, ValueError):
+            raise PassConfigError(
+                f"pass {pass_name!r}: option {key}={raw!r} is not a valid "
+                f"{_type_label(hints[field_name])}"
+            ) from None
+    try:
+        return config_class(**kwargs)
+    except PassConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise PassConfigError(f"pass {pass_name!r}: {exc}") from None
+
+
+def _type_label(annotation: Any) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def _coerce(raw: Any, annotation: Any) -> Any:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        is_none = raw is None or (isinstance(raw, str) and raw.lower() in ("none", ""))
+        if is_none and type(None) in args:
+            return None
+        errors: list[Exception] = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(raw, arg)
+            except (TypeError, ValueError) as exc:
+                errors.append(exc)
+        raise ValueError(errors)
+    if origin is typing.Literal:
+        if raw in args:
+            return raw
+        raise ValueError(f"expected one of {args}")
+    if origin in (tuple, list):
+        items = raw.split(";") if isinstance(raw, str) else list(raw)
+        item_type = args[0] if args else str
+        values = [
+            _coerce(item.strip() if isinstance(item, str) else item, item_type)
+            for item in items
+            if item != ""
+        ]
+        return tuple(values) if origin is tuple else values
+    if annotation is bool:
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(raw)
+    if annotation is int:
+        if isinstance(raw, bool):
+            raise ValueError(raw)
+        value = float(raw)
+        if value != int(value):
+            raise ValueError(raw)
+        return int(value)
+    if annotation is float:
+        if isinstance(raw, bool):
+            raise ValueError(raw)
+        result = float(raw)
+        if not np.isfinite(result):
+            raise ValueError(raw)
+        return result
+    if annotation is str:
+        if not isinstance(raw, str):
+            raise ValueError(raw)
+        return raw
+    return raw
+
+
+def check_fraction(name: str, value: float | None, *, allow_one: bool = True) -> None:
+    """Budgets are fractions of the original: 0 < value <= 1."""
+    if value is None:
+        return
+    upper_ok = value <= 1.0 if allow_one else value < 1.0
+    if not (value > 0.0 and upper_ok):
+        raise PassConfigError(f"{name}={value} is out of range: give a fraction in (0, 1]")
