@@ -303,12 +303,13 @@ def canonicalize(
     summary = CanonicalizeSummary(nodes_before=graph.num_nodes())
     summary.initializer_inputs_removed = _drop_initializer_inputs(graph, keep_initializer_inputs)
     ir_common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
-    infer_shapes(model)
-    if fold_constants:
-        summary.constants_folded = _fold_constant_nodes(model)
+    # Identities go before folding: folding Identity(weight) would copy a shared weight.
     before_identity = graph.num_nodes()
     ir_common.IdentityEliminationPass()(model)
     summary.identities_removed = before_identity - graph.num_nodes()
+    infer_shapes(model)
+    if fold_constants:
+        summary.constants_folded = _fold_constant_nodes(model)
     if fold_batchnorm:
         summary.batchnorms_folded = _fold_batchnorms(graph)
     summary.reshapes_to_flatten = _reshapes_to_flatten(graph)

@@ -19,6 +19,25 @@ ZOO_KWARGS: dict[str, dict] = {
 }
 
 
+def randomize_batchnorm(model) -> None:
+    """Give BatchNorm layers trained-looking statistics.
+
+    Fresh BatchNorm is the identity (ones and zeros), so folding it changes nothing and the
+    exporters deduplicate the all-zero biases: tests would see an untypical graph.
+    """
+    import torch
+
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                n = module.num_features
+                module.weight.copy_(torch.rand(n, generator=generator) + 0.5)
+                module.bias.copy_(torch.randn(n, generator=generator) * 0.1)
+                module.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
+                module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+
+
 @functools.cache
 def export_torchvision(name: str, exporter: str = "torchscript", size: int = 224) -> Path:
     """Export ``torchvision.models.<name>`` in eval mode; returns the .onnx path.
@@ -30,7 +49,9 @@ def export_torchvision(name: str, exporter: str = "torchscript", size: int = 224
     import torchvision
 
     torch.manual_seed(0)
-    model = getattr(torchvision.models, name)(weights=None, **ZOO_KWARGS.get(name, {})).eval()
+    model = getattr(torchvision.models, name)(weights=None, **ZOO_KWARGS.get(name, {}))
+    randomize_batchnorm(model)
+    model.eval()
     x = torch.randn(1, 3, size, size)
     path = _CACHE / f"{name}-{exporter}-{size}.onnx"
     if exporter == "torchscript":

@@ -1,0 +1,484 @@
+"""Size and compute of a model: parameters, MACs per layer, file size.
+
+Every report compares these numbers before and after compression, so they are defined once here.
+
+How MACs are counted: one MAC is one multiply-accumulate of the layer's weights with its input,
+counted from the tensor shapes ONNX shape inference puts on the graph (symbolic dims, normally
+the batch, count as ``batch``). Only the layers that hold the compute of a CNN are counted:
+
+* ``Conv``: output elements x (input channels / groups) x kernel elements. Dilation spreads the
+  kernel but does not change how many products each output takes, so it does not count.
+* ``ConvTranspose``: input elements x (output channels / groups) x kernel elements (each input
+  element is scattered through the kernel once).
+* ``Gemm``: M x N x K, with ``transA``/``transB`` deciding where M, N and K live.
+* ``MatMul``: broadcast batch x M x N x K, with numpy's rules for 1-D operands.
+
+Bias adds, activations, pooling, normalization and elementwise ops count as 0 MACs: they are
+memory-bound, a few percent of a CNN's arithmetic, and the figures torchvision and the papers
+publish leave them out, so ours can be compared with those. Parameters are the elements of
+the float initializers and float Constant nodes (float16, bfloat16, float, double and the float8
+formats); integer tensors such as Reshape targets are not parameters. An initializer shared by
+several nodes counts once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import onnx_ir as ir
+
+logger = logging.getLogger(__name__)
+
+# The ops whose MACs are counted; every other op contributes 0 and is not listed as a layer.
+COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+_DEFAULT_DOMAINS = ("", "ai.onnx")
+# Node names from exporters can be very long paths; the table keeps their informative tail.
+_MAX_NAME_WIDTH = 48
+
+
+@dataclasses.dataclass
+class LayerMetrics:
+    """Shape and cost of one compute node (Conv, ConvTranspose, Gemm, MatMul).
+
+    Attributes:
+        node: the node's name (``<op>_<index>`` when the model leaves it unnamed).
+        op: the op type.
+        in_channels: input channels (Conv) or input features K (Gemm, MatMul); None if unknown.
+        out_channels: output channels (Conv) or output features N (Gemm, MatMul); None if unknown.
+        kernel: spatial kernel size (convolutions only).
+        stride: strides (convolutions only).
+        groups: channel groups (convolutions only).
+        params: elements of the float initializers this node reads (weights and bias).
+        macs: multiply-accumulates of one run at the model's batch.
+    """
+
+    node: str
+    op: str
+    in_channels: int | None
+    out_channels: int | None
+    kernel: tuple[int, ...] | None
+    stride: tuple[int, ...] | None
+    groups: int | None
+    params: int
+    macs: int
+
+    def as_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        for key in ("kernel", "stride"):
+            if data[key] is not None:
+                data[key] = list(data[key])
+        return data
+
+
+@dataclasses.dataclass
+class ModelMetrics:
+    """Totals and per-layer costs of a model.
+
+    Attributes:
+        params: elements of all float initializers, each counted once.
+        macs: the sum of the layers' MACs.
+        layers: every Conv/ConvTranspose/Gemm/MatMul node in graph order.
+        file_size: bytes on disk (external data included), when measured from a file.
+        batch: the batch size symbolic dims were given.
+    """
+
+    params: int
+    macs: int
+    layers: list[LayerMetrics]
+    file_size: int | None
+    batch: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "params": self.params,
+            "macs": self.macs,
+            "file_size": self.file_size,
+            "batch": self.batch,
+            "layers": [layer.as_dict() for layer in self.layers],
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters
+# ---------------------------------------------------------------------------------------------
+
+
+def _is_float_initializer(value: ir.Value) -> bool:
+    tensor = value.const_value
+    if tensor is None:
+        return False
+    return bool(tensor.dtype.is_floating_point())
+
+
+def _num_elements(value: ir.Value) -> int:
+    tensor = value.const_value
+    if tensor is None:
+        return 0
+    # The tensor's shape is known without reading external data, so no weights get loaded.
+    return math.prod(int(d) for d in tensor.shape.numpy())
+
+
+def _constant_node_params(node: ir.Node) -> int:
+    attr = node.attributes.get("value")
+    if attr is not None and attr.type == ir.AttributeType.TENSOR:
+        tensor = attr.as_tensor()
+        if tensor.dtype.is_floating_point():
+            return math.prod(int(d) for d in tensor.shape.numpy())
+        return 0
+    if node.attributes.get("value_float") is not None:
+        return 1
+    floats = node.attributes.get("value_floats")
+    return len(floats.as_floats()) if floats is not None else 0
+
+
+def count_params(model: ir.Model) -> int:
+    """Elements of all float initializers in the model and its subgraphs, each counted once.
+
+    Float ``Constant`` nodes count too: some exporters emit weights (and scalars) as Constant
+    nodes, and canonicalization lifts those into initializers, so counting both keeps the number
+    the same before and after.
+    """
+    total = 0
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            if _is_float_initializer(value):
+                total += _num_elements(value)
+    for node in model.graph.all_nodes():
+        if node.op_type == "Constant" and node.domain in _DEFAULT_DOMAINS:
+            total += _constant_node_params(node)
+    return total
+
+
+def _node_params(node: ir.Node) -> int:
+    seen: set[int] = set()
+    total = 0
+    for value in node.inputs:
+        if value is None or id(value) in seen or not _is_float_initializer(value):
+            continue
+        seen.add(id(value))
+        total += _num_elements(value)
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+# MACs
+# ---------------------------------------------------------------------------------------------
+
+
+def _dims(value: ir.Value | None, batch: int) -> tuple[int, ...] | None:
+    """Concrete dims of a value, symbolic ones read as ``batch``; None if the rank is unknown."""
+    if value is None:
+        return None
+    if value.const_value is not None:
+        return tuple(int(d) for d in value.const_value.shape.numpy())
+    if value.shape is None:
+        return None
+    return tuple(d if isinstance(d, int) else batch for d in value.shape)
+
+
+def _ints_attr(node: ir.Node, name: str) -> tuple[int, ...] | None:
+    attr = node.attributes.get(name)
+    return tuple(attr.as_ints()) if attr is not None else None
+
+
+def _int_attr(node: ir.Node, name: str, default: int) -> int:
+    attr = node.attributes.get(name)
+    return attr.as_int() if attr is not None else default
+
+
+def _conv_output_dims(
+    node: ir.Node, in_dims: tuple[int, ...], out_channels: int, kernel: tuple[int, ...]
+) -> tuple[int, ...] | None:
+    """Conv output dims from its input when shape inference left the output unknown."""
+    spatial = len(kernel)
+    if len(in_dims) != spatial + 2:
+        return None
+    strides = _ints_attr(node, "strides") or (1,) * spatial
+    dilations = _ints_attr(node, "dilations") or (1,) * spatial
+    pads = _ints_attr(node, "pads") or (0,) * (2 * spatial)
+    auto_pad_attr = node.attributes.get("auto_pad")
+    auto_pad = auto_pad_attr.as_string() if auto_pad_attr is not None else "NOTSET"
+    out = []
+    for axis in range(spatial):
+        size = in_dims[axis + 2]
+        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            out.append(-(-size // strides[axis]))
+            continue
+        padded = size if auto_pad == "VALID" else size + pads[axis] + pads[axis + spatial]
+        reach = dilations[axis] * (kernel[axis] - 1) + 1
+        out.append((padded - reach) // strides[axis] + 1)
+    return (in_dims[0], out_channels, *out)
+
+
+def _conv_layer(node: ir.Node, batch: int) -> tuple[LayerMetrics, bool]:
+    transpose = node.op_type == "ConvTranspose"
+    weight = _dims(node.inputs[1] if len(node.inputs) > 1 else None, batch)
+    groups = _int_attr(node, "group", 1)
+    kernel = _ints_attr(node, "kernel_shape")
+    if kernel is None and weight is not None:
+        kernel = weight[2:]
+    stride = _ints_attr(node, "strides")
+    if stride is None and kernel is not None:
+        stride = (1,) * len(kernel)
+    in_ch = out_ch = None
+    if weight is not None and len(weight) >= 2:
+        # Conv weights are (Cout, Cin/groups, k...); ConvTranspose weights (Cin, Cout/groups, k...).
+        if transpose:
+            in_ch, out_ch = weight[0], weight[1] * groups
+        else:
+            in_ch, out_ch = weight[1] * groups, weight[0]
+    layer = LayerMetrics(
+        node="",
+        op=node.op_type,
+        in_channels=in_ch,
+        out_channels=out_ch,
+        kernel=kernel,
+        stride=stride,
+        groups=groups,
+        params=_node_params(node),
+        macs=0,
+    )
+    if weight is None or kernel is None or in_ch is None or out_ch is None:
+        return layer, False
+    kernel_elements = math.prod(kernel)
+    if transpose:
+        in_dims = _dims(node.inputs[0], batch)
+        if in_dims is None:
+            return layer, False
+        layer.macs = math.prod(in_dims) * (out_ch // groups) * kernel_elements
+        return layer, True
+    out_dims = _dims(node.outputs[0], batch)
+    if out_dims is None:
+        in_dims = _dims(node.inputs[0], batch)
+        out_dims = _conv_output_dims(node, in_dims, out_ch, kernel) if in_dims else None
+    if out_dims is None:
+        return layer, False
+    layer.macs = math.prod(out_dims) * (in_ch // groups) * kernel_elements
+    return layer, True
+
+
+def _gemm_layer(node: ir.Node, batch: int) -> tuple[LayerMetrics, bool]:
+    a = _dims(node.inputs[0], batch)
+    b = _dims(node.inputs[1], batch)
+    out = _dims(node.outputs[0], batch)
+    trans_a = _int_attr(node, "transA", 0)
+    trans_b = _int_attr(node, "transB", 0)
+    k = n = m = None
+    if b is not None and len(b) == 2:
+        k, n = (b[1], b[0]) if trans_b else (b[0], b[1])
+    if a is not None and len(a) == 2:
+        m, k = (a[1], a[0]) if trans_a else (a[0], a[1])
+    elif out is not None and len(out) == 2:
+        m = out[0]
+    layer = LayerMetrics(
+        node="",
+        op=node.op_type,
+        in_channels=k,
+        out_channels=n,
+        kernel=None,
+        stride=None,
+        groups=None,
+        params=_node_params(node),
+        macs=0,
+    )
+    if m is None or n is None or k is None:
+        return layer, False
+    layer.macs = m * n * k
+    return layer, True
+
+
+def _matmul_layer(node: ir.Node, batch: int) -> tuple[LayerMetrics, bool]:
+    a = _dims(node.inputs[0], batch)
+    b = _dims(node.inputs[1], batch)
+    k = n = None
+    if b is not None and len(b) >= 1:
+        k, n = (b[0], 1) if len(b) == 1 else (b[-2], b[-1])
+    layer = LayerMetrics(
+        node="",
+        op=node.op_type,
+        in_channels=k,
+        out_channels=n,
+        kernel=None,
+        stride=None,
+        groups=None,
+        params=_node_params(node),
+        macs=0,
+    )
+    if a is not None and b is not None and len(a) >= 1:
+        # numpy semantics: a 1-D left operand is a row (M = 1), a 1-D right one a column (N = 1).
+        m = 1 if len(a) == 1 else a[-2]
+        k = a[-1]
+        batch_dims = _broadcast(a[:-2], b[:-2]) if len(b) >= 2 else a[:-2]
+        layer.in_channels = k
+        layer.macs = math.prod(batch_dims) * m * (n or 1) * k
+        return layer, True
+    out = _dims(node.outputs[0], batch)
+    if out is not None and k is not None:
+        # Every output element is one length-K dot product.
+        layer.macs = math.prod(out) * k
+        return layer, True
+    return layer, False
+
+
+def _broadcast(a: Sequence[int], b: Sequence[int]) -> tuple[int, ...]:
+    rank = max(len(a), len(b))
+    a = (1,) * (rank - len(a)) + tuple(a)
+    b = (1,) * (rank - len(b)) + tuple(b)
+    return tuple(max(x, y) if 1 in (x, y) else x for x, y in zip(a, b, strict=True))
+
+
+def _layer(node: ir.Node, batch: int) -> tuple[LayerMetrics, bool] | None:
+    """Metrics of a compute node (None for other ops) and whether its shapes were known."""
+    if node.domain not in _DEFAULT_DOMAINS or node.op_type not in COMPUTE_OPS:
+        return None
+    if node.op_type in ("Conv", "ConvTranspose"):
+        return _conv_layer(node, batch)
+    if node.op_type == "Gemm":
+        return _gemm_layer(node, batch)
+    return _matmul_layer(node, batch)
+
+
+def node_macs(node: ir.Node, batch: int = 1) -> int:
+    """Multiply-accumulates of one node (0 for ops other than Conv/ConvTranspose/Gemm/MatMul).
+
+    Shapes come from the IR values (run ``onnxcompress.model.infer_shapes`` first); a node whose
+    shapes are unknown counts 0.
+
+    Args:
+        batch: the value given to symbolic dims.
+    """
+    result = _layer(node, batch)
+    return result[0].macs if result is not None else 0
+
+
+def _compute_nodes(model: ir.Model) -> Iterable[ir.Node]:
+    for node in model.graph.all_nodes():
+        if node.domain in _DEFAULT_DOMAINS and node.op_type in COMPUTE_OPS:
+            yield node
+
+
+def _shapes_missing(model: ir.Model) -> bool:
+    return any(out.shape is None for node in _compute_nodes(model) for out in node.outputs[:1])
+
+
+def model_metrics(model: ir.Model, *, batch: int = 1, file_size: int | None = None) -> ModelMetrics:
+    """Parameters, MACs and per-layer costs of ``model``.
+
+    Runs ONNX shape inference on the model first when a compute node's output has no shape
+    (this adds shapes to the model's values; nothing else changes).
+
+    Args:
+        batch: the value given to symbolic dims (normally the batch axis).
+        file_size: bytes on disk, when the caller measured the file.
+    """
+    if batch < 1:
+        raise ValueError(f"batch must be positive, got {batch}")
+    if _shapes_missing(model):
+        from onnxcompress.model import infer_shapes
+
+        infer_shapes(model)
+    layers: list[LayerMetrics] = []
+    unknown: list[str] = []
+    for index, node in enumerate(_compute_nodes(model)):
+        result = _layer(node, batch)
+        if result is None:
+            continue
+        layer, known = result
+        layer.node = node.name or f"{node.op_type}_{index}"
+        if not known:
+            unknown.append(layer.node)
+        layers.append(layer)
+    if unknown:
+        logger.warning(
+            "shapes unknown for %d node(s), counted as 0 MACs: %s",
+            len(unknown),
+            ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else ""),
+        )
+    return ModelMetrics(
+        params=count_params(model),
+        macs=sum(layer.macs for layer in layers),
+        layers=layers,
+        file_size=file_size,
+        batch=batch,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The inspect table
+# ---------------------------------------------------------------------------------------------
+
+
+def _short_count(value: int) -> str:
+    for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if value >= scale:
+            return f"{value / scale:.2f} {unit}"
+    return str(value)
+
+
+def _macs_total(value: int) -> str:
+    if value >= 1e9:
+        return f"{value / 1e9:.3f} G"
+    return f"{value / 1e6:.1f} M" if value >= 1e5 else f"{value / 1e6:.4f} M"
+
+
+def _dims_text(dims: tuple[int, ...] | None) -> str:
+    return "x".join(str(d) for d in dims) if dims else "-"
+
+
+def _channels_text(layer: LayerMetrics) -> str:
+    left = "?" if layer.in_channels is None else str(layer.in_channels)
+    right = "?" if layer.out_channels is None else str(layer.out_channels)
+    return f"{left}->{right}"
+
+
+def _clip(name: str) -> str:
+    return name if len(name) <= _MAX_NAME_WIDTH else ".." + name[-(_MAX_NAME_WIDTH - 2) :]
+
+
+def format_table(metrics: ModelMetrics) -> str:
+    """The per-layer table ``onnxcompress inspect`` prints, followed by the totals."""
+    header = ("node", "op", "in->out", "kernel", "stride", "groups", "params", "MACs", "% MACs")
+    rows = []
+    for layer in metrics.layers:
+        share = 100.0 * layer.macs / metrics.macs if metrics.macs else 0.0
+        rows.append(
+            (
+                _clip(layer.node),
+                layer.op,
+                _channels_text(layer),
+                _dims_text(layer.kernel),
+                _dims_text(layer.stride),
+                "-" if layer.groups is None else str(layer.groups),
+                f"{layer.params:,}",
+                _short_count(layer.macs),
+                f"{share:.1f}%",
+            )
+        )
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    # Text columns read left-aligned, numbers right-aligned so their digits line up.
+    numeric = {5, 6, 7, 8}
+
+    def line(cells: Sequence[str]) -> str:
+        parts = [
+            cell.rjust(width) if i in numeric else cell.ljust(width)
+            for i, (cell, width) in enumerate(zip(cells, widths, strict=True))
+        ]
+        return "  ".join(parts).rstrip()
+
+    out = [line(header), "  ".join("-" * w for w in widths)]
+    out.extend(line(row) for row in rows)
+    if not rows:
+        out.append("(no Conv/ConvTranspose/Gemm/MatMul nodes)")
+    out.append("")
+    out.append(f"layers     {len(metrics.layers)}")
+    out.append(f"params     {metrics.params / 1e6:.2f} M ({metrics.params:,})")
+    out.append(
+        f"MACs       {_macs_total(metrics.macs)} ({metrics.macs:,}) at batch {metrics.batch}"
+    )
+    if metrics.file_size is not None:
+        out.append(f"file size  {metrics.file_size / 1e6:.2f} MB ({metrics.file_size:,} bytes)")
+    return "\n".join(out)
