@@ -302,6 +302,9 @@ def canonicalize(
     graph = model.graph
     summary = CanonicalizeSummary(nodes_before=graph.num_nodes())
     summary.initializer_inputs_removed = _drop_initializer_inputs(graph, keep_initializer_inputs)
+    if summary.initializer_inputs_removed and (model.ir_version or 0) < 4:
+        # Before IR 4 every initializer had to be a graph input; the checker rejects the result.
+        model.ir_version = 4
     ir_common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
     # Identities go before folding: folding Identity(weight) would copy a shared weight.
     before_identity = graph.num_nodes()
@@ -409,7 +412,18 @@ def _evaluate_node(node: ir.Node, opset: int, evaluator_cls: type) -> list[np.nd
     attrs = [ir.serde.serialize_attribute(attr) for attr in node.attributes.values()]
     onnx_node = onnx.helper.make_node(node.op_type, input_names, output_names)
     onnx_node.attribute.extend(attrs)
-    evaluator = evaluator_cls(onnx_node, opsets={"": opset})
+    # A bare NodeProto is evaluated at the newest opset whatever ``opsets`` says; a one-node
+    # model pins the model's opset (Unsqueeze with ``axes`` as an attribute before opset 13...).
+    graph = onnx.helper.make_graph(
+        [onnx_node],
+        "fold",
+        [onnx.helper.make_value_info(name, onnx.TypeProto()) for name in input_names if name],
+        [onnx.helper.make_value_info(name, onnx.TypeProto()) for name in output_names],
+    )
+    wrapper = onnx.helper.make_model(
+        graph, opset_imports=[onnx.helper.make_opsetid("", opset)], ir_version=10
+    )
+    evaluator = evaluator_cls(wrapper)
     feeds = {
         name: inp.const_value.numpy()
         for name, inp in zip(input_names, node.inputs, strict=True)
