@@ -224,6 +224,10 @@ def save_model(
             os.replace(tmp_data, path.parent / data_name)
         else:
             ir.save(model, tmp)
+        # mkstemp creates 0600 files; a model is an ordinary file, readable as the umask says.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except OSError as exc:
         raise ModelSaveError(f"{path}: cannot write ({exc.strerror or exc})") from exc

@@ -81,20 +81,61 @@ def greedy_removal(
         step_fraction: remove up to this fraction of the remaining channels per step (0: one
             at a time). Wide groups use a few percent to stay fast.
     """
-    channels = outgoing_gram.shape[0]
-    precision = _regularized_inverse(gram, ridge)
-    # Effective outgoing Gram Q = Aᵀ H A over the channels still alive, where column i of A
-    # says how much of each original channel rides on kept channel i after compensation.
-    q = outgoing_gram.astype(np.float64).copy()
-    energy = float(np.sum(outgoing_gram * gram[:channels, :channels])) or 1.0
-    alive = np.arange(gram.shape[0])  # indices into the original channels (+ intercept last)
+    return greedy_removal_views(
+        [(gram, outgoing_gram)],
+        max_remove=max_remove,
+        intercept=intercept,
+        ridge=ridge,
+        step_fraction=step_fraction,
+    )
+
+
+@dataclasses.dataclass
+class _ViewState:
+    """Greedy state of one view: precision of the alive channels, effective outgoing Gram
+    ``Q = Aᵀ H A`` (column i of A: how much of each original channel rides on channel i), and
+    the view's output energy that normalizes its costs."""
+
+    precision: np.ndarray
+    q: np.ndarray
+    energy: float
+
+
+def greedy_removal_views(
+    views: list[tuple[np.ndarray, np.ndarray]],
+    *,
+    max_remove: int,
+    intercept: bool = False,
+    ridge: float = 1e-6,
+    step_fraction: float = 0.0,
+) -> RemovalPlan:
+    """Like :func:`greedy_removal` for a group read in several places.
+
+    A residual stream is read by many consumers, each seeing its own tensor (the stream after
+    a different block). Each view is ``(gram, outgoing_gram)`` for one such tensor and the
+    consumers reading it; each gets its own least-squares fit, and a channel's cost is the sum
+    of the relative output change over all views, so a channel read by seven layers costs
+    about seven times what a channel read by one does.
+    """
+    channels = views[0][1].shape[0]
+    states = [
+        _ViewState(
+            precision=_regularized_inverse(gram, ridge),
+            q=outgoing.astype(np.float64).copy(),
+            energy=float(np.sum(outgoing * gram[:channels, :channels])) or 1.0,
+        )
+        for gram, outgoing in views
+    ]
+    alive = np.arange(views[0][0].shape[0])  # original channels (+ intercept last)
     order: list[int] = []
     costs: list[float] = []
     max_remove = max(0, min(max_remove, channels - 1))
     while len(order) < max_remove:
         real = alive < channels  # the intercept is never a candidate
-        residual = 1.0 / np.maximum(np.diag(precision)[real], 1e-300)
-        score = residual * np.maximum(np.diag(q), 0.0) / energy
+        score = np.zeros(int(real.sum()))
+        for state in states:
+            residual = 1.0 / np.maximum(np.diag(state.precision)[real], 1e-300)
+            score += residual * np.maximum(np.diag(state.q), 0.0) / state.energy
         remaining = max_remove - len(order)
         count = 1
         if step_fraction > 0:
@@ -102,8 +143,9 @@ def greedy_removal(
         picks = np.sort(np.argsort(score, kind="stable")[:count])
         removed_mask = np.zeros(alive.size, dtype=bool)
         removed_mask[np.flatnonzero(real)[picks]] = True
-        coeffs, precision = _remove(precision, removed_mask)
-        q = _fold_outgoing(q, removed_mask[real], coeffs[:, real[~removed_mask]])
+        for state in states:
+            coeffs, state.precision = _remove(state.precision, removed_mask)
+            state.q = _fold_outgoing(state.q, removed_mask[real], coeffs[:, real[~removed_mask]])
         order.extend(int(c) for c in alive[removed_mask])
         costs.extend(float(c) for c in score[picks])
         alive = alive[~removed_mask]

@@ -38,6 +38,11 @@ REGISTRY: dict[str, PassEntry] = {
             "canonical:Simplify",
             "onnxslim graph simplification (constant folding, dead code, fusions)",
         ),
+        PassEntry(
+            "lrf",
+            "lrf:LinearlyReplaceableFilters",
+            "remove linearly replaceable filters, fold the replacement into the next layer",
+        ),
     )
 }
 

@@ -1,0 +1,419 @@
+"""The ``onnxcompress`` command line: parses arguments, calls the API, prints.
+
+Exit codes: 0 success, 2 a user error (one line on stderr saying what and how to fix it),
+1 a bug (traceback), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from onnxcompress import __version__
+from onnxcompress.errors import OnnxCompressError
+
+EXIT_OK, EXIT_BUG, EXIT_USER = 0, 1, 2
+
+DESCRIPTION = """\
+Make trained CNNs smaller and faster by rewriting their ONNX graphs.
+
+Typical session:
+  onnxcompress inspect model.onnx                      # per-layer params and MACs
+  onnxcompress compress model.onnx -o small.onnx --pass lrf:target_macs=0.6 --data digits
+  onnxcompress verify model.onnx small.onnx --data digits
+  onnxcompress bench model.onnx small.onnx --batch 1,32
+  onnxcompress eval small.onnx --data digits[1400:]
+"""
+
+DATA_HELP = """dataset spec: KIND[:PATH][SLICE][?key=value&...]. KIND is digits (built in),
+mnist:DIR, npz:FILE, folder:DIR or folder:ARCHIVE.tar.gz[/sub/dir]; SLICE like [:500];
+options scale, mean, std, resize, channels, layout, per_class, split (quote the spec in a shell)"""
+
+
+def _add_data_arg(parser: argparse.ArgumentParser, required: bool = False, **kw: Any) -> None:
+    parser.add_argument("--data", metavar="SPEC", required=required, help=DATA_HELP, **kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="onnxcompress",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"onnxcompress {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what each step does")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("inspect", help="per-layer table of channels, params and MACs")
+    p.add_argument("model", help="ONNX model file")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--batch", type=int, default=1, help="batch size for MACs (default 1)")
+    p.add_argument("--raw", action="store_true", help="count the model as is (no canonicalize)")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser(
+        "bench",
+        help="ONNX Runtime latency, models side by side",
+        description="Latency of one or more models, run interleaved so drift hits all equally; "
+        "the speed-up is against the first model.",
+    )
+    p.add_argument("models", nargs="+", help="ONNX model files (the first is the baseline)")
+    p.add_argument(
+        "--provider",
+        default=None,
+        help="cpu, cuda or tensorrt (default: cuda if onnxruntime-gpu sees a GPU, else cpu)",
+    )
+    p.add_argument("--batch", default="1", help="comma-separated batch sizes (default 1)")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: ORT's)")
+    p.add_argument("--warmup", type=int, default=10, help="untimed runs per model (default 10)")
+    p.add_argument("--runs", type=int, default=50, help="timed runs per model (default 50)")
+    p.add_argument(
+        "--shape",
+        action="append",
+        metavar="NAME=DxDxD",
+        help="shape of an input with dynamic non-batch dims, e.g. input=1x3x224x224",
+    )
+    p.add_argument("--json", metavar="FILE", help="also write the rows as JSON ('-': stdout)")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("eval", help="top-1/top-5 accuracy on labelled data")
+    p.add_argument("model")
+    _add_data_arg(p, default=None)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--provider", default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("verify", help="check a rewritten model against the original")
+    p.add_argument("original")
+    p.add_argument("new")
+    _add_data_arg(p)
+    p.add_argument("--samples", type=int, default=64, help="inputs to compare (default 64)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser(
+        "compress",
+        help="run compression passes and write the smaller model",
+        description="Canonicalize, run each --pass in order, verify after every step, and "
+        "write OUT atomically. Passes: " + _pass_list(),
+    )
+    p.add_argument("model")
+    p.add_argument("-o", "--output", required=True, help="where to write the compressed model")
+    p.add_argument(
+        "--pass",
+        dest="passes",
+        action="append",
+        default=[],
+        metavar="NAME[:k=v,..]",
+        help="a pass and its options, e.g. lrf:target_macs=0.6,criterion=activations; "
+        "repeat for several",
+    )
+    _add_data_arg(p)
+    p.add_argument(
+        "--calibration-size",
+        type=int,
+        default=512,
+        help="samples of --data used for calibration (default 512)",
+    )
+    p.add_argument(
+        "--eval-data", metavar="SPEC", help="labelled data to report accuracy before and after"
+    )
+    p.add_argument("--report", metavar="FILE.json", help="write the run's report as JSON")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="print only errors")
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("passes", help="list the available passes")
+    p.set_defaults(func=cmd_passes)
+
+    p = sub.add_parser("demo", help="compress the shipped digits model end to end")
+    p.add_argument(
+        "--model", default=None, help="model to use (default: models/digits_resnet.onnx)"
+    )
+    p.add_argument(
+        "--output", default=None, help="where to write the result (default: a temporary folder)"
+    )
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _pass_list() -> str:
+    from onnxcompress.passes import available_passes
+
+    return "; ".join(f"{entry.name} ({entry.summary})" for entry in available_passes())
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from onnxcompress.metrics import format_table, model_metrics
+    from onnxcompress.model import canonicalize, load_model
+
+    model = load_model(args.model)
+    if not args.raw:
+        canonicalize(model)
+    metrics = model_metrics(model, batch=args.batch, file_size=Path(args.model).stat().st_size)
+    if args.json:
+        print(json.dumps(metrics.as_dict(), indent=2))
+    else:
+        print(format_table(metrics))
+    return EXIT_OK
+
+
+def _parse_batches(text: str) -> list[int]:
+    try:
+        batches = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        batches = []
+    if not batches or any(b <= 0 for b in batches):
+        raise OnnxCompressError(f"--batch {text!r}: give positive integers, e.g. --batch 1,32")
+    return batches
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from onnxcompress.bench import benchmark, format_bench_table
+    from onnxcompress.runtime import parse_shape_overrides
+
+    for name in ("warmup", "runs", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < (1 if name != "warmup" else 0):
+            raise OnnxCompressError(f"--{name} {value}: must be positive")
+    rows = benchmark(
+        args.models,
+        provider=args.provider,
+        batches=_parse_batches(args.batch),
+        threads=args.threads,
+        warmup=args.warmup,
+        runs=args.runs,
+        shape_overrides=parse_shape_overrides(args.shape),
+        progress=sys.stderr.isatty(),
+    )
+    payload = [row.as_dict() for row in rows]
+    if args.json == "-":
+        print(json.dumps(payload, indent=2))
+        return EXIT_OK
+    print(format_bench_table(rows))
+    if args.json:
+        from onnxcompress.pipeline import write_json_atomic
+
+        write_json_atomic(args.json, payload)
+    return EXIT_OK
+
+
+def _model_data_spec(model_path: str, spec: str | None) -> str:
+    """The --data spec, or the dataset the model's metadata names (shipped models)."""
+    if spec:
+        return spec
+    from onnxcompress.model import load_model
+
+    named = load_model(model_path).metadata_props.get("onnxcompress.dataset")
+    if not named:
+        raise OnnxCompressError(
+            f"{model_path}: no --data given and the model names no dataset; "
+            "give --data SPEC (e.g. --data 'folder:images/val')"
+        )
+    return named
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from onnxcompress.evaluate import accuracy, dataset_for_model
+    from onnxcompress.model import load_model
+
+    model = load_model(args.model)
+    spec = _model_data_spec(args.model, args.data)
+    dataset = dataset_for_model(model, spec)
+    result = accuracy(
+        model,
+        dataset,
+        batch_size=args.batch_size,
+        provider=args.provider,
+        progress=sys.stderr.isatty(),
+    )
+    if args.json:
+        print(json.dumps({"model": args.model, "data": spec, **result.as_dict()}, indent=2))
+    else:
+        top5 = f"  top-5 {result.top5:.2f}%" if result.top5 is not None else ""
+        print(f"{args.model}: top-1 {result.top1:.2f}%{top5} on {result.samples} samples of {spec}")
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from onnxcompress.evaluate import dataset_for_model, verify
+    from onnxcompress.model import load_model
+
+    original = load_model(args.original)
+    candidate = load_model(args.new)
+    x = None
+    if args.data:
+        x = dataset_for_model(original, args.data).x[: args.samples]
+    result = verify(original, candidate, x=x, samples=args.samples)
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=2))
+    else:
+        print(f"checker:  {'ok' if result.checker_ok else 'FAILED: ' + str(result.checker_error)}")
+        print(f"session:  {'ok' if result.session_ok else 'FAILED: ' + str(result.session_error)}")
+        if result.deviation is not None:
+            dev = result.deviation
+            agreement = f"{dev.top1_agreement:.2f}%" if dev.top1_agreement is not None else "n/a"
+            print(
+                f"deviation: max abs {dev.max_abs:.4g}  mean abs {dev.mean_abs:.4g}  "
+                f"max rel {dev.max_rel:.4g}  top-1 agreement {agreement} "
+                f"({dev.samples} samples)"
+            )
+    return EXIT_OK if result.ok() else EXIT_USER
+
+
+def _parse_pass_args(specs: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
+    from onnxcompress.passes import parse_pass_spec
+
+    return [parse_pass_spec(spec) for spec in specs]
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from onnxcompress.pipeline import compress, write_json_atomic
+
+    if args.calibration_size <= 0:
+        raise OnnxCompressError("--calibration-size must be positive")
+    log = None if args.quiet else (lambda message: print(message, file=sys.stderr))
+    result = compress(
+        args.model,
+        args.output,
+        _parse_pass_args(args.passes),
+        data=args.data,
+        calibration_size=args.calibration_size,
+        eval_data=args.eval_data,
+        force=args.force,
+        seed=args.seed,
+        progress=not args.quiet and sys.stderr.isatty(),
+        log=log,
+    )
+    if args.report:
+        write_json_atomic(args.report, result.as_dict())
+    if not args.quiet:
+        print(
+            format_before_after(
+                result.before, result.after, result.accuracy_before, result.accuracy_after
+            )
+        )
+        print(f"wrote {result.output_path}")
+    return EXIT_OK
+
+
+def format_before_after(
+    before: dict[str, Any],
+    after: dict[str, Any],
+    acc_before: dict[str, Any] | None = None,
+    acc_after: dict[str, Any] | None = None,
+    latency: tuple[float, float] | None = None,
+) -> str:
+    """The before/after table the user reads at the end of a run."""
+
+    def ratio(a: float, b: float) -> str:
+        return f"{b / a:.3f}x" if a else "-"
+
+    rows = [
+        (
+            "params",
+            f"{before['params']:,}",
+            f"{after['params']:,}",
+            ratio(before["params"], after["params"]),
+        ),
+        ("MACs", f"{before['macs']:,}", f"{after['macs']:,}", ratio(before["macs"], after["macs"])),
+    ]
+    if before.get("file_size") and after.get("file_size"):
+        rows.append(
+            (
+                "file size (bytes)",
+                f"{before['file_size']:,}",
+                f"{after['file_size']:,}",
+                ratio(before["file_size"], after["file_size"]),
+            )
+        )
+    if latency is not None:
+        rows.append(
+            (
+                "p50 latency (ms)",
+                f"{latency[0]:.3f}",
+                f"{latency[1]:.3f}",
+                ratio(latency[0], latency[1]),
+            )
+        )
+    if acc_before is not None and acc_after is not None:
+        rows.append(
+            (
+                "top-1 accuracy (%)",
+                f"{acc_before['top1']:.2f}",
+                f"{acc_after['top1']:.2f}",
+                f"{acc_after['top1'] - acc_before['top1']:+.2f} pts",
+            )
+        )
+    widths = [
+        max(len(r[i]) for r in [*rows, ("", "before", "after", "after/before")]) for i in range(4)
+    ]
+    header = ("", "before", "after", "after/before")
+    lines = [
+        "  ".join(
+            cell.rjust(w) if i else cell.ljust(w)
+            for i, (cell, w) in enumerate(zip(header, widths, strict=True))
+        )
+    ]
+    lines.append("  ".join("-" * w for w in widths))
+    for row in rows:
+        lines.append(
+            "  ".join(
+                cell.rjust(w) if i else cell.ljust(w)
+                for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
+    return "\n".join(lines)
+
+
+def cmd_passes(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from onnxcompress.passes import available_passes, pass_class
+
+    for entry in available_passes():
+        cls = pass_class(entry.name)
+        fields = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls.config_class))
+        data = " [needs --data]" if cls.needs_data else ""
+        print(f"{entry.name}{data}: {entry.summary}")
+        if fields:
+            print(f"    options: {fields}")
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from onnxcompress.demo import run_demo
+
+    return run_demo(model=args.model, output=args.output)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USER
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args))
+    except OnnxCompressError as exc:
+        message = " ".join(str(exc).split())
+        print(f"onnxcompress {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_USER
+    except KeyboardInterrupt:
+        print(f"onnxcompress {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

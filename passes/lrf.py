@@ -1,0 +1,381 @@
+"""``lrf``: remove linearly replaceable filters and fold the replacement into the next layers.
+
+Joo et al., "Linearly Replaceable Filters for Deep Network Channel Pruning" (AAAI 2021). A
+channel that is (nearly) a linear combination of the others in its group is removed, and the
+combination is added to the consumers' weights (``W_next[:, i] += λ_i W_next[:, j]``), so the
+network keeps computing almost the same thing without retraining.
+
+Two ways to fit λ:
+
+* ``criterion=weights`` (the paper, data-free): λ from the producers' filters; exact when only
+  linear ops sit between producer and consumer, the paper's approximation across a ReLU.
+* ``criterion=activations``: λ (plus an intercept, folded into the consumers' biases) from the
+  values the consumers actually read on calibration data, least-squares optimal through the
+  non-linearity.
+
+Channels are ranked across the whole network by estimated relative output change per MAC
+saved, and removed in rounds until the measured MACs (or params) reach the target.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxcompress.allocation import GroupPath, allocate
+from onnxcompress.channels import ChannelAnalysis, ChannelGroup, WeightSlice, analyze_channels
+from onnxcompress.errors import PassConfigError
+from onnxcompress.passes.base import CompressionPass, PassConfig, PassReport, check_fraction
+from onnxcompress.replaceability import RemovalPlan, compensation, greedy_removal_views
+from onnxcompress.surgery import fold_compensation, remove_channels
+
+logger = logging.getLogger(__name__)
+
+CRITERIA = ("weights", "activations")
+# Groups wider than this remove a few percent of their channels per greedy step.
+WIDE_GROUP = 256
+
+
+@dataclasses.dataclass
+class LrfConfig(PassConfig):
+    """Options of the ``lrf`` pass.
+
+    Attributes:
+        target_macs: keep this fraction of the model's MACs (global allocation).
+        target_params: keep this fraction of the parameters (instead of target_macs).
+        ratio: remove this fraction of every prunable group (per-layer, no allocation).
+        criterion: ``weights`` (data-free, the paper) or ``activations`` (needs --data).
+        round_to: keep channel counts at multiples of this.
+        exclude: node-name patterns (fnmatch) whose channels are never removed.
+        min_channels: never leave a group with fewer channels than this.
+        ridge: relative ridge term of the least-squares fits.
+        tolerance: stop when within this fraction of the target.
+        max_rounds: re-plan at most this many times against the measured total.
+    """
+
+    target_macs: float | None = None
+    target_params: float | None = None
+    ratio: float | None = None
+    criterion: str = "weights"
+    round_to: int = 1
+    exclude: tuple[str, ...] = ()
+    min_channels: int = 1
+    ridge: float = 1e-4
+    tolerance: float = 0.02
+    max_rounds: int = 8
+    calibration_batch: int = 32
+
+    def validate(self) -> None:
+        budgets = [b for b in (self.target_macs, self.target_params, self.ratio) if b is not None]
+        if len(budgets) > 1:
+            raise PassConfigError("give one of target_macs, target_params or ratio, not several")
+        if not budgets:
+            self.target_macs = 0.7
+        check_fraction("target_macs", self.target_macs)
+        check_fraction("target_params", self.target_params)
+        if self.ratio is not None and not 0.0 <= self.ratio < 1.0:
+            raise PassConfigError(f"ratio={self.ratio} is out of range: give a fraction in [0, 1)")
+        if self.criterion not in CRITERIA:
+            raise PassConfigError(
+                f"criterion={self.criterion!r} is not one of {', '.join(CRITERIA)}"
+            )
+        if self.round_to < 1 or self.min_channels < 1 or self.max_rounds < 1:
+            raise PassConfigError("round_to, min_channels and max_rounds must be >= 1")
+        if not 0.0 <= self.ridge < 1.0 or not 0.0 < self.tolerance < 0.5:
+            raise PassConfigError("ridge must be in [0, 1) and tolerance in (0, 0.5)")
+        if self.calibration_batch < 1:
+            raise PassConfigError("calibration_batch must be >= 1")
+
+
+@dataclasses.dataclass
+class _View:
+    """One place the group's channels are read: its Gram and the consumers reading there.
+
+    ``consumers`` is None for the weights criterion's single view (all consumers at once).
+    """
+
+    gram: np.ndarray
+    outgoing_gram: np.ndarray
+    consumers: list[WeightSlice] | None
+
+
+@dataclasses.dataclass
+class _GroupFit:
+    """What one round knows about one group: its views and greedy plan."""
+
+    group: ChannelGroup
+    views: list[_View]
+    plan: RemovalPlan
+    intercept: bool
+
+
+class LinearlyReplaceableFilters(CompressionPass):
+    """Remove channels that the others can replace, compensating in the consumers."""
+
+    name = "lrf"
+    config_class = LrfConfig
+
+    @property
+    def cfg(self) -> LrfConfig:
+        assert isinstance(self.config, LrfConfig)
+        return self.config
+
+    def run(self, model: ir.Model, report: PassReport) -> None:
+        from onnxcompress.metrics import model_metrics
+
+        cfg = self.cfg
+        if cfg.criterion == "activations" and self.context.calibration is None:
+            raise PassConfigError(
+                "lrf criterion=activations fits on calibration data: give --data SPEC "
+                "(or use criterion=weights, which needs none)"
+            )
+        analysis = analyze_channels(model)
+        candidates = self._candidates(analysis, report)
+        before = model_metrics(model)
+        measure = (lambda m: m.params) if cfg.target_params is not None else (lambda m: m.macs)
+        start_total = measure(before)
+        fraction = cfg.target_params if cfg.target_params is not None else cfg.target_macs
+        target = None if cfg.ratio is not None else start_total * float(fraction or 1.0)
+        sizes_before = {g.id: g.size for g in candidates}
+        errors: dict[int, list[float]] = {}
+        rounds = 0
+        current = start_total
+        while candidates:
+            if target is not None and current <= target * (1 + cfg.tolerance / 4):
+                break
+            if rounds >= (1 if cfg.ratio is not None else cfg.max_rounds):
+                break
+            rounds += 1
+            fits = self._fit_groups(model, candidates)
+            removals = self._choose(fits, current, target)
+            if not removals:
+                break
+            for fit in fits:
+                count = removals.get(fit.group.id, 0)
+                if count:
+                    residual = self._remove(model, fit, count)
+                    errors.setdefault(fit.group.id, []).extend(residual.tolist())
+            current = measure(model_metrics(model))
+            logger.info(
+                "lrf round %d: %s now %d (target %s)",
+                rounds,
+                "params" if cfg.target_params else "MACs",
+                current,
+                target,
+            )
+            candidates = [g for g in candidates if g.size > self._min_keep(g)]
+        after = model_metrics(model)
+        for group in analysis.prunable:
+            if group.id not in sizes_before:
+                continue
+            if group.size != sizes_before[group.id]:
+                fit_errors = errors.get(group.id, [])
+                report.layers.append(
+                    {
+                        "group": group.name,
+                        "producers": [n.name for n in group.producer_nodes],
+                        "channels_before": sizes_before[group.id],
+                        "channels_after": group.size,
+                        "fit_error": float(np.mean(fit_errors)) if fit_errors else 0.0,
+                    }
+                )
+        report.modified = after.macs != before.macs or after.params != before.params
+        report.summary = {
+            "criterion": cfg.criterion,
+            "macs_before": before.macs,
+            "macs_after": after.macs,
+            "params_before": before.params,
+            "params_after": after.params,
+            "macs_ratio": after.macs / before.macs if before.macs else 1.0,
+            "params_ratio": after.params / before.params if before.params else 1.0,
+            "target": fraction if cfg.ratio is None else None,
+            "target_met": target is None or measure(after) <= target * (1 + cfg.tolerance),
+            "rounds": rounds,
+            "groups_prunable": len(analysis.prunable),
+            "groups_frozen": len(analysis.frozen),
+        }
+
+    # -- selection ---------------------------------------------------------------------------
+
+    def _min_keep(self, group: ChannelGroup) -> int:
+        return max(1, min(self.cfg.min_channels, group.size))
+
+    def _candidates(self, analysis: ChannelAnalysis, report: PassReport) -> list[ChannelGroup]:
+        for group, reason in analysis.frozen:
+            report.decline(group.name, reason)
+        chosen = []
+        for group in analysis.prunable:
+            names = [n.name or "" for n in group.producer_nodes + group.consumer_nodes]
+            names.append(group.name)
+            pattern = next(
+                (p for p in self.cfg.exclude if any(fnmatch.fnmatchcase(n, p) for n in names)), None
+            )
+            if pattern is not None:
+                report.decline(group.name, f"excluded by the user (exclude={pattern})")
+                continue
+            if not group.producer_nodes:
+                report.decline(group.name, "no producer weights (channels made by Pad only)")
+                continue
+            chosen.append(group)
+        return chosen
+
+    def _choose(
+        self, fits: Sequence[_GroupFit], current: float, target: float | None
+    ) -> dict[int, int]:
+        cfg = self.cfg
+        if cfg.ratio is not None:
+            counts = {}
+            for fit in fits:
+                size = fit.group.size
+                keep = max(self._min_keep(fit.group), size - int(size * cfg.ratio))
+                if cfg.round_to > 1 and size > cfg.round_to:
+                    keep = min(size, int(np.ceil(keep / cfg.round_to) * cfg.round_to))
+                counts[fit.group.id] = min(size - keep, len(fit.plan.order))
+            return {k: v for k, v in counts.items() if v > 0}
+        assert target is not None
+        paths = []
+        for fit in fits:
+            saving = (
+                fit.group.params_per_channel()
+                if cfg.target_params is not None
+                else fit.group.macs_per_channel()
+            )
+            paths.append(
+                GroupPath(
+                    key=fit.group.id,
+                    size=fit.group.size,
+                    costs=fit.plan.costs,
+                    saving=float(saving),
+                    min_keep=self._min_keep(fit.group),
+                )
+            )
+        return allocate(paths, current - target, round_to=cfg.round_to)
+
+    # -- fitting -----------------------------------------------------------------------------
+
+    def _fit_groups(self, model: ir.Model, groups: Sequence[ChannelGroup]) -> list[_GroupFit]:
+        intercept = self.cfg.criterion == "activations"
+        if intercept:
+            all_views = self._activation_views(model, groups)
+        else:
+            all_views = {g.id: [self._weight_view(g)] for g in groups}
+        fits = []
+        for group in groups:
+            views = all_views[group.id]
+            step = 0.02 if group.size > WIDE_GROUP else 0.0
+            plan = greedy_removal_views(
+                [(v.gram, v.outgoing_gram) for v in views],
+                max_remove=group.size - self._min_keep(group),
+                intercept=intercept,
+                ridge=self.cfg.ridge,
+                step_fraction=step,
+            )
+            fits.append(_GroupFit(group, views, plan, intercept))
+        return fits
+
+    @staticmethod
+    def _weight_view(group: ChannelGroup) -> _View:
+        filters = group.producer_matrix()
+        outgoing = group.consumer_matrix()
+        return _View(filters @ filters.T, outgoing @ outgoing.T, None)
+
+    def _activation_views(
+        self, model: ir.Model, groups: Sequence[ChannelGroup]
+    ) -> dict[int, list[_View]]:
+        """Per group, one view per distinct tensor its consumers read, on calibration data.
+
+        Each view's Gram is augmented ``[C+1, C+1]`` (last: the constant) so the fit has an
+        intercept, which lands in the consumers' biases.
+        """
+        from onnxcompress.calibration import with_extra_outputs
+        from onnxcompress.runtime import make_session
+
+        x = self.context.calibration
+        assert x is not None
+        readers: dict[int, dict[str, list[WeightSlice]]] = {}
+        for group in groups:
+            by_tensor: dict[str, list[WeightSlice]] = {}
+            for ws in group.consumers:
+                by_tensor.setdefault(ws.tensor.name or "", []).append(ws)
+            readers[group.id] = by_tensor
+        names = list(dict.fromkeys(n for by in readers.values() for n in by))
+        session = make_session(with_extra_outputs(model, names), optimize=False)
+        input_name = session.get_inputs()[0].name
+        grams = {
+            (g.id, n): np.zeros((g.size + 1, g.size + 1)) for g in groups for n in readers[g.id]
+        }
+        positions = {
+            (g.id, n): g.positions(slices[0].tensor)
+            for g in groups
+            for n, slices in readers[g.id].items()
+        }
+        batch = self.cfg.calibration_batch
+        for start in range(0, len(x), batch):
+            outputs = session.run(names, {input_name: x[start : start + batch]})
+            arrays = dict(zip(names, outputs, strict=True))
+            for key, pos in positions.items():
+                samples = _channel_samples(arrays[key[1]], pos)
+                augmented = np.concatenate([samples, np.ones((samples.shape[0], 1))], axis=1)
+                grams[key] += augmented.T @ augmented
+        views: dict[int, list[_View]] = {}
+        for group in groups:
+            views[group.id] = []
+            for name, slices in readers[group.id].items():
+                rows = _outgoing_rows(group, slices)
+                views[group.id].append(_View(grams[(group.id, name)], rows @ rows.T, slices))
+        return views
+
+    # -- editing -----------------------------------------------------------------------------
+
+    def _remove(self, model: ir.Model, fit: _GroupFit, count: int) -> np.ndarray:
+        group = fit.group
+        removed = sorted(fit.plan.order[:count])
+        residuals = []
+        for view in fit.views:
+            comp = compensation(
+                view.gram,
+                removed,
+                channels=group.size,
+                intercept=fit.intercept,
+                ridge=self.cfg.ridge,
+            )
+            bias = comp.bias
+            if not fit.intercept and group.linear_path:
+                # The paper's bias part: b_j - Σ λ_i b_i, exact on a linear path.
+                totals = group.producer_bias().sum(axis=1)
+                if totals.size:
+                    bias = totals[comp.removed] - comp.matrix @ totals[comp.keep]
+            fold_compensation(
+                model, group, comp.removed, comp.keep, comp.matrix, bias, consumers=view.consumers
+            )
+            residuals.append(comp.residual)
+        remove_channels(model, group, removed)
+        return np.mean(residuals, axis=0)
+
+
+def _outgoing_rows(group: ChannelGroup, slices: Sequence[WeightSlice]) -> np.ndarray:
+    """Outgoing weights of each channel over ``slices``, one row per channel (float64)."""
+    blocks = [np.zeros((group.size, 0))]
+    for ws in slices:
+        rows = group.positions(ws.tensor)
+        moved = np.moveaxis(ws.array(), ws.axis, 0)
+        blocks.append(moved[rows].reshape(group.size, -1).astype(np.float64))
+    return np.concatenate(blocks, axis=1)
+
+
+def _channel_samples(array: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """Rows = samples × positions × spatial, columns = the group's channels (float64).
+
+    ``positions[i]`` lists channel ``i``'s places on axis 1 (several after a Flatten, where
+    channel i owns a block of columns: each block position is paired across channels).
+    """
+    size, multiplicity = positions.shape
+    taken = np.take(array, positions.reshape(-1), axis=1)
+    shaped = taken.reshape(array.shape[0], size, multiplicity, *array.shape[2:])
+    moved = np.moveaxis(shaped, 1, -1)
+    return moved.reshape(-1, size).astype(np.float64)

@@ -1,0 +1,197 @@
+"""The command line: sub-commands work, user errors give one line and exit code 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from onnxcompress.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_MODEL = ROOT / "models" / "digits_resnet.onnx"
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture
+def demo_model() -> Path:
+    if not DEMO_MODEL.exists():
+        pytest.skip("models/digits_resnet.onnx has not been trained yet")
+    return DEMO_MODEL
+
+
+def assert_user_error(code: int, err: str, *fragments: str) -> None:
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_console_script_reports_bad_file_without_traceback(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model at all")
+    result = subprocess.run(
+        [sys.executable, "-m", "onnxcompress.cli", "inspect", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert str(bad) in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_help_lists_commands_and_passes(capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("inspect", "bench", "eval", "verify", "compress", "demo"):
+        assert command in out
+    code, out, _ = run_cli(["passes"], capsys)
+    assert code == 0 and "canonicalize" in out and "options:" in out
+
+
+@pytest.mark.parametrize("command", ["inspect", "eval", "bench"])
+def test_missing_model(command: str, tmp_path: Path, capsys) -> None:
+    missing = str(tmp_path / "missing.onnx")
+    args = [command, missing] + (["--data", "digits"] if command == "eval" else [])
+    code, _, err = run_cli(args, capsys)
+    assert_user_error(code, err, missing, "no such file")
+
+
+def test_inspect_resnet20(resnet20_path: Path, capsys) -> None:
+    code, out, _ = run_cli(["inspect", str(resnet20_path)], capsys)
+    assert code == 0
+    assert "Conv" in out and "Gemm" in out
+    code, out, _ = run_cli(["inspect", str(resnet20_path), "--json"], capsys)
+    data = json.loads(out)
+    # the published count for this model: 0.27 M params, 40.55 M MACs
+    assert abs(data["params"] - 0.27e6) / 0.27e6 < 0.02
+    assert abs(data["macs"] - 40.55e6) / 40.55e6 < 0.005
+
+
+def test_compress_canonicalize_only_writes_output_and_keeps_input(
+    resnet20_path: Path, tmp_path: Path, capsys
+) -> None:
+    before = resnet20_path.read_bytes()
+    out = tmp_path / "out.onnx"
+    report = tmp_path / "report.json"
+    code, stdout, err = run_cli(
+        ["compress", str(resnet20_path), "-o", str(out), "--report", str(report)], capsys
+    )
+    assert code == 0, err
+    assert out.exists() and resnet20_path.read_bytes() == before
+    payload = json.loads(report.read_text())
+    assert payload["steps"][0]["name"] == "canonicalize"
+    assert payload["steps"][0]["verification"]["deviation"]["max_rel"] < 1e-4
+    assert "params" in stdout
+    # a second run without --force refuses to replace the output
+    code, _, err = run_cli(["compress", str(resnet20_path), "-o", str(out)], capsys)
+    assert_user_error(code, err, "already exists", "--force")
+    code, _, err = run_cli(["compress", str(resnet20_path), "-o", str(out), "--force"], capsys)
+    assert code == 0, err
+
+
+def test_compress_refuses_to_write_over_its_input(resnet20_path: Path, capsys) -> None:
+    code, _, err = run_cli(["compress", str(resnet20_path), "-o", str(resnet20_path)], capsys)
+    assert_user_error(code, err, "input")
+
+
+@pytest.mark.parametrize(
+    ("spec", "fragment"),
+    [
+        ("nosuchpass", "unknown pass"),
+        ("canonicalize:bogus=1", "no option 'bogus'"),
+        ("canonicalize:fold_batchnorm=perhaps", "fold_batchnorm"),
+        ("canonicalize:novalue", "key=value"),
+    ],
+)
+def test_bad_pass_specs(
+    spec: str, fragment: str, resnet20_path: Path, tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "out.onnx"
+    code, _, err = run_cli(["compress", str(resnet20_path), "-o", str(out), "--pass", spec], capsys)
+    assert_user_error(code, err, fragment)
+    assert not out.exists()
+
+
+def test_bench_bad_options(resnet20_path: Path, capsys) -> None:
+    code, _, err = run_cli(["bench", str(resnet20_path), "--batch", "0"], capsys)
+    assert_user_error(code, err, "--batch")
+    code, _, err = run_cli(["bench", str(resnet20_path), "--provider", "warp-drive"], capsys)
+    assert_user_error(code, err, "warp-drive")
+
+
+def test_bench_cuda_unavailable_names_the_package(resnet20_path: Path, capsys) -> None:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("CUDA is available here")
+    code, _, err = run_cli(["bench", str(resnet20_path), "--provider", "cuda"], capsys)
+    assert_user_error(code, err, "onnxruntime-gpu")
+
+
+def test_bench_json_rows(resnet20_path: Path, capsys) -> None:
+    code, out, err = run_cli(
+        [
+            "bench",
+            str(resnet20_path),
+            str(resnet20_path),
+            "--batch",
+            "1,2",
+            "--runs",
+            "3",
+            "--warmup",
+            "1",
+            "--json",
+            "-",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    rows = json.loads(out)
+    assert len(rows) == 4
+    assert set(rows[0]) == {
+        "model",
+        "provider",
+        "batch",
+        "p50_ms",
+        "p90_ms",
+        "p99_ms",
+        "throughput",
+        "speedup",
+    }
+
+
+def test_eval_needs_data_for_models_without_metadata(resnet20_path: Path, capsys) -> None:
+    code, _, err = run_cli(["eval", str(resnet20_path)], capsys)
+    assert_user_error(code, err, "--data")
+
+
+def test_eval_and_verify_demo_model(demo_model: Path, capsys) -> None:
+    code, out, err = run_cli(["eval", str(demo_model), "--data", "digits[1400:]", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["top1"] >= 97.0
+    code, out, err = run_cli(
+        ["verify", str(demo_model), str(demo_model), "--data", "digits"], capsys
+    )
+    assert code == 0, err
+    assert "agreement 100.00%" in out
+
+
+def test_eval_wrong_data_shape(demo_model: Path, resnet20_path: Path, capsys) -> None:
+    # 8x8 grey digits do not fit a 3x32x32 model: one line that says how to fix it
+    code, _, err = run_cli(["eval", str(resnet20_path), "--data", "digits"], capsys)
+    assert_user_error(code, err)
