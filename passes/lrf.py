@@ -51,7 +51,8 @@ class LrfConfig(PassConfig):
         ratio: remove this fraction of every prunable group (per-layer, no allocation).
         criterion: ``weights`` (data-free, the paper) or ``activations`` (needs --data).
         round_to: keep channel counts at multiples of this.
-        exclude: node-name patterns (fnmatch) whose channels are never removed.
+        exclude: node-name patterns (fnmatch, ``;``-separated on the command line) whose
+            output channels are never removed.
         min_channels: never leave a group with fewer channels than this.
         ridge: relative ridge term of the least-squares fits.
         tolerance: stop when within this fraction of the target.
@@ -65,7 +66,7 @@ class LrfConfig(PassConfig):
     round_to: int = 1
     exclude: tuple[str, ...] = ()
     min_channels: int = 1
-    ridge: float = 1e-4
+    ridge: float = 1e-6
     tolerance: float = 0.02
     max_rounds: int = 8
     calibration_batch: int = 32
@@ -170,7 +171,7 @@ class LinearlyReplaceableFilters(CompressionPass):
             )
             candidates = [g for g in candidates if g.size > self._min_keep(g)]
         after = model_metrics(model)
-        for group in analysis.prunable:
+        for group in analysis.groups:  # not .prunable: a group cut to 1 channel leaves it
             if group.id not in sizes_before:
                 continue
             if group.size != sizes_before[group.id]:
@@ -210,7 +211,9 @@ class LinearlyReplaceableFilters(CompressionPass):
             report.decline(group.name, reason)
         chosen = []
         for group in analysis.prunable:
-            names = [n.name or "" for n in group.producer_nodes + group.consumer_nodes]
+            # A layer named here keeps its output channels; its inputs may still shrink when
+            # the layer before it is pruned (as Torch-Pruning's ignored_layers).
+            names = [n.name or "" for n in group.producer_nodes]
             names.append(group.name)
             pattern = next(
                 (p for p in self.cfg.exclude if any(fnmatch.fnmatchcase(n, p) for n in names)), None
@@ -324,7 +327,12 @@ class LinearlyReplaceableFilters(CompressionPass):
                 grams[key] += augmented.T @ augmented
         views: dict[int, list[_View]] = {}
         for group in groups:
-            views[group.id] = []
+            # Channels no weighted layer reads (dropped by a Slice, say) cost nothing to remove.
+            views[group.id] = (
+                []
+                if readers[group.id]
+                else [_View(np.eye(group.size + 1), np.zeros((group.size, group.size)), [])]
+            )
             for name, slices in readers[group.id].items():
                 rows = _outgoing_rows(group, slices)
                 views[group.id].append(_View(grams[(group.id, name)], rows @ rows.T, slices))
