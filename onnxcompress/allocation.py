@@ -44,6 +44,7 @@ def allocate(
     needed: float,
     *,
     round_to: int = 1,
+    slack: float = float("inf"),
 ) -> dict[int, int]:
     """How many channels each group removes so that estimated savings reach ``needed``.
 
@@ -82,7 +83,10 @@ def allocate(
         _, key, index = heapq.heappop(heap)
         path = by_key[key]
         end = chunks[key][index][0]
-        saved += (end - taken.get(key, 0)) * path.saving
+        gain = (end - taken.get(key, 0)) * path.saving
+        if saved + gain > needed + slack:
+            continue  # this group's next chunk is too coarse for what is left
+        saved += gain
         taken[key] = end
         if index + 1 < len(chunks[key]):
             heapq.heappush(heap, (chunks[key][index + 1][1] / path.saving, key, index + 1))

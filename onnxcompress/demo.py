@@ -36,7 +36,7 @@ def demo_passes() -> list[tuple[str, dict[str, Any]]]:
     from onnxcompress.passes import REGISTRY
 
     if "lrf" in REGISTRY:
-        return [("lrf", {"target_macs": 0.5, "criterion": "activations"})]
+        return [("lrf", {"target_macs": 0.5, "criterion": "activations", "round_to": 8})]
     return []
 
 

@@ -50,12 +50,16 @@ class LrfConfig(PassConfig):
         target_params: keep this fraction of the parameters (instead of target_macs).
         ratio: remove this fraction of every prunable group (per-layer, no allocation).
         criterion: ``weights`` (data-free, the paper) or ``activations`` (needs --data).
-        round_to: keep channel counts at multiples of this.
+        round_to: keep channel counts at multiples of this. The default 8 matters for speed:
+            ONNX Runtime's CPU convolutions work on blocks of 8 (AVX2) or 16 channels, and a
+            model pruned to odd widths measured slower than the original at half the MACs.
+            Groups of 8 channels or fewer are then left alone; use 1 for exact budgets.
         exclude: node-name patterns (fnmatch, ``;``-separated on the command line) whose
             output channels are never removed.
         min_channels: never leave a group with fewer channels than this.
         ridge: relative ridge term of the least-squares fits.
-        tolerance: stop when within this fraction of the target.
+        tolerance: the result lands within this fraction of the original total of the target
+            (from below by at most this much, from above by a quarter of it).
         max_rounds: re-plan at most this many times against the measured total.
     """
 
@@ -63,7 +67,7 @@ class LrfConfig(PassConfig):
     target_params: float | None = None
     ratio: float | None = None
     criterion: str = "weights"
-    round_to: int = 1
+    round_to: int = 8
     exclude: tuple[str, ...] = ()
     min_channels: int = 1
     ridge: float = 1e-6
@@ -140,6 +144,7 @@ class LinearlyReplaceableFilters(CompressionPass):
         before = model_metrics(model)
         measure = (lambda m: m.params) if cfg.target_params is not None else (lambda m: m.macs)
         start_total = measure(before)
+        self._start_total = float(start_total)
         fraction = cfg.target_params if cfg.target_params is not None else cfg.target_macs
         target = None if cfg.ratio is not None else start_total * float(fraction or 1.0)
         sizes_before = {g.id: g.size for g in candidates}
@@ -147,7 +152,7 @@ class LinearlyReplaceableFilters(CompressionPass):
         rounds = 0
         current = start_total
         while candidates:
-            if target is not None and current <= target * (1 + cfg.tolerance / 4):
+            if target is not None and current <= target + start_total * cfg.tolerance / 4:
                 break
             if rounds >= (1 if cfg.ratio is not None else cfg.max_rounds):
                 break
@@ -195,7 +200,7 @@ class LinearlyReplaceableFilters(CompressionPass):
             "macs_ratio": after.macs / before.macs if before.macs else 1.0,
             "params_ratio": after.params / before.params if before.params else 1.0,
             "target": fraction if cfg.ratio is None else None,
-            "target_met": target is None or measure(after) <= target * (1 + cfg.tolerance),
+            "target_met": target is None or measure(after) <= target + start_total * cfg.tolerance,
             "rounds": rounds,
             "groups_prunable": len(analysis.prunable),
             "groups_frozen": len(analysis.frozen),
@@ -257,7 +262,9 @@ class LinearlyReplaceableFilters(CompressionPass):
                     min_keep=self._min_keep(fit.group),
                 )
             )
-        return allocate(paths, current - target, round_to=cfg.round_to)
+        return allocate(
+            paths, current - target, round_to=cfg.round_to, slack=cfg.tolerance * self._start_total
+        )
 
     # -- fitting -----------------------------------------------------------------------------
 
