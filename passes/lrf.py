@@ -98,23 +98,20 @@ class LrfConfig(PassConfig):
 
 
 @dataclasses.dataclass
-class _View:
-    """One place the group's channels are read: its Gram and the consumers reading there.
-
-    ``consumers`` is None for the weights criterion's single view (all consumers at once).
-    """
+class View:
+    """One place the group's channels are read: its Gram and the consumers reading there."""
 
     gram: np.ndarray
     outgoing_gram: np.ndarray
-    consumers: list[WeightSlice] | None
+    consumers: list[WeightSlice]
 
 
 @dataclasses.dataclass
-class _GroupFit:
+class GroupFit:
     """What one round knows about one group: its views and greedy plan."""
 
     group: ChannelGroup
-    views: list[_View]
+    views: list[View]
     plan: RemovalPlan
     intercept: bool
 
@@ -136,7 +133,7 @@ class LinearlyReplaceableFilters(CompressionPass):
         cfg = self.cfg
         if cfg.criterion == "activations" and self.context.calibration is None:
             raise PassConfigError(
-                "lrf criterion=activations fits on calibration data: give --data SPEC "
+                f"{self.name} criterion=activations fits on calibration data: give --data SPEC "
                 "(or use criterion=weights, which needs none)"
             )
         analysis = analyze_channels(model)
@@ -146,7 +143,7 @@ class LinearlyReplaceableFilters(CompressionPass):
         start_total = measure(before)
         self._start_total = float(start_total)
         fraction = cfg.target_params if cfg.target_params is not None else cfg.target_macs
-        target = None if cfg.ratio is not None else start_total * float(fraction or 1.0)
+        target = None if self._per_layer() else start_total * float(fraction or 1.0)
         sizes_before = {g.id: g.size for g in candidates}
         errors: dict[int, list[float]] = {}
         rounds = 0
@@ -154,7 +151,7 @@ class LinearlyReplaceableFilters(CompressionPass):
         while candidates:
             if target is not None and current <= target + start_total * cfg.tolerance / 4:
                 break
-            if rounds >= (1 if cfg.ratio is not None else cfg.max_rounds):
+            if rounds >= (1 if self._per_layer() else cfg.max_rounds):
                 break
             rounds += 1
             fits = self._fit_groups(model, candidates)
@@ -168,7 +165,8 @@ class LinearlyReplaceableFilters(CompressionPass):
                     errors.setdefault(fit.group.id, []).extend(residual.tolist())
             current = measure(model_metrics(model))
             logger.info(
-                "lrf round %d: %s now %d (target %s)",
+                "%s round %d: %s now %d (target %s)",
+                self.name,
                 rounds,
                 "params" if cfg.target_params else "MACs",
                 current,
@@ -199,7 +197,7 @@ class LinearlyReplaceableFilters(CompressionPass):
             "params_after": after.params,
             "macs_ratio": after.macs / before.macs if before.macs else 1.0,
             "params_ratio": after.params / before.params if before.params else 1.0,
-            "target": fraction if cfg.ratio is None else None,
+            "target": None if self._per_layer() else fraction,
             "target_met": target is None or measure(after) <= target + start_total * cfg.tolerance,
             "rounds": rounds,
             "groups_prunable": len(analysis.prunable),
@@ -207,6 +205,10 @@ class LinearlyReplaceableFilters(CompressionPass):
         }
 
     # -- selection ---------------------------------------------------------------------------
+
+    def _per_layer(self) -> bool:
+        """Whether the budget is per layer (one round, no global target)."""
+        return self.cfg.ratio is not None
 
     def _min_keep(self, group: ChannelGroup) -> int:
         return max(1, min(self.cfg.min_channels, group.size))
@@ -233,7 +235,7 @@ class LinearlyReplaceableFilters(CompressionPass):
         return chosen
 
     def _choose(
-        self, fits: Sequence[_GroupFit], current: float, target: float | None
+        self, fits: Sequence[GroupFit], current: float, target: float | None
     ) -> dict[int, int]:
         cfg = self.cfg
         if cfg.ratio is not None:
@@ -268,12 +270,12 @@ class LinearlyReplaceableFilters(CompressionPass):
 
     # -- fitting -----------------------------------------------------------------------------
 
-    def _fit_groups(self, model: ir.Model, groups: Sequence[ChannelGroup]) -> list[_GroupFit]:
+    def _fit_groups(self, model: ir.Model, groups: Sequence[ChannelGroup]) -> list[GroupFit]:
         intercept = self.cfg.criterion == "activations"
         if intercept:
             all_views = self._activation_views(model, groups)
         else:
-            all_views = {g.id: [self._weight_view(g)] for g in groups}
+            all_views = {g.id: self._weight_views(g) for g in groups}
         fits = []
         for group in groups:
             views = all_views[group.id]
@@ -285,18 +287,31 @@ class LinearlyReplaceableFilters(CompressionPass):
                 ridge=self.cfg.ridge,
                 step_fraction=step,
             )
-            fits.append(_GroupFit(group, views, plan, intercept))
+            fits.append(GroupFit(group, views, plan, intercept))
         return fits
 
     @staticmethod
-    def _weight_view(group: ChannelGroup) -> _View:
+    def _weight_views(group: ChannelGroup) -> list[View]:
+        """The paper's data-free fit: one filter Gram, one view per tensor the consumers read.
+
+        Every view shares the Gram (so the λ are the same everywhere); splitting the outgoing
+        weights by tensor makes a channel read at seven places cost seven relative errors, as
+        with activations, instead of one averaged over all of them.
+        """
         filters = group.producer_matrix()
-        outgoing = group.consumer_matrix()
-        return _View(filters @ filters.T, outgoing @ outgoing.T, None)
+        gram = filters @ filters.T
+        by_tensor = consumers_by_tensor(group)
+        if not by_tensor:
+            return [View(gram, np.zeros((group.size, group.size)), [])]
+        views = []
+        for slices in by_tensor.values():
+            rows = outgoing_rows(group, slices)
+            views.append(View(gram, rows @ rows.T, slices))
+        return views
 
     def _activation_views(
         self, model: ir.Model, groups: Sequence[ChannelGroup]
-    ) -> dict[int, list[_View]]:
+    ) -> dict[int, list[View]]:
         """Per group, one view per distinct tensor its consumers read, on calibration data.
 
         Each view's Gram is augmented ``[C+1, C+1]`` (last: the constant) so the fit has an
@@ -307,12 +322,7 @@ class LinearlyReplaceableFilters(CompressionPass):
 
         x = self.context.calibration
         assert x is not None
-        readers: dict[int, dict[str, list[WeightSlice]]] = {}
-        for group in groups:
-            by_tensor: dict[str, list[WeightSlice]] = {}
-            for ws in group.consumers:
-                by_tensor.setdefault(ws.tensor.name or "", []).append(ws)
-            readers[group.id] = by_tensor
+        readers = {group.id: consumers_by_tensor(group) for group in groups}
         names = list(dict.fromkeys(n for by in readers.values() for n in by))
         session = make_session(with_extra_outputs(model, names), optimize=False)
         input_name = session.get_inputs()[0].name
@@ -332,22 +342,22 @@ class LinearlyReplaceableFilters(CompressionPass):
                 samples = _channel_samples(arrays[key[1]], pos)
                 augmented = np.concatenate([samples, np.ones((samples.shape[0], 1))], axis=1)
                 grams[key] += augmented.T @ augmented
-        views: dict[int, list[_View]] = {}
+        views: dict[int, list[View]] = {}
         for group in groups:
             # Channels no weighted layer reads (dropped by a Slice, say) cost nothing to remove.
             views[group.id] = (
                 []
                 if readers[group.id]
-                else [_View(np.eye(group.size + 1), np.zeros((group.size, group.size)), [])]
+                else [View(np.eye(group.size + 1), np.zeros((group.size, group.size)), [])]
             )
             for name, slices in readers[group.id].items():
-                rows = _outgoing_rows(group, slices)
-                views[group.id].append(_View(grams[(group.id, name)], rows @ rows.T, slices))
+                rows = outgoing_rows(group, slices)
+                views[group.id].append(View(grams[(group.id, name)], rows @ rows.T, slices))
         return views
 
     # -- editing -----------------------------------------------------------------------------
 
-    def _remove(self, model: ir.Model, fit: _GroupFit, count: int) -> np.ndarray:
+    def _remove(self, model: ir.Model, fit: GroupFit, count: int) -> np.ndarray:
         group = fit.group
         removed = sorted(fit.plan.order[:count])
         residuals = []
@@ -373,7 +383,15 @@ class LinearlyReplaceableFilters(CompressionPass):
         return np.mean(residuals, axis=0)
 
 
-def _outgoing_rows(group: ChannelGroup, slices: Sequence[WeightSlice]) -> np.ndarray:
+def consumers_by_tensor(group: ChannelGroup) -> dict[str, list[WeightSlice]]:
+    """The group's consumers keyed by the tensor they read (in first-seen order)."""
+    by_tensor: dict[str, list[WeightSlice]] = {}
+    for ws in group.consumers:
+        by_tensor.setdefault(ws.tensor.name or "", []).append(ws)
+    return by_tensor
+
+
+def outgoing_rows(group: ChannelGroup, slices: Sequence[WeightSlice]) -> np.ndarray:
     """Outgoing weights of each channel over ``slices``, one row per channel (float64)."""
     blocks = [np.zeros((group.size, 0))]
     for ws in slices:
