@@ -77,20 +77,36 @@ def allocate(
         chunks[path.key] = [(end, float(costs[end - 1])) for end in steps]
         first_cost = chunks[path.key][0][1]
         heapq.heappush(heap, (first_cost / path.saving, path.key, 0))
-    taken: dict[int, int] = {}
+    taken: dict[int, int] = {}  # key -> index of the last chunk taken
     saved = 0.0
     while heap and saved < needed:
         _, key, index = heapq.heappop(heap)
-        path = by_key[key]
-        end = chunks[key][index][0]
-        gain = (end - taken.get(key, 0)) * path.saving
-        if saved + gain > needed + slack:
-            continue  # this group's next chunk is too coarse for what is left
-        saved += gain
-        taken[key] = end
+        saved += _chunk_gain(chunks[key], index, by_key[key].saving)
+        taken[key] = index
         if index + 1 < len(chunks[key]):
-            heapq.heappush(heap, (chunks[key][index + 1][1] / path.saving, key, index + 1))
-    return {key: count for key, count in taken.items() if count > 0}
+            heapq.heappush(heap, (chunks[key][index + 1][1] / by_key[key].saving, key, index + 1))
+    # Coarse chunks can overshoot the goal. Rather than skipping the cheap coarse chunk for an
+    # expensive fine one, give back the costliest last chunks while the goal stays met.
+    while saved > needed + slack:
+        undo = [
+            (chunks[key][index][1], key)
+            for key, index in taken.items()
+            if saved - _chunk_gain(chunks[key], index, by_key[key].saving) >= needed
+        ]
+        if not undo:
+            break
+        _, key = max(undo)
+        saved -= _chunk_gain(chunks[key], taken[key], by_key[key].saving)
+        if taken[key] == 0:
+            del taken[key]
+        else:
+            taken[key] -= 1
+    return {key: chunks[key][index][0] for key, index in taken.items()}
+
+
+def _chunk_gain(ends: list[tuple[int, float]], index: int, saving: float) -> float:
+    start = ends[index - 1][0] if index > 0 else 0
+    return (ends[index][0] - start) * saving
 
 
 def _chunk_ends(size: int, limit: int, multiple: int) -> list[int]:
