@@ -23,9 +23,11 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(BIN)/onnxcompress demo
 
+CODE := onnxcompress passes tests models benchmarks
+
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
+	$(BIN)/ruff check $(CODE)
+	$(BIN)/ruff format --check $(CODE)
 	$(BIN)/mypy
 
 test: lint
