@@ -43,6 +43,11 @@ REGISTRY: dict[str, PassEntry] = {
             "lrf:LinearlyReplaceableFilters",
             "remove linearly replaceable filters, fold the replacement into the next layer",
         ),
+        PassEntry(
+            "merge",
+            "merge:MergeSimilarNeurons",
+            "merge similar (or scaled) filters/neurons, summing their outgoing weights",
+        ),
     )
 }
 
