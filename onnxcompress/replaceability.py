@@ -90,17 +90,6 @@ def greedy_removal(
     )
 
 
-@dataclasses.dataclass
-class _ViewState:
-    """Greedy state of one view: precision of the alive channels, effective outgoing Gram
-    ``Q = Aᵀ H A`` (column i of A: how much of each original channel rides on channel i), and
-    the view's output energy that normalizes its costs."""
-
-    precision: np.ndarray
-    q: np.ndarray
-    energy: float
-
-
 def greedy_removal_views(
     views: list[tuple[np.ndarray, np.ndarray]],
     *,
@@ -115,17 +104,23 @@ def greedy_removal_views(
     a different block). Each view is ``(gram, outgoing_gram)`` for one such tensor and the
     consumers reading it; each gets its own least-squares fit, and a channel's cost is the sum
     of the relative output change over all views, so a channel read by seven layers costs
-    about seven times what a channel read by one does.
+    about seven times what a channel read by one does. Views may share one Gram (the weights
+    criterion): it is inverted and downdated once.
     """
     channels = views[0][1].shape[0]
-    states = [
-        _ViewState(
-            precision=_regularized_inverse(gram, ridge),
-            q=outgoing.astype(np.float64).copy(),
-            energy=float(np.sum(outgoing * gram[:channels, :channels])) or 1.0,
-        )
-        for gram, outgoing in views
-    ]
+    # Views sharing a Gram share the coefficients, and scores and updates are linear in the
+    # outgoing Gram: they collapse into one view with the energy-weighted sum of theirs.
+    precisions: dict[int, np.ndarray] = {}
+    merged: dict[int, np.ndarray] = {}
+    for gram, out_gram in views:
+        energy = float(np.sum(out_gram * gram[:channels, :channels])) or 1.0
+        if id(gram) not in precisions:
+            precisions[id(gram)] = _regularized_inverse(gram, ridge)
+            merged[id(gram)] = np.zeros((channels, channels))
+        merged[id(gram)] += out_gram / energy
+    view_keys = list(merged)
+    outgoing = [merged[key] for key in view_keys]
+    energies = [1.0] * len(view_keys)
     alive = np.arange(views[0][0].shape[0])  # original channels (+ intercept last)
     order: list[int] = []
     costs: list[float] = []
@@ -133,19 +128,23 @@ def greedy_removal_views(
     while len(order) < max_remove:
         real = alive < channels  # the intercept is never a candidate
         score = np.zeros(int(real.sum()))
-        for state in states:
-            residual = 1.0 / np.maximum(np.diag(state.precision)[real], 1e-300)
-            score += residual * np.maximum(np.diag(state.q), 0.0) / state.energy
-        remaining = max_remove - len(order)
+        for key, q, energy in zip(view_keys, outgoing, energies, strict=True):
+            residual = 1.0 / np.maximum(np.diag(precisions[key])[real], 1e-300)
+            score += residual * np.maximum(np.diag(q), 0.0) / energy
         count = 1
-        if step_fraction > 0:
-            count = max(1, min(remaining, int(score.size * step_fraction)))
+        if step_fraction > 0:  # a fixed share of the original width: about 1/step_fraction steps
+            count = max(1, min(max_remove - len(order), int(channels * step_fraction)))
         picks = np.sort(np.argsort(score, kind="stable")[:count])
         removed_mask = np.zeros(alive.size, dtype=bool)
         removed_mask[np.flatnonzero(real)[picks]] = True
-        for state in states:
-            coeffs, state.precision = _remove(state.precision, removed_mask)
-            state.q = _fold_outgoing(state.q, removed_mask[real], coeffs[:, real[~removed_mask]])
+        coefficients = {}
+        for key in precisions:
+            coefficients[key], precisions[key] = _remove(precisions[key], removed_mask)
+        kept_real = real[~removed_mask]
+        for index, key in enumerate(view_keys):
+            outgoing[index] = _fold_outgoing(
+                outgoing[index], removed_mask[real], coefficients[key][:, kept_real]
+            )
         order.extend(int(c) for c in alive[removed_mask])
         costs.extend(float(c) for c in score[picks])
         alive = alive[~removed_mask]

@@ -31,14 +31,21 @@ from onnxcompress.allocation import GroupPath, allocate
 from onnxcompress.channels import ChannelAnalysis, ChannelGroup, WeightSlice, analyze_channels
 from onnxcompress.errors import PassConfigError
 from onnxcompress.passes.base import CompressionPass, PassConfig, PassReport, check_fraction
-from onnxcompress.replaceability import RemovalPlan, compensation, greedy_removal_views
+from onnxcompress.replaceability import (
+    Compensation,
+    RemovalPlan,
+    compensation,
+    greedy_removal_views,
+)
 from onnxcompress.surgery import fold_compensation, remove_channels
 
 logger = logging.getLogger(__name__)
 
 CRITERIA = ("weights", "activations")
-# Groups wider than this remove a few percent of their channels per greedy step.
-WIDE_GROUP = 256
+# The greedy path removes this fraction of a group's channels per step (at least one):
+# one at a time up to 64 channels, 32 at a time in a 2048-wide stage; the allocator's
+# granularity is unaffected, and ResNet-50 plans in seconds instead of minutes.
+STEP_FRACTION = 1 / 64
 
 
 @dataclasses.dataclass
@@ -279,7 +286,7 @@ class LinearlyReplaceableFilters(CompressionPass):
         fits = []
         for group in groups:
             views = all_views[group.id]
-            step = 0.02 if group.size > WIDE_GROUP else 0.0
+            step = STEP_FRACTION
             plan = greedy_removal_views(
                 [(v.gram, v.outgoing_gram) for v in views],
                 max_remove=group.size - self._min_keep(group),
@@ -361,14 +368,17 @@ class LinearlyReplaceableFilters(CompressionPass):
         group = fit.group
         removed = sorted(fit.plan.order[:count])
         residuals = []
+        fitted: dict[int, Compensation] = {}  # views of the weights criterion share one Gram
         for view in fit.views:
-            comp = compensation(
-                view.gram,
-                removed,
-                channels=group.size,
-                intercept=fit.intercept,
-                ridge=self.cfg.ridge,
-            )
+            comp = fitted.get(id(view.gram))
+            if comp is None:
+                comp = fitted[id(view.gram)] = compensation(
+                    view.gram,
+                    removed,
+                    channels=group.size,
+                    intercept=fit.intercept,
+                    ridge=self.cfg.ridge,
+                )
             bias = comp.bias
             if not fit.intercept and group.linear_path:
                 # The paper's bias part: b_j - Σ λ_i b_i, exact on a linear path.
