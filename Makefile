@@ -23,7 +23,7 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(BIN)/onnxcompress demo
 
-CODE := onnxcompress passes tests models benchmarks
+CODE := $(wildcard onnxcompress passes tests models benchmarks)
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check $(CODE)
