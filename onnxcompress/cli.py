@@ -131,6 +131,74 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="print only errors")
     p.set_defaults(func=cmd_compress)
 
+    p = sub.add_parser(
+        "finetune",
+        help="recover accuracy: train a compressed model, distilling from the original",
+        description="Train STUDENT (run as a torch module) with knowledge distillation from "
+        "--teacher, keep the epoch with the best --val accuracy, and write its weights back "
+        "into the same graph as OUT. Checkpoints every epoch (--resume continues). Runs under "
+        "`torchrun --nproc_per_node=N` too (DDP; nccl on GPUs, gloo on CPU).",
+    )
+    p.add_argument("student", help="the ONNX model to train (e.g. the output of compress)")
+    p.add_argument("--teacher", metavar="ORIGINAL.onnx", help="model to distill from")
+    _add_data_arg(p, required=True)
+    p.add_argument("--val", metavar="SPEC", help="validation data: picks the best epoch")
+    p.add_argument("-o", "--output", required=True, help="where to write the trained model")
+    p.add_argument("--epochs", type=int, default=3, help="epochs (default 3)")
+    p.add_argument("--lr", type=float, default=0.01, help="peak learning rate (default 0.01)")
+    p.add_argument(
+        "--max-grad-norm",
+        type=float,
+        default=5.0,
+        help="clip the gradient norm (default 5; 0 turns clipping off)",
+    )
+    p.add_argument("--batch-size", type=int, default=64, help="per process (default 64)")
+    p.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
+    p.add_argument("--schedule", choices=("cosine", "onecycle"), default="cosine")
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--loss", choices=("kd", "hint", "mutual"), default="kd")
+    p.add_argument("--temperature", type=float, default=4.0, help="distillation T (default 4)")
+    p.add_argument(
+        "--alpha", type=float, default=0.9, help="weight of distillation vs labels (default 0.9)"
+    )
+    p.add_argument(
+        "--hint",
+        action="append",
+        default=[],
+        metavar="TEACHER_TENSOR[=STUDENT_TENSOR]",
+        help="tensor pair for --loss hint (repeat; default: the classifier's input)",
+    )
+    p.add_argument("--peers", type=int, default=None, help="student copies for --loss mutual")
+    p.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="random crop + flip (default: on for images of 16x16 and larger)",
+    )
+    p.add_argument(
+        "--epoch-samples", type=int, default=None, help="images per epoch (default: all)"
+    )
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        metavar="MINUTES",
+        help="stop after this much wall time, annealing the learning rate to fit it",
+    )
+    p.add_argument(
+        "--checkpoint-dir",
+        metavar="DIR",
+        help="keep per-epoch checkpoints here (default: OUT.ckpt, removed after success)",
+    )
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--workers", type=int, default=0, help="batch loader processes (default 0)")
+    p.add_argument("--report", metavar="FILE.json", help="write the training history as JSON")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="print only errors")
+    p.set_defaults(func=cmd_finetune)
+
     p = sub.add_parser("passes", help="list the available passes")
     p.set_defaults(func=cmd_passes)
 
@@ -302,6 +370,113 @@ def cmd_compress(args: argparse.Namespace) -> int:
             )
         )
         print(f"wrote {result.output_path}")
+    return EXIT_OK
+
+
+def _hint_pairs(specs: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for spec in specs:
+        teacher, _, student = spec.partition("=")
+        if not teacher.strip():
+            raise OnnxCompressError(f"--hint {spec!r}: give TEACHER_TENSOR[=STUDENT_TENSOR]")
+        pairs.append((teacher.strip(), (student or teacher).strip()))
+    return tuple(pairs)
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    import contextlib
+
+    from onnxcompress.data import Preprocess
+    from onnxcompress.errors import ModelSaveError
+    from onnxcompress.evaluate import dataset_for_model
+    from onnxcompress.model import load_model, save_model
+    from onnxcompress.torch_bridge.distributed import is_main_process
+    from onnxcompress.torch_bridge.train import CHECKPOINT_FILE, FinetuneConfig, finetune
+
+    output = Path(args.output)
+    inputs = [Path(args.student)] + ([Path(args.teacher)] if args.teacher else [])
+    if any(output.resolve() == path.resolve() for path in inputs):
+        raise ModelSaveError(f"{output}: refusing to overwrite an input model; choose another -o")
+    if output.exists() and not args.force:
+        raise ModelSaveError(f"{output}: already exists (pass --force to replace it)")
+    if not output.parent.exists():
+        raise ModelSaveError(f"{output}: the folder {output.parent} does not exist")
+    default_checkpoints = args.checkpoint_dir is None
+    checkpoint_dir = Path(args.checkpoint_dir or f"{output}.ckpt")
+    config = FinetuneConfig(
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        optimizer=args.optimizer,
+        schedule=args.schedule,
+        weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm or None,
+        loss=args.loss,
+        temperature=args.temperature,
+        alpha=args.alpha,
+        hint_tensors=_hint_pairs(args.hint),
+        peers=args.peers,
+        augment=args.augment,
+        epoch_samples=args.epoch_samples,
+        time_budget_s=args.time_budget * 60 if args.time_budget is not None else None,
+        seed=args.seed,
+        num_workers=args.workers,
+        checkpoint_dir=str(checkpoint_dir),
+        resume=args.resume,
+        device=args.device,
+    )
+    student = load_model(args.student)
+    teacher = load_model(args.teacher) if args.teacher else None
+    # A student written by another tool may lack the preprocessing metadata its teacher has.
+    fallback = Preprocess.from_metadata(teacher.metadata_props) if teacher is not None else None
+    train = dataset_for_model(student, args.data, preprocess=fallback)
+    val = dataset_for_model(student, args.val, preprocess=fallback) if args.val else None
+    main_process = is_main_process()
+    result = finetune(
+        student,
+        teacher,
+        train,
+        val,
+        config,
+        progress=not args.quiet and main_process and sys.stderr.isatty(),
+    )
+    if not main_process:
+        return EXIT_OK
+    written = save_model(result.model, output, overwrite=args.force, protect=tuple(inputs))
+    if args.report:
+        from onnxcompress.pipeline import write_json_atomic
+
+        write_json_atomic(
+            args.report,
+            {
+                "student": args.student,
+                "teacher": args.teacher,
+                "output": str(written),
+                "data": args.data,
+                "val": args.val,
+                **result.as_dict(),
+            },
+        )
+    if default_checkpoints:
+        # The default folder is ours and the run is complete: nothing left to resume.
+        (checkpoint_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            checkpoint_dir.rmdir()
+    if not args.quiet:
+        for record in result.history:
+            loss = f"{record.loss:.4f}" if record.loss is not None else "-"
+            top1 = f"{record.val_top1:.2f}%" if record.val_top1 is not None else "-"
+            speed = f"{record.images_per_second:.0f} img/s" if record.images_per_second else ""
+            print(f"epoch {record.epoch}: loss {loss}  val top-1 {top1}  {speed}".rstrip())
+        if result.best_top1 is not None:
+            teacher_part = (
+                f", teacher {result.teacher_top1:.2f}%" if result.teacher_top1 is not None else ""
+            )
+            print(
+                f"best epoch {result.best_epoch}: val top-1 {result.best_top1:.2f}% "
+                f"(before {result.initial_top1:.2f}%{teacher_part})"
+            )
+        print(f"wrote {written}")
     return EXIT_OK
 
 

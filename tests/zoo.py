@@ -1,14 +1,20 @@
-"""Export torchvision models to ONNX at test time (random weights, seeded).
+"""Real CNN architectures for the zoo tests: torchvision exports and onnx's light model zoo.
 
-Shared by the zoo tests of several modules so every test sees the same exports; exports are
-cached per session in a temp folder because the larger ones take seconds each.
+Shared by the zoo tests of several modules so every test sees the same models (random weights,
+seeded); results are cached per session in a temp folder because the larger ones take seconds.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import tempfile
+import warnings
 from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
 
 _CACHE = Path(tempfile.mkdtemp(prefix="onnxcompress-zoo-"))
 
@@ -17,6 +23,37 @@ ZOO_KWARGS: dict[str, dict] = {
     "googlenet": {"aux_logits": False, "init_weights": True},
     "inception_v3": {"aux_logits": False, "init_weights": True},
 }
+
+# The torchvision classifiers of the zoo sweeps, with the smallest input size each exports at
+# cheaply: VGG and AlexNet end in a fixed 7x7 / 6x6 adaptive pool that the TorchScript exporter
+# only handles when it is a plain pool (input 224); Inception v3 needs at least 75 pixels.
+TORCHVISION_CLASSIFIERS: list[tuple[str, int]] = [
+    ("resnet18", 64),
+    ("resnet34", 64),
+    ("resnet50", 64),
+    ("resnext50_32x4d", 64),
+    ("wide_resnet50_2", 64),
+    ("vgg11_bn", 224),
+    ("vgg16", 224),
+    ("alexnet", 224),
+    ("densenet121", 64),
+    ("mobilenet_v2", 64),
+    ("mobilenet_v3_large", 64),
+    ("mobilenet_v3_small", 64),
+    ("efficientnet_b0", 64),
+    ("regnet_x_400mf", 64),
+    ("regnet_y_400mf", 64),
+    ("shufflenet_v2_x1_0", 64),
+    ("squeezenet1_1", 64),
+    ("googlenet", 64),
+    ("inception_v3", 96),
+    ("mnasnet1_0", 64),
+    ("convnext_tiny", 64),
+]
+
+# The model-zoo models (Caffe2 era: opset 9, IR 3) that onnx ships for its backend tests. Their
+# weights are ConstantOfShape placeholders (every weight 0.02); light_model() draws real ones.
+LIGHT_DIR = Path(onnx.__file__).resolve().parent / "backend" / "test" / "data" / "light"
 
 
 def randomize_batchnorm(model) -> None:
@@ -42,8 +79,12 @@ def randomize_batchnorm(model) -> None:
 def export_torchvision(name: str, exporter: str = "torchscript", size: int = 224) -> Path:
     """Export ``torchvision.models.<name>`` in eval mode; returns the .onnx path.
 
+    Both exporters give the model a dynamic batch axis named ``batch``, input ``input`` and
+    output ``output``.
+
     Args:
         exporter: ``torchscript`` (torch.onnx.export, dynamo=False) or ``dynamo``.
+        size: height and width of the example input.
     """
     import torch
     import torchvision
@@ -52,24 +93,29 @@ def export_torchvision(name: str, exporter: str = "torchscript", size: int = 224
     model = getattr(torchvision.models, name)(weights=None, **ZOO_KWARGS.get(name, {}))
     randomize_batchnorm(model)
     model.eval()
-    x = torch.randn(1, 3, size, size)
     path = _CACHE / f"{name}-{exporter}-{size}.onnx"
     if exporter == "torchscript":
-        torch.onnx.export(
-            model,
-            (x,),
-            str(path),
-            dynamo=False,
-            opset_version=17,
-            input_names=["input"],
-            output_names=["output"],
-            dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
-        )
+        with warnings.catch_warnings():
+            # The legacy exporter is deprecated but it is the one most deployed models came from.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(
+                model,
+                (torch.randn(1, 3, size, size),),
+                str(path),
+                dynamo=False,
+                opset_version=17,
+                input_names=["input"],
+                output_names=["output"],
+                dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+            )
     elif exporter == "dynamo":
+        # An example batch of 1 lets torch.export specialize the batch to 1 wherever a size-1
+        # dim takes part in broadcasting (convnext_tiny's LayerNorm permutes), which then
+        # contradicts the dynamic Dim ("Invalid ranges [2:1]"); an example batch of 2 does not.
         batch = torch.export.Dim("batch", min=1, max=1024)
         program = torch.onnx.export(
             model,
-            (x,),
+            (torch.randn(2, 3, size, size),),
             dynamo=True,
             opset_version=18,
             input_names=["input"],
@@ -82,3 +128,98 @@ def export_torchvision(name: str, exporter: str = "torchscript", size: int = 224
     else:
         raise ValueError(exporter)
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# onnx's light model zoo
+# ---------------------------------------------------------------------------------------------
+
+
+def light_model_names() -> list[str]:
+    """The light models installed with onnx (``light_resnet50``, ...), sorted."""
+    return sorted(p.stem for p in LIGHT_DIR.glob("light_*.onnx"))
+
+
+@functools.cache
+def light_model(name: str, seed: int = 0) -> Path:
+    """A light model-zoo model with seeded random weights; returns the .onnx path.
+
+    Every weight that the file builds with ``ConstantOfShape`` from a constant shape becomes an
+    initializer, and every float initializer is drawn at its shape with a scale fit for its
+    role (He for Conv/Gemm weights, positive variances and scales), so activations neither
+    vanish nor explode through the depth of the net. The model otherwise stays as shipped:
+    opset 9, IR version 3, every initializer also listed as a graph input.
+    """
+    proto = onnx.load(str(LIGHT_DIR / f"{name}.onnx"))
+    graph = proto.graph
+    rng = np.random.default_rng(seed)
+    readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in graph.node:
+        for index, input_name in enumerate(node.input):
+            readers.setdefault(input_name, []).append((node, index))
+    initializers = {t.name: t for t in graph.initializer}
+    fresh: dict[str, onnx.TensorProto] = {}
+    kept = []
+    for node in graph.node:
+        shape = initializers.get(node.input[0]) if node.op_type == "ConstantOfShape" else None
+        if shape is None:
+            kept.append(node)
+            continue
+        dims = tuple(int(d) for d in numpy_helper.to_array(shape))
+        fresh[node.output[0]] = _random_weight(node.output[0], dims, readers, rng)
+        # IR 3 requires every initializer to be a graph input as well.
+        graph.input.append(
+            onnx.helper.make_tensor_value_info(node.output[0], onnx.TensorProto.FLOAT, dims)
+        )
+    for tensor in graph.initializer:
+        if tensor.data_type == onnx.TensorProto.FLOAT:
+            fresh[tensor.name] = _random_weight(tensor.name, tuple(tensor.dims), readers, rng)
+    used = {input_name for node in kept for input_name in node.input}
+    used |= {o.name for o in graph.output}
+    tensors = [fresh.get(t.name, t) for t in graph.initializer if t.name in used]
+    tensors += [t for name, t in fresh.items() if name not in initializers]
+    inputs = [i for i in graph.input if i.name in used]
+    del graph.node[:], graph.initializer[:], graph.input[:]
+    graph.node.extend(kept)
+    graph.initializer.extend(tensors)
+    graph.input.extend(inputs)
+    path = _CACHE / f"{name}-seed{seed}.onnx"
+    onnx.save(proto, str(path))
+    return path
+
+
+# Ops that pass a weight on unchanged to the node that uses it (densenet's BN scale is
+# Unsqueeze'd before its Mul).
+_PASS_THROUGH = frozenset({"Unsqueeze", "Reshape", "Identity", "Squeeze", "Flatten"})
+
+
+def _role(
+    name: str, readers: dict[str, list[tuple[onnx.NodeProto, int]]]
+) -> tuple[onnx.NodeProto | None, int]:
+    """The first node that uses ``name`` as a weight, and at which input."""
+    for node, index in readers.get(name, []):
+        if node.op_type in _PASS_THROUGH and index == 0:
+            return _role(node.output[0], readers)
+        return node, index
+    return None, -1
+
+
+def _random_weight(
+    name: str,
+    shape: tuple[int, ...],
+    readers: dict[str, list[tuple[onnx.NodeProto, int]]],
+    rng: np.random.Generator,
+) -> onnx.TensorProto:
+    node, index = _role(name, readers)
+    op = node.op_type if node is not None else ""
+    if (op, index) in (("Conv", 1), ("Gemm", 1)) and len(shape) >= 2:
+        fan_in = math.prod(shape[1:])
+        if node is not None and op == "Gemm":
+            trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+            fan_in = shape[1] if trans_b else shape[0]
+        array = rng.standard_normal(shape, np.float32) * np.float32(math.sqrt(2.0 / fan_in))
+    elif (op, index) in (("BatchNormalization", 1), ("BatchNormalization", 4)) or op == "Mul":
+        array = rng.random(shape, np.float32) + np.float32(0.5)
+    else:  # biases, BN shifts and means, added constants
+        array = rng.standard_normal(shape, np.float32) * np.float32(0.1)
+    return numpy_helper.from_array(array, name)

@@ -1,0 +1,317 @@
+"""Top-1 of ResNet-20 on CIFAR-10 after structural compression, without any fine-tuning.
+
+Compares ``lrf`` (both criteria), ``merge`` (when registered) and an L1-norm magnitude-pruning
+baseline cut at exactly the channel counts ``lrf`` chose, with no compensation, so the table
+shows what the compensation buys at the same budget (issue 3, "Quality benchmark").
+
+Calibration uses the calibration half of the CIFAR-10 test split (files 0000-0499 of every
+class; by default the first 100 per class), accuracy the evaluation half (files 0500-0999),
+as ``../shared/data/README.md`` defines them.
+
+    .venv/bin/python benchmarks/structured_quality.py            # ~5-15 min on 2 cores
+    .venv/bin/python benchmarks/structured_quality.py --targets 0.6 --calibration-per-class 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import harness
+
+from onnxcompress.channels import analyze_channels
+from onnxcompress.data import Dataset, load_dataset
+from onnxcompress.evaluate import accuracy
+from onnxcompress.metrics import model_metrics
+from onnxcompress.model import canonicalize, clone_model, load_model
+from onnxcompress.passes import REGISTRY, create_pass
+from onnxcompress.passes.base import PassContext
+from onnxcompress.surgery import remove_channels
+
+logger = logging.getLogger(__name__)
+
+NAME = "structured_quality"
+DEFAULT_TARGETS = (0.8, 0.7, 0.6, 0.5)
+# The magnitude baseline copies the channel counts of this method (the issue's "same budget").
+BUDGET_SOURCE = "lrf activations"
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """One row family of the table: a pass with fixed options, or the magnitude baseline."""
+
+    label: str
+    pass_name: str | None  # None: the L1 baseline
+    options: dict[str, Any]
+    budget_of: str | None = None  # for the baseline: the method whose channel counts it copies
+
+
+def methods(merge_available: bool) -> list[Method]:
+    rows = [
+        Method("lrf weights", "lrf", {"criterion": "weights", "round_to": 8}),
+        Method("lrf activations", "lrf", {"criterion": "activations", "round_to": 8}),
+        Method("lrf activations, round_to=1", "lrf", {"criterion": "activations", "round_to": 1}),
+    ]
+    if merge_available:
+        rows += [
+            Method("merge weights", "merge", {"criterion": "weights", "round_to": 8}),
+            Method("merge activations", "merge", {"criterion": "activations", "round_to": 8}),
+        ]
+    rows += [
+        Method("L1 magnitude (no compensation)", None, {"round_to": 8}, BUDGET_SOURCE),
+        Method(
+            "L1 magnitude (no compensation), round_to=1",
+            None,
+            {"round_to": 1},
+            "lrf activations, round_to=1",
+        ),
+    ]
+    return rows
+
+
+def magnitude_prune(original: Any, layers: list[dict[str, Any]]) -> Any:
+    """Cut each group to the channel count of ``layers`` (an lrf report), keeping the filters
+    with the largest L1 norm, with no compensation.
+
+    The norms are taken on the original weights (before any group is cut), as the usual L1
+    baseline does; a group's norm sums the rows of all its producers (a residual stream's
+    channels are computed by several Convs).
+    """
+    model = clone_model(original)
+    analysis = analyze_channels(model)
+    by_name: dict[str, Any] = {}
+    for candidate in analysis.prunable:
+        if candidate.name in by_name:
+            raise RuntimeError(f"two channel groups share the name {candidate.name!r}")
+        by_name[candidate.name] = candidate
+    plan = []
+    for layer in layers:
+        group = by_name.get(layer["group"])
+        if group is None:
+            raise RuntimeError(f"group {layer['group']!r} of the lrf report is not prunable here")
+        if group.size != layer["channels_before"]:
+            raise RuntimeError(
+                f"group {group.name!r}: {group.size} channels here, "
+                f"{layer['channels_before']} in the lrf report"
+            )
+        count = int(layer["channels_before"]) - int(layer["channels_after"])
+        norms = np.abs(group.producer_matrix()).sum(axis=1)
+        plan.append((group, np.sort(np.argsort(norms, kind="stable")[:count])))
+    for group, remove in plan:
+        remove_channels(model, group, remove.tolist())
+    return model
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    shared = Path(args.shared)
+    model_path = harness.resnet20_path(shared)
+    if not model_path.exists():
+        raise SystemExit(f"{model_path}: not found (give --shared DIR, the folder with models/)")
+    state_before = harness.machine_state()
+    merge_available = "merge" in REGISTRY
+    if not merge_available:
+        print("merge: not available (no pass registered as 'merge')")
+    eval_spec = harness.cifar10_spec(shared, "500:1000")
+    calib_spec = harness.cifar10_spec(shared, f"0:{args.calibration_per_class}")
+    evaluation = load_dataset(eval_spec)
+    calibration = load_dataset(calib_spec)
+    teacher = load_model(model_path)
+    canonicalize(teacher)
+    teacher_metrics = model_metrics(teacher)
+    teacher_acc = accuracy(teacher, evaluation)
+    print(
+        f"teacher: top-1 {teacher_acc.top1:.2f}% on {teacher_acc.samples} evaluation images, "
+        f"{teacher_metrics.macs:,} MACs, {teacher_metrics.params:,} params"
+    )
+    context = PassContext(calibration=calibration.x, calibration_labels=calibration.y)
+    rows: list[dict[str, Any]] = []
+    for target in args.targets:
+        reports: dict[str, list[dict[str, Any]]] = {}
+        for method in methods(merge_available):
+            row = evaluate_method(method, target, teacher, context, evaluation, reports)
+            row["macs_ratio"] = row["macs"] / teacher_metrics.macs
+            row["params_ratio"] = row["params"] / teacher_metrics.params
+            rows.append(row)
+            print(
+                f"target {target:.2f}  {method.label:<44} top-1 {row['top1']:6.2f}%  "
+                f"MACs {row['macs_ratio']:.3f}  params {row['params_ratio']:.3f}  "
+                f"({row['seconds']:.1f} s)",
+                flush=True,
+            )
+    return {
+        "benchmark": NAME,
+        "command": harness.command_line(),
+        "model": str(model_path),
+        "calibration": {"spec": calib_spec, "samples": len(calibration)},
+        "evaluation": {"spec": eval_spec, "samples": len(evaluation)},
+        "teacher": {
+            "top1": teacher_acc.top1,
+            "top5": teacher_acc.top5,
+            "macs": teacher_metrics.macs,
+            "params": teacher_metrics.params,
+        },
+        "merge_available": merge_available,
+        "rows": rows,
+        "machine_before": state_before,
+        "machine_after": harness.machine_state(),
+    }
+
+
+def evaluate_method(
+    method: Method,
+    target: float,
+    teacher: Any,
+    context: PassContext,
+    evaluation: Dataset,
+    reports: dict[str, list[dict[str, Any]]],
+) -> dict[str, Any]:
+    """Compress a copy of ``teacher`` with ``method`` at ``target`` and score it."""
+    start = time.perf_counter()
+    summary: dict[str, Any] = {}
+    if method.pass_name is None:
+        assert method.budget_of is not None
+        if method.budget_of not in reports:
+            raise RuntimeError(f"{method.label}: run {method.budget_of!r} first")
+        model = magnitude_prune(teacher, reports[method.budget_of])
+    else:
+        model = clone_model(teacher)
+        options = {"target_macs": target, **method.options}
+        compression = create_pass(method.pass_name, options, context)
+        compression(model)
+        report = compression.report.as_dict()
+        reports[method.label] = report["layers"]
+        summary = report["summary"]
+    seconds = time.perf_counter() - start
+    metrics = model_metrics(model)
+    acc = accuracy(model, evaluation)
+    return {
+        "method": method.label,
+        "pass": method.pass_name or "l1-magnitude",
+        "options": method.options,
+        "budget_of": method.budget_of,
+        "target_macs": target,
+        "top1": acc.top1,
+        "top5": acc.top5,
+        "macs": metrics.macs,
+        "params": metrics.params,
+        "target_met": summary.get("target_met"),
+        "seconds": seconds,
+    }
+
+
+def to_markdown(result: dict[str, Any]) -> str:
+    teacher = result["teacher"]
+    targets = sorted({row["target_macs"] for row in result["rows"]}, reverse=True)
+    labels = list(dict.fromkeys(row["method"] for row in result["rows"]))
+    cell = {(row["method"], row["target_macs"]): row for row in result["rows"]}
+    pivot = []
+    for label in labels:
+        cells = []
+        for target in targets:
+            row = cell.get((label, target))
+            cells.append("" if row is None else f"{row['top1']:.1f} ({row['macs_ratio']:.2f})")
+        pivot.append([label, *cells])
+    detail = [
+        [
+            row["method"],
+            f"{row['target_macs']:.2f}",
+            f"{row['macs_ratio']:.3f}",
+            f"{row['params_ratio']:.3f}",
+            f"{row['top1']:.2f}",
+            f"{row['top5']:.2f}" if row["top5"] is not None else "",
+            f"{row['seconds']:.1f}",
+        ]
+        for row in result["rows"]
+    ]
+    state = result["machine_after"]
+    lines = [
+        "# Structural compression quality: ResNet-20 on CIFAR-10, no fine-tuning",
+        "",
+        f"Teacher `{Path(result['model']).name}`: top-1 **{teacher['top1']:.2f}%** on the "
+        f"evaluation half ({result['evaluation']['samples']} images), "
+        f"{teacher['macs']:,} MACs, {teacher['params']:,} params. Calibration: "
+        f"{result['calibration']['samples']} images of the calibration half.",
+        "",
+        "Top-1 % on the evaluation half (MACs actually kept, as a fraction of the teacher's), "
+        "by target_macs:",
+        "",
+        harness.markdown_table(["method", *(f"{t:.1f}" for t in targets)], pivot),
+        "",
+        "The L1 magnitude rows cut every channel group to exactly the channel counts of the "
+        "lrf activations row with the same round_to (same budget), keeping the filters with "
+        "the largest L1 norm, without compensation.",
+        "",
+        "All rows:",
+        "",
+        harness.markdown_table(
+            ["method", "target", "MACs kept", "params kept", "top-1", "top-5", "compress s"],
+            detail,
+        ),
+        "",
+        f"Command: `{result['command']}`; {harness.load_text(state)}.",
+    ]
+    if not result["merge_available"]:
+        lines += ["", "merge: not available (not registered when this ran)."]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Top-1 of ResNet-20 / CIFAR-10 after lrf, merge and an L1-magnitude baseline "
+        "at several MAC budgets, without fine-tuning. Writes results/structured_quality.md/.json.",
+    )
+    parser.add_argument(
+        "--shared",
+        default=str(harness.DEFAULT_SHARED),
+        help="folder holding models/resnet20_cifar10.onnx and data/cifar10-jpeg.tar.gz "
+        "(default: ../shared from the repository root)",
+    )
+    parser.add_argument(
+        "--targets",
+        type=lambda text: [float(t) for t in text.split(",")],
+        default=list(DEFAULT_TARGETS),
+        help="comma-separated target_macs values (default 0.8,0.7,0.6,0.5)",
+    )
+    parser.add_argument(
+        "--calibration-per-class",
+        type=int,
+        default=100,
+        help="calibration images per class, taken from the start of the calibration half "
+        "(files 0000-0499 of each class; default 100, i.e. 1,000 images)",
+    )
+    parser.add_argument(
+        "--out-dir",
+        default=str(harness.DEFAULT_RESULTS),
+        help="where to write structured_quality.md/.json (default benchmarks/results)",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what the passes do")
+    args = parser.parse_args(argv)
+    if not 1 <= args.calibration_per_class <= 500:
+        parser.error("--calibration-per-class must be in 1..500 (the calibration half)")
+    if any(not 0.0 < t <= 1.0 for t in args.targets):
+        parser.error("--targets must be fractions in (0, 1]")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    harness.setup_logging(args.verbose)
+    result = run(args)
+    markdown = to_markdown(result)
+    harness.write_results(Path(args.out_dir), NAME, markdown, result)
+    print()
+    print(markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,129 @@
+"""Zoo sweep: ``lrf`` and ``merge`` turn real CNN architectures into valid, smaller models.
+
+Torchvision classifiers are exported through both exporters (random seeded weights) and onnx's
+light model zoo gets random weights; at ``target_macs=0.7`` each pass must cut the MACs by at
+least 20% and leave a model that passes the full checker and runs in ONNX Runtime with the
+original's output shapes, or decline for the documented reason asserted here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from zoo import TORCHVISION_CLASSIFIERS, export_torchvision, light_model, light_model_names
+
+from onnxcompress.metrics import model_metrics
+from onnxcompress.model import canonicalize, load_model
+from onnxcompress.passes import REGISTRY, create_pass
+from onnxcompress.runtime import make_session, random_feeds
+
+TARGET_MACS = 0.7
+MIN_DROP = 0.2
+# The passes' budget tolerance (2% of the original) plus one rounding step of slack: a pass
+# that cuts far below its target is as wrong as one that stops short.
+UNDERSHOOT = 0.04
+PASSES = ["lrf", "merge"]
+
+# Models a pass cannot cut by 20%, with words every one of their frozen-group reasons shares.
+# Each entry is asserted both ways: the drop stays under 20% and the report says why.
+LIMITS: dict[str, tuple[str, ...]] = {
+    # Shufflenet v1 shuffles channels with Reshape [N, g, C/g, H, W] + Transpose + Reshape in
+    # every unit, so every group reaches a shuffle and none can be cut consistently.
+    "light_shufflenet": ("Reshape", "Transpose"),
+}
+
+# The default run: one plain and one depthwise torchvision net, one light model that prunes and
+# one whose limit is documented. Everything else is the slow sweep.
+FAST = {
+    ("resnet18", "torchscript"),
+    ("mobilenet_v2", "torchscript"),
+    ("light_squeezenet", "onnx-zoo"),
+    ("light_shufflenet", "onnx-zoo"),
+}
+
+
+def zoo_cases() -> list[Any]:
+    cases: list[tuple[str, str, int]] = [
+        (name, exporter, size)
+        for name, size in TORCHVISION_CLASSIFIERS
+        for exporter in ("torchscript", "dynamo")
+    ]
+    cases += [(name, "onnx-zoo", 224) for name in light_model_names()]
+    params = []
+    for pass_name in PASSES:
+        for name, exporter, size in cases:
+            slow = (name, exporter) not in FAST
+            params.append(
+                pytest.param(
+                    pass_name,
+                    name,
+                    exporter,
+                    size,
+                    id=f"{pass_name}-{name}-{exporter}",
+                    marks=[pytest.mark.slow] if slow else [],
+                )
+            )
+    return params
+
+
+def model_path(name: str, exporter: str, size: int) -> Path:
+    if exporter == "onnx-zoo":
+        return light_model(name)
+    return export_torchvision(name, exporter, size)
+
+
+def assert_valid_runnable(model: ir.Model, original_path: Path) -> None:
+    """Full checker, an ORT session, the original's names and output shapes, finite outputs."""
+    onnx.checker.check_model(ir.serde.serialize_model(model), full_check=True)
+    reference = make_session(original_path)
+    session = make_session(model)
+    assert [i.name for i in session.get_inputs()] == [i.name for i in reference.get_inputs()]
+    assert [o.name for o in session.get_outputs()] == [o.name for o in reference.get_outputs()]
+    dynamic_batch = not isinstance(reference.get_inputs()[0].shape[0], int)
+    feeds = random_feeds(reference, batch=2 if dynamic_batch else 1, seed=0)
+    for new, old in zip(session.run(None, feeds), reference.run(None, feeds), strict=True):
+        assert new.shape == old.shape
+        assert np.all(np.isfinite(new))
+
+
+@pytest.mark.parametrize(("pass_name", "name", "exporter", "size"), zoo_cases())
+def test_pass_prunes_zoo_model_or_says_why(
+    pass_name: str, name: str, exporter: str, size: int
+) -> None:
+    if pass_name not in REGISTRY:
+        pytest.skip(f"pass {pass_name!r} is not registered yet (passes/{pass_name}.py)")
+    path = model_path(name, exporter, size)
+    model = load_model(path)
+    canonicalize(model)
+    before = model_metrics(model)
+    compression = create_pass(pass_name, {"target_macs": TARGET_MACS, "criterion": "weights"})
+    compression(model)
+    report = compression.report.as_dict()
+    after = model_metrics(model)
+
+    assert report["summary"]["macs_before"] == before.macs
+    assert report["summary"]["macs_after"] == after.macs
+    assert_valid_runnable(model, path)
+
+    drop = 1.0 - after.macs / before.macs
+    limit = LIMITS.get(name)
+    if limit is None:
+        assert drop >= MIN_DROP, f"{name}: MACs dropped by {drop:.1%} only: {report['declined']}"
+        assert after.macs >= before.macs * (TARGET_MACS - UNDERSHOOT)
+        assert after.params < before.params
+        assert report["modified"]
+        assert any(r["channels_after"] < r["channels_before"] for r in report["layers"])
+    else:
+        assert drop < MIN_DROP, f"{name} now prunes ({drop:.1%}): drop it from LIMITS"
+        assert report["declined"], "a model the pass cannot cut must list what it declined"
+        frozen = [d["reason"] for d in report["declined"] if "graph input" not in d["reason"]]
+        frozen = [r for r in frozen if "graph output" not in r]
+        assert frozen
+        assert any(all(word in r for word in limit) for r in frozen) or all(
+            any(word in r for r in frozen) for word in limit
+        ), frozen
