@@ -117,6 +117,7 @@ def measure(
             {
                 "model": entry["model"],
                 "variant": entry["variant"],
+                "round_to": entry["options"].get("round_to"),
                 "threads": threads or "default",
                 "batch": bench.batch,
                 "macs_ratio": entry["macs_ratio"],
@@ -201,26 +202,50 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def verdict(rows: list[dict[str, Any]]) -> str:
+    """Whether the target holds, per model and round_to, in words."""
     compressed = [r for r in rows if r["variant"] != "original"]
-    met = [r for r in compressed if r["target_met"]]
-    missed = [r for r in compressed if not r["target_met"]]
+    met = sum(1 for r in compressed if r["target_met"])
     lines = [
-        f"Target (speed-up >= {EFFICIENCY_TARGET} x MAC reduction) met in {len(met)} of "
-        f"{len(compressed)} measurements."
+        f"Target (speed-up >= {EFFICIENCY_TARGET} x MAC reduction) met in {met} of "
+        f"{len(compressed)} measurements:"
     ]
-    if missed:
-        worst = sorted(missed, key=lambda r: r["efficiency"])[:5]
+    families = dict.fromkeys((r["model"], r["round_to"]) for r in compressed)
+    for model, round_to in families:
+        family = [r for r in compressed if (r["model"], r["round_to"]) == (model, round_to)]
+        hits = sum(1 for r in family if r["target_met"])
+        worst = min(family, key=lambda r: r["efficiency"])
+        state = "met" if hits == len(family) else ("not met" if hits == 0 else "partly met")
         lines.append(
-            "Missed (worst first): "
-            + "; ".join(
-                f"{r['model']} {r['variant']} threads={r['threads']} batch {r['batch']}: "
-                f"{r['speedup']:.2f}x for {r['mac_reduction']:.2f}x fewer MACs "
-                f"({r['efficiency']:.2f})"
-                for r in worst
-            )
-            + "."
+            f"- {model}, round_to={round_to}: **{state}** ({hits} of {len(family)}; "
+            f"ratio {min(r['efficiency'] for r in family):.2f}-"
+            f"{max(r['efficiency'] for r in family):.2f}; worst {worst['variant']} "
+            f"threads={worst['threads']} batch {worst['batch']}: {worst['speedup']:.2f}x for "
+            f"{worst['mac_reduction']:.2f}x fewer MACs)."
         )
-    return " ".join(lines)
+    return "\n".join(lines)
+
+
+def summary_table(rows: list[dict[str, Any]]) -> str:
+    """Speed-up (and its ratio to the MAC reduction) per variant and setting, one line each."""
+    settings = list(dict.fromkeys((r["threads"], r["batch"]) for r in rows))
+    variants = list(dict.fromkeys((r["model"], r["variant"]) for r in rows))
+    cell = {(r["model"], r["variant"], r["threads"], r["batch"]): r for r in rows}
+    body = []
+    for model, variant in variants:
+        first = next(r for r in rows if (r["model"], r["variant"]) == (model, variant))
+        line = [f"{model} {variant}", f"{first['macs_ratio']:.3f}"]
+        for threads, batch in settings:
+            r = cell.get((model, variant, threads, batch))
+            if r is None:
+                line.append("")
+            elif variant == "original":
+                line.append(f"{r['p50_ms']:.1f} ms")
+            else:
+                mark = "" if r["target_met"] else " ✗"
+                line.append(f"{r['speedup']:.2f}x ({r['efficiency']:.2f}){mark}")
+        body.append(line)
+    header = ["model", "MACs kept", *(f"threads {t}, batch {b}" for t, b in settings)]
+    return harness.markdown_table(header, body)
 
 
 def to_markdown(result: dict[str, Any]) -> str:
@@ -256,9 +281,16 @@ def to_markdown(result: dict[str, Any]) -> str:
         [
             "# CPU latency: original vs lrf-compressed (ONNX Runtime, interleaved runs)",
             "",
-            harness.markdown_table(header, table),
+            "Speed-up over the original (speed-up / MAC reduction; ✗: below "
+            f"{EFFICIENCY_TARGET}); the original's rows give its p50:",
+            "",
+            summary_table(result["rows"]),
             "",
             verdict(result["rows"]),
+            "",
+            "All measurements:",
+            "",
+            harness.markdown_table(header, table),
             "",
             "p50: median of the timed runs; speed-up: the original's p50 / this p50 at the same "
             "batch and threads; MAC reduction: 1 / MACs kept; load: the 1-minute load average "

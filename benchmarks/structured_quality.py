@@ -60,6 +60,8 @@ def methods(merge_available: bool) -> list[Method]:
         Method("lrf weights", "lrf", {"criterion": "weights", "round_to": 8}),
         Method("lrf activations", "lrf", {"criterion": "activations", "round_to": 8}),
         Method("lrf activations, round_to=1", "lrf", {"criterion": "activations", "round_to": 1}),
+        # 16: ONNX Runtime's NCHWc block on AVX-512 CPUs (see results/latency.md).
+        Method("lrf activations, round_to=16", "lrf", {"criterion": "activations", "round_to": 16}),
     ]
     if merge_available:
         rows += [
