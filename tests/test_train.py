@@ -489,6 +489,15 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(
         finetune(student, teacher, small_train, val_data, other, progress=False)
 
 
+def test_unreadable_checkpoint_is_a_data_error(
+    student: ir.Model, teacher: ir.Model, small_train: Dataset, tmp_path: Path
+) -> None:
+    (tmp_path / CHECKPOINT_FILE).write_bytes(b"not a checkpoint")
+    config = FinetuneConfig(epochs=1, checkpoint_dir=str(tmp_path), resume=True)
+    with pytest.raises(DataError, match="delete it"):
+        finetune(student, teacher, small_train, None, config, progress=False)
+
+
 # ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
