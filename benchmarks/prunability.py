@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 # tests/ holds the exporters the tests share
 from zoo import (  # noqa: E402
+    KNOWN_LIMITS,
     TORCHVISION_CLASSIFIERS,
     export_torchvision,
     light_model,
@@ -81,14 +82,18 @@ def _dynamic_batch(session: Any) -> bool:
     return not isinstance(session.get_inputs()[0].shape[0], int)
 
 
-def explain(report: dict[str, Any]) -> str:
-    """Why a pass removed little: the frozen groups' reasons, most frequent first."""
-    summary = report.get("summary", {})
-    reasons = collections.Counter(_reason_kind(d["reason"]) for d in report.get("declined", []))
-    parts = [
-        f"{summary.get('groups_prunable', '?')} prunable / "
-        f"{summary.get('groups_frozen', '?')} frozen groups"
-    ]
+def note(row: dict[str, Any]) -> str:
+    """The table's note: what is wrong with the result, or why the MACs dropped < 20%."""
+    if row.get("crashed") or not row.get("valid"):
+        return row.get("problem", "")
+    drop = row.get("macs_drop") or 0.0
+    limit = KNOWN_LIMITS.get(row["model"])
+    if limit is not None:
+        return limit.explanation
+    if drop >= MIN_DROP:
+        return ""
+    parts = [f"{row.get('groups_prunable')} prunable / {row.get('groups_frozen')} frozen groups"]
+    reasons = collections.Counter(row.get("declined", {}))
     parts += [f"{count}x {reason}" for reason, count in reasons.most_common(3)]
     return "; ".join(parts)
 
@@ -123,7 +128,7 @@ def run_case(path: Path, pass_name: str, target_macs: float) -> dict[str, Any]:
         row.update(
             valid=False,
             crashed=True,
-            note=f"crash: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
+            problem=f"crash: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
             traceback=traceback.format_exc(limit=-6),
             seconds=round(time.perf_counter() - start, 2),
         )
@@ -143,12 +148,8 @@ def run_case(path: Path, pass_name: str, target_macs: float) -> dict[str, Any]:
         groups_frozen=report["summary"].get("groups_frozen"),
         declined=dict(collections.Counter(_reason_kind(d["reason"]) for d in report["declined"])),
     )
-    notes = []
     if not valid:
-        notes.append(problem)
-    if drop < MIN_DROP:
-        notes.append(explain(report))
-    row["note"] = "; ".join(notes)
+        row["problem"] = problem
     return row
 
 
@@ -170,36 +171,93 @@ def fmt_millions(value: int | None) -> str:
 
 
 def markdown(rows: list[dict[str, Any]], target_macs: float) -> str:
+    """The README table (one row per model, exporters merged where they agree), then every run."""
+    passes = list(dict.fromkeys(row["pass"] for row in rows))
+    pruned = sum(1 for r in rows if r.get("valid") and (r.get("macs_drop") or 0.0) >= MIN_DROP)
+    limited = sum(1 for r in rows if r.get("valid") and r["model"] in KNOWN_LIMITS)
     lines = [
-        f"Passes at `target_macs={target_macs}` (criterion `weights`, data-free), random seeded "
-        "weights; MACs at batch 1 and the export size shown.",
+        f"Each pass at `target_macs={target_macs}` (criterion `weights`, data-free) on random "
+        "seeded weights; MACs at batch 1 and the input size shown; valid = full onnx.checker, "
+        "an ONNX Runtime session, the original's output shapes, finite outputs.",
         "",
+        f"{len(rows)} runs: {pruned} valid with at least {MIN_DROP:.0%} fewer MACs, {limited} "
+        f"valid at a documented limit, {len(rows) - pruned - limited} failed.",
+        "",
+        "| model | exporter | size | MACs before | "
+        + " | ".join(f"MACs after `{p}`" for p in passes)
+        + " | params before | "
+        + " | ".join(f"params after `{p}`" for p in passes)
+        + " | valid | note |",
+        "|---|---|---|---|" + "---|" * (2 * len(passes)) + "---|---|---|",
+    ]
+    for group in _compact_groups(rows, passes):
+        first = group[0]
+        runs = [r for r in rows if r["model"] == first["model"] and r["exporter"] in first["_exp"]]
+        cells = [first["model"], " + ".join(first["_exp"]), str(first["size"])]
+        cells.append(fmt_millions(first.get("macs_before")))
+        cells += [_after(group, p, "macs") for p in passes]
+        cells.append(fmt_millions(first.get("params_before")))
+        cells += [_after(group, p, "params") for p in passes]
+        cells.append("yes" if all(r.get("valid") for r in runs) else "**no**")
+        notes = list(dict.fromkeys(note(r) for r in runs if note(r)))
+        cells.append("; ".join(notes).replace("|", "/"))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Every run:", ""]
+    lines += [
         "| model | exporter | size | pass | MACs before | MACs after | drop | params before "
-        "| params after | valid | note |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| params after | valid | pass seconds | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         drop = row.get("macs_drop")
-        lines.append(
-            "| "
-            + " | ".join(
-                [
-                    row["model"],
-                    row["exporter"],
-                    str(row["size"]),
-                    row["pass"],
-                    fmt_millions(row.get("macs_before")),
-                    fmt_millions(row.get("macs_after")),
-                    "-" if drop is None else f"{100 * drop:.0f}%",
-                    fmt_millions(row.get("params_before")),
-                    fmt_millions(row.get("params_after")),
-                    "yes" if row.get("valid") else "**no**",
-                    row.get("note", "").replace("|", "/"),
-                ]
-            )
-            + " |"
-        )
+        cells = [
+            row["model"],
+            row["exporter"],
+            str(row["size"]),
+            row["pass"],
+            fmt_millions(row.get("macs_before")),
+            fmt_millions(row.get("macs_after")),
+            "-" if drop is None else f"{100 * drop:.0f}%",
+            fmt_millions(row.get("params_before")),
+            fmt_millions(row.get("params_after")),
+            "yes" if row.get("valid") else "**no**",
+            str(row.get("seconds", "-")),
+            note(row).replace("|", "/"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _after(group: list[dict[str, Any]], pass_name: str, what: str) -> str:
+    row = next((r for r in group if r["pass"] == pass_name), None)
+    if row is None or row.get(f"{what}_after") is None:
+        return "-"
+    text = fmt_millions(row[f"{what}_after"])
+    if what == "macs" and row.get("macs_drop") is not None:
+        text += f" (-{100 * row['macs_drop']:.0f}%)"
+    return text
+
+
+def _compact_groups(rows: list[dict[str, Any]], passes: list[str]) -> list[list[dict[str, Any]]]:
+    """Per model, one group of rows per exporter, merged when the exporters' numbers agree."""
+    keys = ("macs_before", "macs_after", "params_before", "params_after", "valid")
+    by_model: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for row in rows:
+        by_model.setdefault(row["model"], {}).setdefault(row["exporter"], []).append(row)
+    groups = []
+    for exporters in by_model.values():
+        signatures = {
+            exporter: tuple(tuple(r.get(k) for k in keys) for r in runs)
+            for exporter, runs in exporters.items()
+        }
+        if len(set(signatures.values())) == 1:
+            merged = [dict(r, _exp=list(exporters)) for r in next(iter(exporters.values()))]
+            groups.append(merged)
+        else:
+            groups += [
+                [dict(r, _exp=[exporter]) for r in runs] for exporter, runs in exporters.items()
+            ]
+    return groups
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,7 +268,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target-macs", type=float, default=0.7)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--name", default="prunability", help="stem of the result files")
+    parser.add_argument(
+        "--render", action="store_true", help="only rewrite the .md from the existing .json"
+    )
     args = parser.parse_args(argv)
+    if args.render:
+        saved = json.loads((args.out / f"{args.name}.json").read_text())
+        table = markdown(saved["rows"], saved["target_macs"])
+        (args.out / f"{args.name}.md").write_text(table)
+        print(table)
+        return 0
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
 
     from onnxcompress.passes import REGISTRY
@@ -234,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
             for pass_name in passes:
                 rows.append(
                     {"model": name, "exporter": exporter, "size": size, "pass": pass_name}
-                    | {"valid": False, "crashed": True, "note": message}
+                    | {"valid": False, "crashed": True, "problem": message}
                 )
             continue
         export_seconds = time.perf_counter() - t0
@@ -245,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print(
                 f"{name:22s} {exporter:11s} {pass_name:5s} drop={row.get('macs_drop')} "
-                f"valid={row['valid']} {row.get('seconds')}s {row.get('note', '')}",
+                f"valid={row['valid']} {row.get('seconds')}s {note(row)}",
                 flush=True,
             )
             (args.out / f"{args.name}.json").write_text(

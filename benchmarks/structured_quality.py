@@ -43,6 +43,9 @@ NAME = "structured_quality"
 DEFAULT_TARGETS = (0.8, 0.7, 0.6, 0.5)
 # The magnitude baseline copies the channel counts of this method (the issue's "same budget").
 BUDGET_SOURCE = "lrf activations"
+# The usual L1 setting (as Torch-Pruning's numbers in METHODS.md): the same fraction of every
+# block's inner channels, the fraction chosen so that the MACs meet the target.
+UNIFORM_L1 = "L1 magnitude, uniform inner-block ratio (no compensation)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +55,9 @@ class Method:
     label: str
     pass_name: str | None  # None: the L1 baseline
     options: dict[str, Any]
-    budget_of: str | None = None  # for the baseline: the method whose channel counts it copies
+    # For the same-budget baseline: the method whose channel counts it copies (None with
+    # pass_name None: the uniform baseline).
+    budget_of: str | None = None
 
 
 def methods(merge_available: bool) -> list[Method]:
@@ -76,6 +81,7 @@ def methods(merge_available: bool) -> list[Method]:
             {"round_to": 1},
             "lrf activations, round_to=1",
         ),
+        Method(UNIFORM_L1, None, {"round_to": 1}),
     ]
     return rows
 
@@ -168,6 +174,46 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def inner_groups(analysis: Any) -> list[Any]:
+    """Prunable groups made by a single Conv: a residual block's inner channels."""
+    return [g for g in analysis.prunable if len(g.producer_nodes) == 1]
+
+
+def uniform_magnitude_prune(original: Any, target: float, steps: int = 30) -> Any:
+    """Remove the same fraction of every inner group's channels (smallest L1 norm first), the
+    fraction found by bisection as the smallest that brings the MACs to ``target`` or below.
+
+    Returns the original's copy unchanged if no fraction of the inner channels is enough.
+    """
+    base = model_metrics(original).macs
+    analysis = analyze_channels(original)
+    # Layer counts depend only on the fraction; norms are taken on the original weights.
+    layers = [
+        {"group": g.name, "channels_before": g.size, "channels_after": g.size}
+        for g in inner_groups(analysis)
+    ]
+
+    def build(fraction: float) -> tuple[Any, int]:
+        for layer in layers:
+            size = layer["channels_before"]
+            layer["channels_after"] = max(1, size - round(size * fraction))
+        model = magnitude_prune(original, layers)
+        return model, model_metrics(model).macs
+
+    low, high = 0.0, 1.0
+    best, best_macs = build(high)
+    if best_macs > target * base:
+        return clone_model(original)
+    for _ in range(steps):
+        middle = (low + high) / 2
+        model, macs = build(middle)
+        if macs <= target * base:
+            high, best = middle, model
+        else:
+            low = middle
+    return best
+
+
 def evaluate_method(
     method: Method,
     target: float,
@@ -179,7 +225,9 @@ def evaluate_method(
     """Compress a copy of ``teacher`` with ``method`` at ``target`` and score it."""
     start = time.perf_counter()
     summary: dict[str, Any] = {}
-    if method.pass_name is None:
+    if method.pass_name is None and method.budget_of is None:
+        model = uniform_magnitude_prune(teacher, target)
+    elif method.pass_name is None:
         assert method.budget_of is not None
         if method.budget_of not in reports:
             raise RuntimeError(f"{method.label}: run {method.budget_of!r} first")
@@ -248,9 +296,11 @@ def to_markdown(result: dict[str, Any]) -> str:
         "",
         harness.markdown_table(["method", *(f"{t:.1f}" for t in targets)], pivot),
         "",
-        "The L1 magnitude rows cut every channel group to exactly the channel counts of the "
-        "lrf activations row with the same round_to (same budget), keeping the filters with "
-        "the largest L1 norm, without compensation.",
+        "The L1 magnitude (no compensation) rows cut every channel group to exactly the channel "
+        "counts of the lrf activations row with the same round_to (same budget), keeping the "
+        "filters with the largest L1 norm, without compensation. The uniform row is the usual "
+        "L1 setting instead: the same fraction of every residual block's inner channels "
+        "(groups made by one Conv), the fraction bisected to meet the MAC target.",
         "",
         "All rows:",
         "",

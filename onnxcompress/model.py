@@ -32,6 +32,8 @@ EXTERNAL_DATA_THRESHOLD_BYTES = 2**31 - 2**25
 MIN_OPSET = 7
 # Folding a node whose output is bigger than this would bloat the file; leave it to the runtime.
 MAX_FOLDED_ELEMENTS = 1 << 26
+# Rounds of shape inference + folding: each round can resolve the shapes the next one needs.
+MAX_FOLD_ROUNDS = 32
 # Ops whose outputs are not a function of their inputs: never folded.
 _NON_DETERMINISTIC_OPS = frozenset(
     {
@@ -316,7 +318,16 @@ def canonicalize(
     summary.identities_removed = before_identity - graph.num_nodes()
     infer_shapes(model)
     if fold_constants:
-        summary.constants_folded = _fold_constant_nodes(model)
+        folded = _fold_constant_nodes(model)
+        summary.constants_folded = folded
+        # Folding a shape computation can make the next Reshape's output shape known, which lets
+        # the shape computations after it fold in turn (TorchScript channel shuffles).
+        for _ in range(MAX_FOLD_ROUNDS):
+            if not folded:
+                break
+            infer_shapes(model)
+            folded = _fold_constant_nodes(model)
+            summary.constants_folded += folded
     if fold_batchnorm:
         summary.batchnorms_folded = _fold_batchnorms(graph)
     summary.reshapes_to_flatten = _reshapes_to_flatten(graph)
@@ -394,6 +405,8 @@ def _fold_constant_nodes(model: ir.Model) -> int:
 
 def _static_shape_result(node: ir.Node) -> list[np.ndarray] | None:
     """``Shape``/``Size`` of a tensor whose shape is fully static fold without evaluation."""
+    if node.op_type == "Gather":
+        return _static_gathered_dims(node)
     if node.op_type not in ("Shape", "Size") or not node.inputs or node.inputs[0] is None:
         return None
     shape = node.inputs[0].shape
@@ -408,6 +421,32 @@ def _static_shape_result(node: ir.Node) -> list[np.ndarray] | None:
     start = start_attr.as_int() if start_attr is not None else 0
     end = end_attr.as_int() if end_attr is not None else rank
     return [dims[slice(start, end)]]
+
+
+def _static_gathered_dims(node: ir.Node) -> list[np.ndarray] | None:
+    """``Gather(Shape(x), i)`` folds when the dims it picks are static, even if the batch is not.
+
+    TorchScript exports compute reshape targets this way (channel shuffles, ``x.view(n, -1)``);
+    left unfolded, shape inference loses every dim after the Reshape and the MACs downstream
+    count as if the spatial dims were 1.
+    """
+    data, indices = [*node.inputs, None, None][:2]
+    shape_node = data.producer() if data is not None else None
+    if shape_node is None or shape_node.op_type != "Shape" or shape_node.inputs[0] is None:
+        return None
+    axis = node.attributes.get("axis")
+    if (axis is not None and axis.as_int() != 0) or indices is None:
+        return None
+    if indices.const_value is None or shape_node.inputs[0].shape is None:
+        return None
+    dims = list(shape_node.inputs[0].shape.dims)
+    start_attr, end_attr = shape_node.attributes.get("start"), shape_node.attributes.get("end")
+    start = start_attr.as_int() if start_attr is not None else 0
+    end = end_attr.as_int() if end_attr is not None else len(dims)
+    picked = np.array(dims[slice(start, end)], dtype=object)[indices.const_value.numpy()]
+    if not all(isinstance(d, int) for d in np.atleast_1d(picked)):
+        return None
+    return [np.array(picked, dtype=np.int64)]
 
 
 def _evaluate_node(node: ir.Node, opset: int, evaluator_cls: type) -> list[np.ndarray]:

@@ -6,6 +6,7 @@ seeded); results are cached per session in a temp folder because the larger ones
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import tempfile
@@ -50,6 +51,44 @@ TORCHVISION_CLASSIFIERS: list[tuple[str, int]] = [
     ("mnasnet1_0", 64),
     ("convnext_tiny", 64),
 ]
+
+
+@dataclasses.dataclass(frozen=True)
+class PruningLimit:
+    """Why the channel passes cannot cut a zoo model by 20%, and how their report shows it.
+
+    Attributes:
+        reason_words: each appears in at least one of the reasons the pass report declines with.
+        prunable_groups: the number of prunable channel groups, where that is the point.
+        explanation: one sentence for the README's prunability table.
+    """
+
+    reason_words: tuple[str, ...]
+    prunable_groups: int | None
+    explanation: str
+
+
+# What is known not to prune (lrf and merge alike, both exporters, target_macs=0.7).
+KNOWN_LIMITS: dict[str, PruningLimit] = {
+    "convnext_tiny": PruningLimit(
+        ("Transpose", "moves the channel axis"),
+        0,
+        "channels-last blocks (LayerNorm and MLP between Transposes): channel groups are "
+        "frozen at the Transposes, so no group is prunable",
+    ),
+    "light_shufflenet": PruningLimit(
+        ("Reshape", "Transpose"),
+        0,
+        "channel shuffle (Reshape to 5-D, Transpose) after every grouped 1x1 conv, and grouped "
+        "convs tie their input channels to their shuffled outputs: every group is frozen",
+    ),
+    "light_bvlc_alexnet": PruningLimit(
+        ("LRN",),
+        3,
+        "LRN after conv1/conv2 (47% of the MACs) is frozen; conv3-5 are tied by group=2 convs "
+        "into 2 units of 192 channels, which round_to=8 leaves alone; only the FC layers shrink",
+    ),
+}
 
 # The model-zoo models (Caffe2 era: opset 9, IR 3) that onnx ships for its backend tests. Their
 # weights are ConstantOfShape placeholders (every weight 0.02); light_model() draws real ones.
