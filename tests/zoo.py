@@ -107,11 +107,14 @@ def randomize_batchnorm(model) -> None:
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                if module.weight is None or module.bias is None:
+                    continue  # affine=False: no scale and shift to draw
                 n = module.num_features
                 module.weight.copy_(torch.rand(n, generator=generator) + 0.5)
                 module.bias.copy_(torch.randn(n, generator=generator) * 0.1)
-                module.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
-                module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+                if module.running_mean is not None and module.running_var is not None:
+                    module.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
+                    module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
 
 
 @functools.cache
