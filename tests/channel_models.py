@@ -442,6 +442,21 @@ BUILDERS: dict[str, Callable[[], ir.Model]] = {
     "shared_weights": shared_weights,
 }
 
+# The structures every channel pass must shrink while keeping the model valid.
+PRUNABLE = [
+    "chain",
+    "residual",
+    "option_a",
+    "concat_dense",
+    "inception",
+    "inverted_residual",
+    "grouped",
+    "squeeze_excite",
+    "flatten_gemm",
+    "mlp",
+    "split_slice",
+]
+
 
 # ---------------------------------------------------------------------------------------------
 # Running

@@ -10,6 +10,7 @@ import onnx_ir as ir
 import pytest
 from channel_models import (
     BUILDERS,
+    PRUNABLE,
     Net,
     feeds_for,
     image_input,
@@ -111,21 +112,6 @@ def test_noop_budget_changes_nothing() -> None:
     assert model_metrics(model).macs == model_metrics(original).macs
     feeds = feeds_for(original)
     np.testing.assert_array_equal(run(model, feeds)[0], run(original, feeds)[0])
-
-
-PRUNABLE = [
-    "chain",
-    "residual",
-    "option_a",
-    "concat_dense",
-    "inception",
-    "inverted_residual",
-    "grouped",
-    "squeeze_excite",
-    "flatten_gemm",
-    "mlp",
-    "split_slice",
-]
 
 
 @pytest.mark.parametrize("name", PRUNABLE)

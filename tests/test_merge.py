@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from channel_models import BUILDERS, Net, feeds_for, image_input, run
+from channel_models import BUILDERS, PRUNABLE, Net, feeds_for, image_input, run
 
 from onnxcompress.channels import analyze_channels
 from onnxcompress.errors import PassConfigError
@@ -261,21 +261,6 @@ def test_activation_fit_beats_weights_on_calibration_data() -> None:
         feeds = {original.graph.inputs[0].name: calibration}
         errors[criterion] = np.abs(run(model, feeds)[0] - run(original, feeds)[0]).mean()
     assert errors["activations"] < errors["weights"]
-
-
-PRUNABLE = [
-    "chain",
-    "residual",
-    "option_a",
-    "concat_dense",
-    "inception",
-    "inverted_residual",
-    "grouped",
-    "squeeze_excite",
-    "flatten_gemm",
-    "mlp",
-    "split_slice",
-]
 
 
 @pytest.mark.parametrize("name", PRUNABLE)
