@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,10 @@ Typical session:
   onnxcompress verify model.onnx small.onnx --data digits
   onnxcompress bench model.onnx small.onnx --batch 1,32
   onnxcompress eval small.onnx --data digits[1400:]
+  onnxcompress compress model.onnx -o small.onnx --recipe accurate-halving \
+      --data digits[:500] --train-data digits[:1400] --val-data digits[1400:] --report out/
+  onnxcompress sweep model.onnx --pass lrf --targets 0.9,0.7,0.5 --data digits[:500] \
+      --eval-data digits[1400:] --out sweep/
 """
 
 DATA_HELP = """dataset spec: KIND[:PATH][SLICE][?key=value&...]. KIND is digits (built in),
@@ -40,8 +45,121 @@ def _add_data_arg(parser: argparse.ArgumentParser, required: bool = False, **kw:
     parser.add_argument("--data", metavar="SPEC", required=required, help=DATA_HELP, **kw)
 
 
+class _StepAction(argparse.Action):
+    """Collect --pass and --finetune flags into one ordered list of steps."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        steps = list(getattr(namespace, self.dest, None) or [])
+        steps.append((self.const, values))
+        setattr(namespace, self.dest, steps)
+
+
+def _add_compress_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model")
+    p.add_argument("-o", "--output", required=True, help="where to write the compressed model")
+    p.add_argument(
+        "--recipe",
+        metavar="FILE.toml|NAME",
+        help="a TOML recipe (steps, [data], [budget], [latency]) or a shipped recipe's name "
+        "(fast-halving, accurate-halving, max-compression-1pt)",
+    )
+    steps = p.add_argument_group("steps (in the order given; replace the recipe's steps)")
+    steps.add_argument(
+        "--pass",
+        dest="steps",
+        action=_StepAction,
+        const="pass",
+        metavar="NAME[:k=v,..]",
+        help="a pass and its options, e.g. lrf:target_macs=0.6,criterion=activations; "
+        "repeat for several ([[step]] pass = ... in a recipe)",
+    )
+    steps.add_argument(
+        "--finetune",
+        dest="steps",
+        action=_StepAction,
+        const="finetune",
+        metavar="k=v,..",
+        help="a fine-tuning step distilling from the original, e.g. epochs=1,lr=0.01 "
+        "([[step]] finetune = {...}; options as `onnxcompress finetune`, plus teacher=none)",
+    )
+    data = p.add_argument_group("data (recipe [data])")
+    data.add_argument("--data", metavar="SPEC", help=DATA_HELP + "; calibration data (calibration)")
+    data.add_argument(
+        "--calibration-size",
+        type=int,
+        default=None,
+        help="samples of --data used for calibration (default 512; calibration_size)",
+    )
+    data.add_argument(
+        "--train-data",
+        metavar="SPEC",
+        help="training data of finetune steps (train; default --data)",
+    )
+    data.add_argument(
+        "--eval-data",
+        "--val-data",
+        dest="eval_data",
+        metavar="SPEC",
+        help="labelled validation data: accuracy per stage, max_drop, and the inputs of the "
+        "verification gate (validation)",
+    )
+    budget = p.add_argument_group("budget (recipe [budget]; fractions of the original)")
+    budget.add_argument("--target-macs", type=float, metavar="F", help="e.g. 0.5: half the MACs")
+    budget.add_argument("--target-params", type=float, metavar="F", help="e.g. 0.5")
+    budget.add_argument(
+        "--target-latency",
+        type=float,
+        metavar="F",
+        help="fraction of the original's measured ONNX Runtime p50 latency (see --provider, "
+        "--latency-batch)",
+    )
+    budget.add_argument(
+        "--max-drop",
+        type=float,
+        metavar="POINTS",
+        help="top-1 points the validation accuracy may lose; the run stops at the first stage "
+        "that loses more and keeps the last one that did not",
+    )
+    latency = p.add_argument_group("latency (recipe [latency])")
+    latency.add_argument("--provider", default=None, help="cpu, cuda, ... (default: best)")
+    latency.add_argument(
+        "--latency-batch", type=int, default=None, help="batch of the latency budget (default 1)"
+    )
+    latency.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    out = p.add_argument_group("output")
+    out.add_argument(
+        "--report",
+        metavar="DIR",
+        help="write report.json, report.md and PNG plots into DIR (a path ending in .json "
+        "writes only the JSON)",
+    )
+    out.add_argument(
+        "--report-batches", default="1,32", help="latency batches in the report (default 1,32)"
+    )
+    out.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    out.add_argument("--seed", type=int, default=None, help="default 0 (recipe: seed)")
+    out.add_argument("--quiet", action="store_true", help="print only errors")
+    out.add_argument("--json", action="store_true", help="print the run's result as JSON")
+
+
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (exit 2), like every other user error.
+
+    Sub-command parsers inherit the class, so ``onnxcompress bench --bogus`` answers the same way.
+    """
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(EXIT_USER, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineErrorParser(
         prog="onnxcompress",
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -101,35 +219,56 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "compress",
         help="run compression passes and write the smaller model",
-        description="Canonicalize, run each --pass in order, verify after every step, and "
-        "write OUT atomically. Passes: " + _pass_list(),
+        description="Canonicalize, run each --pass/--finetune step in order (or a --recipe's "
+        "steps), verify every step against the original, check the budget after each stage, and "
+        "write OUT atomically. Every flag has a recipe key; flags override the recipe. Passes: "
+        + _pass_list(),
+    )
+    _add_compress_args(p)
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser(
+        "report",
+        help="re-render a report folder (report.md and plots) from its report.json",
+    )
+    p.add_argument("folder", help="a folder written by compress --report")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser(
+        "sweep",
+        help="run one pass at several targets: the accuracy-MACs-latency curve",
+        description="Run --pass once per target on copies of the canonicalized model, verify "
+        "each, measure accuracy (--eval-data) and latency, and print/write the table and a plot.",
     )
     p.add_argument("model")
-    p.add_argument("-o", "--output", required=True, help="where to write the compressed model")
+    p.add_argument("--pass", dest="sweep_pass", required=True, metavar="NAME[:k=v,..]")
     p.add_argument(
-        "--pass",
-        dest="passes",
-        action="append",
-        default=[],
-        metavar="NAME[:k=v,..]",
-        help="a pass and its options, e.g. lrf:target_macs=0.6,criterion=activations; "
-        "repeat for several",
+        "--targets",
+        default="0.9,0.8,0.7,0.6,0.5",
+        help="comma-separated fractions (default 0.9,0.8,0.7,0.6,0.5)",
+    )
+    p.add_argument(
+        "--key",
+        default="target_macs",
+        help="the pass option swept (default target_macs; e.g. target_params, ratio)",
     )
     _add_data_arg(p)
+    p.add_argument("--calibration-size", type=int, default=512)
     p.add_argument(
-        "--calibration-size",
-        type=int,
-        default=512,
-        help="samples of --data used for calibration (default 512)",
+        "--eval-data",
+        "--val-data",
+        dest="eval_data",
+        metavar="SPEC",
+        help="labelled data for accuracy",
     )
-    p.add_argument(
-        "--eval-data", metavar="SPEC", help="labelled data to report accuracy before and after"
-    )
-    p.add_argument("--report", metavar="FILE.json", help="write the run's report as JSON")
-    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--out", metavar="DIR", help="write sweep.json, sweep.md, sweep.png here")
+    p.add_argument("--provider", default=None, help="ONNX Runtime provider for latency")
+    p.add_argument("--latency-batch", type=int, default=1, help="batch of the latency (default 1)")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads for latency")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet", action="store_true", help="print only errors")
-    p.set_defaults(func=cmd_compress)
+    p.add_argument("--quiet", action="store_true", help="print only the table")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser(
         "finetune",
@@ -334,7 +473,20 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 f"max rel {dev.max_rel:.4g}  top-1 agreement {agreement} "
                 f"({dev.samples} samples)"
             )
-    return EXIT_OK if result.ok() else EXIT_USER
+    if result.ok():
+        return EXIT_OK
+    from onnxcompress.errors import VerificationError
+
+    if not result.checker_ok:
+        detail = f"fails onnx.checker: {result.checker_error}"
+    elif not result.session_ok:
+        detail = str(result.session_error)
+    else:
+        detail = "its outputs hold NaN or infinity where the original's do not"
+    if not detail.startswith(str(args.new)):
+        detail = f"{args.new}: {detail}"
+    # The report above went to stdout; the verdict is the one line on stderr.
+    raise VerificationError(detail)
 
 
 def _parse_pass_args(specs: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
@@ -343,34 +495,146 @@ def _parse_pass_args(specs: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
     return [parse_pass_spec(spec) for spec in specs]
 
 
-def cmd_compress(args: argparse.Namespace) -> int:
-    from onnxcompress.pipeline import compress, write_json_atomic
+def _compress_recipe(args: argparse.Namespace) -> Any:
+    """The run the flags describe: the --recipe (if any) with every given flag overriding it."""
+    from onnxcompress.budget import Budget
+    from onnxcompress.recipe import DataSpecs, Recipe, load_recipe, parse_step_flag, with_overrides
 
-    if args.calibration_size <= 0:
+    base = load_recipe(args.recipe) if args.recipe else Recipe()
+    steps = [parse_step_flag(kind, spec) for kind, spec in (args.steps or [])]
+    return with_overrides(
+        base,
+        steps=steps,
+        data=DataSpecs(
+            calibration=args.data,
+            train=args.train_data,
+            validation=args.eval_data,
+            calibration_size=args.calibration_size,
+        ),
+        budget=Budget(
+            target_macs=args.target_macs,
+            target_params=args.target_params,
+            target_latency=args.target_latency,
+            max_drop=args.max_drop,
+        ),
+        latency={"provider": args.provider, "batch": args.latency_batch, "threads": args.threads},
+        seed=args.seed,
+    )
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from onnxcompress.pipeline import DEFAULT_CALIBRATION_SIZE, compress, write_json_atomic
+    from onnxcompress.recipe import check_pass_options
+
+    if args.calibration_size is not None and args.calibration_size <= 0:
         raise OnnxCompressError("--calibration-size must be positive")
-    log = None if args.quiet else (lambda message: print(message, file=sys.stderr))
+    recipe = _compress_recipe(args)
+    for index, step in enumerate(recipe.steps, start=1):
+        check_pass_options(step.name, step.options, f"step {index}")
+    report_batches = _parse_batches(args.report_batches) if args.report else []
+    quiet = args.quiet or args.json
+    log = None if quiet else (lambda message: print(message, file=sys.stderr))
+    progress = not quiet and sys.stderr.isatty()
     result = compress(
         args.model,
         args.output,
-        _parse_pass_args(args.passes),
+        [step.as_pair() for step in recipe.steps],
+        data=recipe.data.calibration,
+        calibration_size=recipe.data.calibration_size or DEFAULT_CALIBRATION_SIZE,
+        eval_data=recipe.data.validation,
+        train_data=recipe.data.train,
+        budget=recipe.budget,
+        latency=recipe.latency,
+        recipe=recipe.as_dict(),
+        force=args.force,
+        seed=recipe.seed if recipe.seed is not None else 0,
+        progress=progress,
+        log=log,
+    )
+    payload: dict[str, Any] = result.as_dict()
+    latency = None
+    if args.report and str(args.report).endswith(".json"):
+        write_json_atomic(args.report, payload)
+    elif args.report:
+        from onnxcompress.report import build_report, write_report
+
+        if log:
+            log(f"benchmarking the input and output for the report (batch {args.report_batches})")
+        payload = build_report(
+            result,
+            latency_batches=report_batches,
+            provider=recipe.latency.provider,
+            threads=recipe.latency.threads,
+            progress=progress,
+        )
+        written = write_report(payload, args.report)
+        if log:
+            log(f"report: {', '.join(str(path) for path in written)}")
+        rows = {(r["label"], r["batch"]): r["p50_ms"] for r in payload["latency"]}
+        if ("original", 1) in rows and ("compressed", 1) in rows:
+            latency = (rows[("original", 1)], rows[("compressed", 1)])
+    if args.json:
+        print(json.dumps(payload, indent=2, default=str))
+        return EXIT_OK
+    if not args.quiet:
+        # BatchNorm folding is not compression: compare with the canonicalized original.
+        before = {**result.before, "params": result.steps[0].metrics["params"]}
+        print(
+            format_before_after(
+                before, result.after, result.accuracy_before, result.accuracy_after, latency
+            )
+        )
+        if result.stopped:
+            print(f"note: {result.stopped}")
+        missed = (result.budget_check or {}).get("missed")
+        if missed:
+            print(f"warning: budget targets not met: {'; '.join(missed)}")
+        print(f"wrote {result.output_path}")
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from onnxcompress.report import render_report
+
+    for path in render_report(args.folder):
+        print(f"wrote {path}")
+    return EXIT_OK
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from onnxcompress.budget import LatencySettings
+    from onnxcompress.passes import parse_pass_spec
+    from onnxcompress.sweep import format_sweep_table, parse_targets, sweep, write_sweep
+
+    name, options = parse_pass_spec(args.sweep_pass)
+    targets = parse_targets(args.targets)
+    quiet = args.quiet or args.json
+    log = None if quiet else (lambda message: print(message, file=sys.stderr))
+    rows = sweep(
+        args.model,
+        name,
+        options,
+        targets,
+        key=args.key,
         data=args.data,
         calibration_size=args.calibration_size,
         eval_data=args.eval_data,
-        force=args.force,
+        latency=LatencySettings(
+            provider=args.provider, batch=args.latency_batch, threads=args.threads
+        ),
         seed=args.seed,
-        progress=not args.quiet and sys.stderr.isatty(),
+        progress=not quiet and sys.stderr.isatty(),
         log=log,
     )
-    if args.report:
-        write_json_atomic(args.report, result.as_dict())
-    if not args.quiet:
-        print(
-            format_before_after(
-                result.before, result.after, result.accuracy_before, result.accuracy_after
-            )
-        )
-        print(f"wrote {result.output_path}")
-    return EXIT_OK
+    if args.out:
+        written = write_sweep(rows, args.out, model=args.model, pass_name=name, key=args.key)
+        if log:
+            log(f"wrote {', '.join(str(p) for p in written)}")
+    if args.json:
+        print(json.dumps([row.as_dict() for row in rows], indent=2))
+    else:
+        print(format_sweep_table(rows, args.key))
+    return EXIT_OK if all(row.error is None for row in rows) else EXIT_USER
 
 
 def _hint_pairs(specs: Sequence[str]) -> tuple[tuple[str, str], ...]:

@@ -757,6 +757,15 @@ def _mnist_source(path: Path, split: str | None, where: str) -> _Source:
 def _npz_source(path: Path, layout: str, where: str) -> _Source:
     if not path.is_file():
         raise _error(where, f"no such file: {path}")
+    import zipfile
+
+    # np.load calls anything that is neither zip nor .npy "pickled data": say what it is not.
+    with open(path, "rb") as handle:
+        magic = handle.read(6)
+    if not zipfile.is_zipfile(path) and magic != b"\x93NUMPY":
+        raise _error(
+            where, f"{path} is not a readable .npz (not a zip archive); save one with np.savez"
+        )
     try:
         archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:

@@ -33,6 +33,9 @@ ModelLike: TypeAlias = "ir.Model | str | os.PathLike[str] | bytes"
 DEFAULT_BATCH_SIZE = 256
 # Long enough to name the node and the problem; checker messages can embed whole protos.
 _MAX_ERROR_CHARS = 500
+# The checker sees tensors above this size through a sparse stand-in file, not a copy.
+_CHECK_INLINE_BYTES = 1 << 20
+_CHECK_STAND_IN = "onnxcompress-stand-in.bin"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -45,7 +48,9 @@ def _label(model: Any) -> str:
         return str(model)
     if isinstance(model, bytes):
         return "<model bytes>"
-    return getattr(getattr(model, "graph", None), "name", None) or "<model>"
+    from onnxcompress.model import model_label
+
+    return model_label(model)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -147,7 +152,19 @@ def _single_input_feeds(
     x = np.asarray(x)
     if x.ndim == 0:
         raise DataError(f"{label}: expected a batch of inputs, got a scalar")
-    return {specs[0].name: np.ascontiguousarray(x, dtype=specs[0].dtype)}
+    target = specs[0].dtype
+    if not np.issubdtype(target, np.floating) and np.issubdtype(x.dtype, np.floating):
+        # A cast would silently turn normalised pixels into zeros and ones.
+        info = np.iinfo(target) if np.issubdtype(target, np.integer) else None
+        integral = bool(np.all(np.mod(x, 1) == 0))
+        in_range = info is None or bool(np.all((x >= info.min) & (x <= info.max)))
+        if not (integral and in_range):
+            raise DataError(
+                f"{label}: input {specs[0].name!r} takes {target} values but the data are "
+                f"{x.dtype} values that do not fit it; give raw values (e.g. ?scale=1 and no "
+                "mean/std) or a model with a float input"
+            )
+    return {specs[0].name: np.ascontiguousarray(x, dtype=target)}
 
 
 def predict(
@@ -358,16 +375,31 @@ def _nan_max(a: float, b: float) -> float:
 def _feeds_for(
     session: ort.InferenceSession, feeds: Mapping[str, np.ndarray]
 ) -> dict[str, np.ndarray]:
-    """Re-key ``feeds`` for ``session``: by name when the names match, else by position."""
-    names = [spec.name for spec in session_inputs(session)]
+    """Re-key ``feeds`` for ``session``: by name when the names match, else by position.
+
+    Floating-point inputs are cast to the candidate's input type, so that a float16 rewrite of
+    a float32 model is compared on the same data.
+    """
+    specs = session_inputs(session)
+    names = [spec.name for spec in specs]
     if set(names) == set(feeds):
-        return dict(feeds)
-    if len(names) != len(feeds):
+        keyed = dict(feeds)
+    elif len(names) != len(feeds):
         raise VerificationError(
             f"the candidate has inputs {names}, the reference {list(feeds)}; they cannot be fed "
             "the same data"
         )
-    return dict(zip(names, feeds.values(), strict=True))
+    else:
+        keyed = dict(zip(names, feeds.values(), strict=True))
+    for spec in specs:
+        array = keyed[spec.name]
+        if (
+            array.dtype != spec.dtype
+            and np.issubdtype(array.dtype, np.floating)
+            and np.issubdtype(spec.dtype, np.floating)
+        ):
+            keyed[spec.name] = array.astype(spec.dtype)
+    return keyed
 
 
 def output_deviation(
@@ -446,12 +478,41 @@ def check_model(model: ModelLike) -> str | None:
         elif isinstance(model, bytes):
             onnx.checker.check_model(onnx.load_from_string(model), full_check=True)
         else:
-            import onnx_ir as ir
-
-            onnx.checker.check_model(ir.serde.serialize_model(model), full_check=True)
+            _check_ir_model(model)
     except Exception as exc:  # ValidationError, InferenceError, DecodeError and more
         return f"{type(exc).__name__}: {_first_line(exc)}"
     return None
+
+
+def _check_ir_model(model: ir.Model) -> None:
+    """The checker on an in-memory model without copying its weights into a proto.
+
+    Big tensors and tensors still in external files are written as references to a sparse
+    stand-in file of the right length in a temporary folder: the checker validates the graph,
+    types and shapes (and that each reference fits its file) without reading gigabytes, and
+    without looking for external files relative to the working folder, where they are not.
+    ``load_model`` validated the real external files (inside the model's folder, long enough).
+    """
+    import tempfile
+
+    import onnx
+    import onnx_ir as ir
+
+    from onnxcompress.model import serialize_leaving_out
+
+    def leave_out(tensor: ir.TensorProtocol) -> bool:
+        return isinstance(tensor, ir.ExternalTensor) or tensor.nbytes >= _CHECK_INLINE_BYTES
+
+    proto, left_out = serialize_leaving_out(model, leave_out, _CHECK_STAND_IN)
+    if not left_out:
+        onnx.checker.check_model(proto, full_check=True)
+        return
+    with tempfile.TemporaryDirectory(prefix="onnxcompress-check-") as folder:
+        with open(Path(folder, _CHECK_STAND_IN), "wb") as handle:
+            handle.truncate(max(tensor.nbytes for _, tensor in left_out))
+        path = Path(folder, "model.onnx")
+        path.write_bytes(proto.SerializeToString())
+        onnx.checker.check_model(str(path), full_check=True)
 
 
 def verify(
@@ -478,27 +539,38 @@ def verify(
         DataError: ``x`` does not fit the original, or random inputs cannot be shaped (a
             dynamic dimension other than the batch).
     """
+    for model in (original, candidate):
+        if not isinstance(model, (str, os.PathLike, bytes)):
+            from onnxcompress.model import drop_resident_external_pages
+
+            drop_resident_external_pages(model)
     checker_error = check_model(candidate)
+    # Problems with the candidate go into the result; the caller decides how loud to be.
     if checker_error is not None:
-        logger.warning("%s: checker failed: %s", _label(candidate), checker_error)
+        logger.info("%s: checker failed: %s", _label(candidate), checker_error)
     ref_session = make_session(original, provider=provider, optimize=False)
     if x is not None:
         feeds = _single_input_feeds(ref_session, x, _label(original))
     else:
         if samples < 1:
             raise DataError(f"verification needs at least one sample, got samples={samples}")
-        feeds = random_feeds(ref_session, samples, seed=seed)
+        try:
+            feeds = random_feeds(ref_session, samples, seed=seed)
+        except DataError as exc:
+            raise DataError(f"{_label(original)}: {exc}") from exc
     count = int(next(iter(feeds.values())).shape[0])
 
     def failed(message: str) -> VerifyResult:
-        logger.warning("%s: %s", _label(candidate), message)
+        logger.info("%s: %s", _label(candidate), message)
         return VerifyResult(checker_error is None, checker_error, False, message, None)
 
+    ref_out = _run_batched(ref_session, feeds, DEFAULT_BATCH_SIZE, label=_label(original))
+    # One session at a time: each holds its own copy of the weights, a gigabyte for big models.
+    del ref_session
     try:
         cand_session = make_session(candidate, provider=provider, optimize=False)
     except ModelLoadError as exc:
         return failed(str(exc))
-    ref_out = _run_batched(ref_session, feeds, DEFAULT_BATCH_SIZE, label=_label(original))
     try:
         cand_feeds = _feeds_for(cand_session, feeds)
         cand_out = _run_batched(

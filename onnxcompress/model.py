@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +34,14 @@ MIN_OPSET = 7
 MAX_FOLDED_ELEMENTS = 1 << 26
 # Rounds of shape inference + folding: each round can resolve the shapes the next one needs.
 MAX_FOLD_ROUNDS = 32
+# Where load_model records the file a model came from (graph.meta is never serialized): error
+# messages name that file instead of the graph's internal name.
+SOURCE_PATH_META = "onnxcompress.source_path"
+# The tensors load_model found in external files, so that their mapped pages can be let go even
+# after a pass replaced them in the graph (copies made by clone_model share this list).
+EXTERNAL_TENSORS_META = "onnxcompress.external_tensors"
+# Ops that widen a stored weight to the compute type: folded only when that costs no space.
+_WIDENING_OPS = frozenset({"Cast", "CastLike", "DequantizeLinear"})
 # Ops whose outputs are not a function of their inputs: never folded.
 _NON_DETERMINISTIC_OPS = frozenset(
     {
@@ -78,7 +86,19 @@ def load_model(path: str | os.PathLike[str]) -> ir.Model:
     except Exception as exc:
         raise ModelLoadError(f"{path}: the graph cannot be read ({_first_line(exc)})") from exc
     ir_external_data.set_base_dir(model.graph, str(path.parent))
+    model.graph.meta[SOURCE_PATH_META] = str(path)
+    model.graph.meta[EXTERNAL_TENSORS_META] = [
+        value.const_value
+        for value in model.graph.initializers.values()
+        if isinstance(value.const_value, ir.ExternalTensor)
+    ]
     return model
+
+
+def model_label(model: ir.Model) -> str:
+    """How messages name a model: the file it was loaded from, else its graph's name."""
+    source = model.graph.meta.get(SOURCE_PATH_META)
+    return str(source) if source else (model.graph.name or "<model>")
 
 
 def validate_proto(proto: onnx.ModelProto, path: Path) -> None:
@@ -159,6 +179,13 @@ def _check_external_data_locations(proto: onnx.ModelProto, path: Path) -> None:
             raise ModelLoadError(
                 f"{path}: external data file {location!r} for tensor {tensor.name!r} is missing"
             )
+        if target.stat().st_nlink > 1:
+            # A hard link passes every path check yet may be another file's bytes (onnx_ir
+            # refuses to read it too, later and with a traceback).
+            raise ModelLoadError(
+                f"{path}: external data file {location!r} for tensor {tensor.name!r} is a hard "
+                "link shared with another file; refusing to read it (copy the file instead)"
+            )
         offset = int(info.get("offset", 0) or 0)
         length = int(info.get("length", 0) or 0)
         if offset + length > target.stat().st_size:
@@ -169,8 +196,10 @@ def _check_external_data_locations(proto: onnx.ModelProto, path: Path) -> None:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
+    # The checker spreads one message over several lines ("input 'w' of node:\nname: conv2
+    # OpType: Conv\n is not output of any previous nodes"): joined, it names the node.
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:300]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,7 +240,9 @@ def save_model(
         raise ModelSaveError(f"{path}: already exists (pass --force to replace it)")
     if not path.parent.exists():
         raise ModelSaveError(f"{path}: the folder {path.parent} does not exist")
-    external = model_nbytes(model) > EXTERNAL_DATA_THRESHOLD_BYTES
+    # A model whose weights came in an external file keeps them in one: writing its tensors
+    # "unmodified" would leave references relative to the input's folder, not the output's.
+    external = model_nbytes(model) > EXTERNAL_DATA_THRESHOLD_BYTES or has_external_data(model)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
@@ -240,6 +271,36 @@ def save_model(
     return path
 
 
+def has_external_data(model: ir.Model) -> bool:
+    """Whether any initializer still reads its data from an external file."""
+    return any(
+        isinstance(value.const_value, ir.ExternalTensor)
+        for value in model.graph.initializers.values()
+    )
+
+
+def drop_resident_external_pages(model: ir.Model) -> None:
+    """Let the kernel drop the pages of external weights this process has read.
+
+    Weights in external files are memory-mapped; once read they count in the resident set
+    until unmapped. The mapping is read-only and shared, so the pages can be dropped and are
+    read back from the page cache on the next access, while arrays viewing them stay valid.
+    Cuts a pass's peak memory by the model's size when the next step maps the file again
+    (ONNX Runtime verifying against the input file).
+    """
+    import mmap
+
+    tensors = [value.const_value for value in model.graph.initializers.values()]
+    tensors += model.graph.meta.get(EXTERNAL_TENSORS_META, [])
+    for tensor in tensors:
+        raw = getattr(tensor, "raw", None) if isinstance(tensor, ir.ExternalTensor) else None
+        if isinstance(raw, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
+            try:
+                raw.madvise(mmap.MADV_DONTNEED)
+            except (OSError, ValueError):  # closed, or the platform refuses: only a saving lost
+                continue
+
+
 def _rewrite_external_location(model_path: Path, old: str, new: str) -> None:
     proto = onnx.load(str(model_path), load_external_data=False)
     for tensor in _iter_tensor_protos(proto.graph):
@@ -250,20 +311,69 @@ def _rewrite_external_location(model_path: Path, old: str, new: str) -> None:
         handle.write(proto.SerializeToString())
 
 
+def serialize_leaving_out(
+    model: ir.Model, leave_out: Callable[[ir.TensorProtocol], bool], location: str
+) -> tuple[onnx.ModelProto, list[tuple[str, ir.TensorProtocol]]]:
+    """Serialize ``model`` without copying its big weights into the proto.
+
+    Every initializer tensor ``leave_out`` picks is written as an external-data reference to
+    ``location`` (offset 0, its own length), a placeholder for whoever reads the proto to fill
+    in (ONNX Runtime's external initializers, a sparse stand-in for the checker). Other tensors
+    still in external files are read in, since the reader has no folder to resolve them
+    against. The model is unchanged afterwards; its tensors are swapped only while serializing.
+
+    Returns:
+        The proto and the (initializer name, tensor) pairs left out, in order.
+    """
+    left_out: list[tuple[ir.Value, ir.TensorProtocol]] = []
+    inlined: list[tuple[ir.Value, ir.TensorProtocol]] = []
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is None or not value.name:
+            continue
+        if leave_out(tensor):
+            left_out.append((value, tensor))
+        elif isinstance(tensor, ir.ExternalTensor):
+            inlined.append((value, tensor))
+    try:
+        for value, tensor in inlined:
+            value.const_value = ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=value.name)
+        for value, tensor in left_out:
+            value.const_value = ir.ExternalTensor(
+                location,
+                0,
+                tensor.nbytes,
+                tensor.dtype,
+                shape=ir.Shape([int(d) for d in tensor.shape.numpy()]),
+                name=value.name or "",
+            )
+        proto = ir.serde.serialize_model(model)
+    finally:
+        for value, tensor in [*left_out, *inlined]:
+            value.const_value = tensor
+    return proto, [(value.name or "", tensor) for value, tensor in left_out]
+
+
 def model_to_bytes(model: ir.Model) -> bytes:
     """Serialize for an in-memory ONNX Runtime session (models below 2 GiB).
 
     Weights still on disk (external data) are read into memory first: a session built from
     bytes has no folder to resolve external paths against.
     """
-    if any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values()):
+    if has_external_data(model):
         ir_external_data.load_to_model(model)
     return ir.serde.serialize_model(model).SerializeToString()
 
 
 def clone_model(model: ir.Model) -> ir.Model:
-    """A deep, independent copy (weights included)."""
-    return model.clone()
+    """A deep, independent copy (weights included).
+
+    The copy no longer claims to be the file the original was loaded from: messages about it
+    name its graph instead.
+    """
+    copy = model.clone()
+    copy.graph.meta.pop(SOURCE_PATH_META, None)
+    return copy
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,9 +423,7 @@ def canonicalize(
         model.ir_version = 4
     ir_common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
     # Identities go before folding: folding Identity(weight) would copy a shared weight.
-    before_identity = graph.num_nodes()
-    ir_common.IdentityEliminationPass()(model)
-    summary.identities_removed = before_identity - graph.num_nodes()
+    summary.identities_removed = _remove_identities(graph)
     infer_shapes(model)
     if fold_constants:
         folded = _fold_constant_nodes(model)
@@ -349,6 +457,40 @@ def infer_shapes(model: ir.Model) -> None:
         ir_common.ShapeInferencePass(strict_mode=False)(model)
     except Exception as exc:  # onnx raises InferenceError and others for exotic graphs
         logger.warning("shape inference failed, keeping the shapes the model had: %s", exc)
+
+
+def _remove_identities(graph: ir.Graph) -> int:
+    """Remove ``Identity`` nodes of the main graph; subgraphs (If/Loop/Scan bodies) stay as is.
+
+    onnx_ir's IdentityEliminationPass also rewrites subgraphs, where an Identity that forwards
+    an outer-scope value to a branch output cannot go (the branch would output a value it does
+    not produce), and the checker then rejects the model.
+    """
+    removed = 0
+    for node in list(graph):
+        if node.op_type != "Identity" or node.domain not in ("", "ai.onnx"):
+            continue
+        if len(node.inputs) != 1 or len(node.outputs) != 1 or node.inputs[0] is None:
+            continue
+        source, out = node.inputs[0], node.outputs[0]
+        if out.is_graph_output() and (
+            source.is_graph_input() or source.is_initializer() or source.is_graph_output()
+        ):
+            continue  # renaming the source would rename a graph input, weight or other output
+        if source.type is None:
+            source.type = out.type
+        if source.shape is None:
+            source.shape = out.shape
+        if out.is_graph_output():
+            name = out.name
+            out.name = f"{name}__identity"
+            out.replace_all_uses_with(source, replace_graph_outputs=True)
+            source.name = name
+        else:
+            out.replace_all_uses_with(source)
+        graph.remove(node, safe=True)
+        removed += 1
+    return removed
 
 
 def _drop_initializer_inputs(graph: ir.Graph, keep: tuple[str, ...]) -> int:
@@ -395,6 +537,12 @@ def _fold_constant_nodes(model: ir.Model) -> int:
                 logger.debug("not folding %s (%s): %s", node.name, node.op_type, exc)
                 continue
         if results is None or any(r.size > MAX_FOLDED_ELEMENTS for r in results):
+            continue
+        if node.op_type in _WIDENING_OPS and sum(r.nbytes for r in results) > sum(
+            inp.const_value.nbytes for inp in node.inputs if inp is not None and inp.const_value
+        ):
+            # bfloat16/int8 weights behind a Cast or DequantizeLinear stay as narrow as the
+            # file stores them; folding would double or quadruple their size.
             continue
         for out, array in zip(node.outputs, results, strict=True):
             replace_with_initializer(graph, out, array)

@@ -21,12 +21,22 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcompress import __version__
+from onnxcompress.budget import Budget, BudgetCheck, LatencyMeter, LatencySettings, check_budget
 from onnxcompress.errors import OnnxCompressError, PassConfigError, VerificationError
-from onnxcompress.model import clone_model, load_model, save_model
+from onnxcompress.model import (
+    clone_model,
+    drop_resident_external_pages,
+    load_model,
+    save_model,
+)
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CALIBRATION_SIZE = 512
+# Validation samples the verification gate compares with the original after every step.
+DEFAULT_VERIFY_SAMPLES = 256
+# A step name that is not a pass: fine-tune the model (torch bridge), distilling from the original.
+FINETUNE = "finetune"
 # Budget on the deviation a rewrite may cause before the pipeline refuses it: only used when the
 # user asks for a lossless run (max_rel_deviation); lossy passes report their deviation instead.
 LOSSLESS_RTOL = 1e-4
@@ -41,6 +51,8 @@ class StepRecord:
     verification: dict[str, Any]
     metrics: dict[str, Any]
     seconds: float
+    # Set on the last step of a stage (a pass and the finetune steps after it): the budget check.
+    budget: dict[str, Any] | None = None
 
 
 @dataclasses.dataclass
@@ -53,6 +65,13 @@ class CompressionResult:
     accuracy_before: dict[str, Any] | None = None
     accuracy_after: dict[str, Any] | None = None
     seconds: float = 0.0
+    # Index into ``steps`` of the model that was kept (the best one meeting every constraint).
+    kept_step: int | None = None
+    stopped: str | None = None
+    budget: dict[str, Any] | None = None
+    budget_check: dict[str, Any] | None = None
+    recipe: dict[str, Any] | None = None
+    data: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -65,6 +84,12 @@ class CompressionResult:
             "accuracy_after": self.accuracy_after,
             "steps": [dataclasses.asdict(step) for step in self.steps],
             "seconds": round(self.seconds, 3),
+            "kept_step": self.kept_step,
+            "stopped": self.stopped,
+            "budget": self.budget,
+            "budget_check": self.budget_check,
+            "recipe": self.recipe,
+            "data": self.data,
         }
 
 
@@ -84,6 +109,10 @@ def write_json_atomic(path: str | os.PathLike[str], payload: Any) -> None:
         with os.fdopen(fd, "w") as handle:
             json.dump(payload, handle, indent=2, default=str)
             handle.write("\n")
+        # mkstemp makes 0600 files; a report is an ordinary file, readable as the umask says.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -98,6 +127,11 @@ def compress(
     data: str | None = None,
     calibration_size: int = DEFAULT_CALIBRATION_SIZE,
     eval_data: str | None = None,
+    train_data: str | None = None,
+    budget: Budget | None = None,
+    latency: LatencySettings | None = None,
+    recipe: dict[str, Any] | None = None,
+    verify_samples: int = DEFAULT_VERIFY_SAMPLES,
     force: bool = False,
     seed: int = 0,
     progress: bool = False,
@@ -105,19 +139,38 @@ def compress(
 ) -> CompressionResult:
     """Compress ``input_path`` with ``passes`` and write the result to ``output_path``.
 
+    Steps run in order and every one is verified against the original (checker, session, output
+    deviation and top-1 agreement). A stage is a pass plus the ``finetune`` steps after it; after
+    each stage the budget is checked: the run stops at the first stage that breaks ``max_drop``
+    (or once every target is met) and keeps the last model that met all constraints.
+
     Args:
-        passes: (name, options) pairs from the registry in ``onnxcompress.passes``;
-            canonicalization runs first unless listed explicitly.
+        passes: (name, options) pairs from the registry in ``onnxcompress.passes``, or
+            ``("finetune", FinetuneConfig options)``; canonicalization runs first unless listed.
         data: dataset spec for calibration (first ``calibration_size`` samples).
-        eval_data: dataset spec with labels to measure accuracy before and after.
+        eval_data: labelled validation data: accuracy before/after and per stage, budgets, and
+            the inputs of the verification gate.
+        train_data: training data of finetune steps (default: ``data``).
+        budget: targets and the accuracy constraint; a pass given no budget option of its own
+            gets the budget's MACs/params target, converted to the model it receives.
+        latency: how ``target_latency`` is measured.
+        recipe: the recipe as data, recorded in the output's metadata and the report.
         force: replace an existing output file.
     """
     from onnxcompress.passes import create_pass, pass_class
-    from onnxcompress.passes.base import PassContext
+    from onnxcompress.passes.base import PassContext, parse_options
 
-    say = log or (lambda message: None)
+    def say(message: str) -> None:
+        if log is not None:
+            from tqdm import tqdm
+
+            # Clears the progress bars while the line is printed, so they do not garble it.
+            with tqdm.external_write_mode():
+                log(message)
+
     start = time.perf_counter()
     input_path = Path(input_path)
+    budget = budget if budget is not None else Budget()
     if output_path is not None:
         _check_output_path(Path(output_path), input_path, force)
     original = load_model(input_path)
@@ -128,65 +181,322 @@ def compress(
         steps.insert(0, ("canonicalize", {}))
     # Validate every pass and option before any work, so a typo fails in a second.
     for name, options in steps:
-        from onnxcompress.passes.base import parse_options
+        if name == FINETUNE:
+            _finetune_config(options, seed)
+        else:
+            parse_options(pass_class(name).config_class, options, name)
+    if budget.max_drop is not None and eval_data is None:
+        raise PassConfigError(
+            "budget max_drop needs labelled validation data: give --val-data SPEC "
+            "(or [data] validation in the recipe)"
+        )
+    if any(name == FINETUNE for name, _ in steps) and (train_data or data) is None:
+        raise PassConfigError(
+            "a finetune step needs training data: give --train-data SPEC (or [data] train)"
+        )
 
-        parse_options(pass_class(name).config_class, options, name)
+    # Every step is verified against the original in ONNX Runtime: a model it cannot run (an
+    # unknown op, mismatched weights) fails here in one line, before any work is done.
+    from onnxcompress.runtime import make_session
 
-    context = PassContext(seed=seed, progress=progress)
+    make_session(input_path, optimize=False)
+
+    from onnxcompress.evaluate import accuracy, dataset_for_model
+
+    context = PassContext(seed=seed, progress=progress, validation_spec=eval_data)
     calibration_x: np.ndarray | None = None
+    calibration = None
     if data is not None:
-        from onnxcompress.evaluate import dataset_for_model
-
         dataset = dataset_for_model(original, data)
         count = min(calibration_size, len(dataset))
         calibration = dataset.subset(slice(0, count))
         calibration_x = calibration.x
         context.calibration = calibration.x
         context.calibration_labels = calibration.y
-        context.train_spec = data
+        context.train_spec = train_data or data
         say(f"calibration: {count} samples from {data}")
-    verify_x = calibration_x[:64] if calibration_x is not None else None
+    validation = None
+    if eval_data is not None:
+        validation = dataset_for_model(original, eval_data)
+        say(f"validation: {len(validation)} samples from {eval_data}")
+    # The gate compares with the original on validation data when there is some: top-1
+    # agreement there is what a user will see.
+    if validation is not None:
+        verify_x: np.ndarray | None = validation.x[:verify_samples]
+    else:
+        verify_x = calibration_x[:verify_samples] if calibration_x is not None else None
 
     from onnxcompress.metrics import model_metrics
 
     before = model_metrics(original, file_size=input_path.stat().st_size).as_dict()
+    accuracy_before = accuracy(original, validation).as_dict() if validation is not None else None
+    meter = None
+    if budget.target_latency is not None:
+        meter = LatencyMeter(original, latency or LatencySettings(), seed=seed)
+    train_set = None
     records: list[StepRecord] = []
-    for name, options in steps:
+    kept: ir.Model | None = None
+    kept_step: int | None = None
+    kept_accuracy: dict[str, Any] | None = accuracy_before
+    last_check: BudgetCheck | None = None
+    stopped: str | None = None
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(steps), desc="compress", unit="step", disable=not progress, leave=False)
+    for index, (name, options) in enumerate(steps):
         step_start = time.perf_counter()
-        compression_pass = create_pass(name, options, context)
-        say(f"running {name} {_format_options(options)}".rstrip())
-        compression_pass(model)
-        verification = verify_step(original, model, name, verify_x, seed)
+        bar.set_postfix_str(name)
+        if name == FINETUNE:
+            if train_set is None:
+                train_set = dataset_for_model(original, train_data or data or "")
+                say(f"training data: {len(train_set)} samples from {train_data or data}")
+            say(f"running finetune {_format_options(options)}".rstrip())
+            selection = {"calibration": calibration, "validation": validation}.get(
+                str(options.get("select", "last"))
+            )
+            model, report = _run_finetune(
+                model, original, options, train_set, selection, seed, progress
+            )
+        elif meter is not None and _searches_latency(name, options, budget):
+            say(f"running {name} {_format_options(options)} (searching target_macs for latency)")
+            model, report = _latency_search(name, options, model, context, meter, budget, say)
+        else:
+            options = _options_with_budget(name, options, budget, before, model)
+            compression_pass = create_pass(name, options, context)
+            say(f"running {name} {_format_options(options)}".rstrip())
+            compression_pass(model)
+            report = compression_pass.report.as_dict()
+        # The reference runs from the input file (never modified, equal to ``original``): ONNX
+        # Runtime maps its external data instead of copying a gigabyte of weights per step,
+        # and the pages the pass read through our own mapping are let go first.
+        drop_resident_external_pages(original)
+        verification = verify_step(input_path, model, name, verify_x, seed)
         metrics = model_metrics(model).as_dict()
+        step_metrics: dict[str, Any] = {k: metrics[k] for k in ("params", "macs")}
+        step_accuracy = None
+        if validation is not None:
+            step_accuracy = accuracy(model, validation).as_dict()
+            step_metrics["accuracy"] = step_accuracy
+        stage_end = index == 0 or index + 1 == len(steps) or steps[index + 1][0] != FINETUNE
+        check = None
+        if stage_end:
+            latency_ratio = None
+            if meter is not None:
+                reference_ms, candidate_ms = meter.compare(model)
+                step_metrics["latency_ms"] = candidate_ms
+                step_metrics["latency_original_ms"] = reference_ms
+                latency_ratio = candidate_ms / reference_ms
+            drop = None
+            if step_accuracy is not None and accuracy_before is not None:
+                drop = accuracy_before["top1"] - step_accuracy["top1"]
+            check = check_budget(
+                budget,
+                macs_ratio=metrics["macs"] / before["macs"] if before["macs"] else 1.0,
+                params_ratio=metrics["params"] / before["params"] if before["params"] else 1.0,
+                latency_ratio=latency_ratio,
+                drop=drop,
+            )
         records.append(
             StepRecord(
                 name=name,
-                report=compression_pass.report.as_dict(),
+                report=report,
                 verification=verification,
-                metrics={k: metrics[k] for k in ("params", "macs")},
+                metrics=step_metrics,
                 seconds=round(time.perf_counter() - step_start, 3),
+                budget=check.as_dict() if check is not None else None,
             )
         )
+        bar.update(1)
+        deviation = verification["deviation"]
+        agreement = deviation.get("top1_agreement")
         say(
             f"  {name}: params {metrics['params']:,}  MACs {metrics['macs']:,}  "
-            f"max rel. deviation {verification['deviation']['max_rel']:.3g}"
+            f"max rel. deviation {deviation['max_rel']:.3g}"
+            + (f"  top-1 agreement {agreement:.2f}%" if agreement is not None else "")
+            + (f"  top-1 {step_accuracy['top1']:.2f}%" if step_accuracy is not None else "")
         )
+        if check is None:
+            continue
+        if not check.constraints_met:
+            stopped = (
+                f"step {index} ({name}) broke the budget: {'; '.join(check.broken)}; kept the "
+                f"model after step {kept_step} ({steps[kept_step or 0][0]})"
+            )
+            say(stopped)
+            break
+        kept, kept_step, kept_accuracy, last_check = clone_model(model), index, step_accuracy, check
+        if index > 0 and budget.targets and check.targets_met and index + 1 < len(steps):
+            stopped = f"every target met after step {index} ({name}); later steps skipped"
+            say(stopped)
+            break
+    bar.close()
+    assert kept is not None and kept_step is not None  # step 0 always ends a stage
+    model = kept
+    if last_check is not None and budget.targets and not last_check.targets_met:
+        say(f"warning: budget targets not met: {'; '.join(last_check.missed)}")
 
-    _stamp_provenance(model, input_path, steps)
+    _stamp_provenance(model, input_path, steps[: kept_step + 1], budget, recipe)
     after = model_metrics(model).as_dict()
     result = CompressionResult(str(input_path), None, records, before, after)
-    if eval_data is not None:
-        from onnxcompress.evaluate import accuracy, dataset_for_model
-
-        eval_set = dataset_for_model(original, eval_data)
-        result.accuracy_before = accuracy(original, eval_set).as_dict()
-        result.accuracy_after = accuracy(model, eval_set).as_dict()
+    result.kept_step, result.stopped = kept_step, stopped
+    result.budget = budget.as_dict()
+    result.budget_check = last_check.as_dict() if last_check is not None else None
+    result.recipe = recipe
+    result.data = {
+        "calibration": data,
+        "calibration_size": calibration_size,
+        "train": train_data,
+        "validation": eval_data,
+    }
+    if validation is not None:
+        result.accuracy_before = accuracy_before
+        result.accuracy_after = kept_accuracy
     if output_path is not None:
         written = save_model(model, output_path, overwrite=force, protect=(input_path,))
         result.output_path = str(written)
         result.after["file_size"] = written.stat().st_size
     result.seconds = time.perf_counter() - start
     return result
+
+
+# What a pass option may already say about its budget; a pass given one keeps it.
+_BUDGET_OPTIONS = ("target_macs", "target_params", "ratio", "threshold")
+
+
+def _options_with_budget(
+    name: str,
+    options: dict[str, Any],
+    budget: Budget,
+    before: dict[str, Any],
+    model: ir.Model,
+) -> dict[str, Any]:
+    """Give a pass without a budget option the run's MACs/params target, as a fraction of ``model``.
+
+    Passes measure their targets against the model they receive, the budget against the
+    original; a target the model already meets becomes 1 (remove nothing).
+    """
+    from onnxcompress.metrics import model_metrics
+    from onnxcompress.passes import pass_class
+
+    fields = {f.name for f in dataclasses.fields(pass_class(name).config_class)}
+    if any(key.replace("-", "_") in _BUDGET_OPTIONS for key in options):
+        return options
+    for key, total in (("target_macs", "macs"), ("target_params", "params")):
+        goal = getattr(budget, key)
+        if goal is None or key not in fields or not before[total]:
+            continue
+        current = getattr(model_metrics(model), total)
+        fraction = min(1.0, goal * before[total] / current) if current else 1.0
+        logger.info("%s: %s=%.4f from the budget", name, key, fraction)
+        return {**options, key: round(fraction, 6)}
+    return options
+
+
+# Tries of the latency search; each runs the pass on a fresh copy and times the result.
+LATENCY_SEARCH_TRIES = 4
+# A try that meets the goal this close (relative) ends the search: a gentler cut buys nothing.
+LATENCY_SEARCH_SLACK = 0.05
+
+
+def _searches_latency(name: str, options: dict[str, Any], budget: Budget) -> bool:
+    """A pass with no budget option of its own, under a latency-only budget, searches its MACs."""
+    from onnxcompress.passes import pass_class
+
+    if budget.target_latency is None or budget.target_macs is not None:
+        return False
+    if budget.target_params is not None:
+        return False
+    fields = {f.name for f in dataclasses.fields(pass_class(name).config_class)}
+    explicit = any(key.replace("-", "_") in _BUDGET_OPTIONS for key in options)
+    return "target_macs" in fields and not explicit
+
+
+def _latency_search(
+    name: str,
+    options: dict[str, Any],
+    model: ir.Model,
+    context: Any,
+    meter: LatencyMeter,
+    budget: Budget,
+    say: Callable[[str], None],
+) -> tuple[ir.Model, dict[str, Any]]:
+    """Run the pass at the ``target_macs`` whose measured latency meets ``target_latency``.
+
+    Latency is not proportional to MACs (ONNX Runtime's kernels favour some widths), so the
+    pass runs on a copy, the copy is timed against the original, and the next try scales the
+    MACs fraction by how far the latency missed; the largest fraction that met the goal wins,
+    else the fastest try.
+    """
+    from onnxcompress.passes import create_pass
+
+    goal = float(budget.target_latency or 1.0)
+    reference_ms, current_ms = meter.compare(model)
+    fraction = min(1.0, goal * reference_ms / current_ms)
+    tries: list[dict[str, Any]] = []
+    best: tuple[bool, float, ir.Model, dict[str, Any]] | None = None
+    for _ in range(LATENCY_SEARCH_TRIES):
+        candidate = clone_model(model)
+        compression_pass = create_pass(name, {**options, "target_macs": fraction}, context)
+        compression_pass(candidate)
+        reference_ms, candidate_ms = meter.compare(candidate)
+        ratio = candidate_ms / reference_ms
+        tries.append({"target_macs": round(fraction, 4), "latency_ratio": round(ratio, 4)})
+        say(f"    target_macs={fraction:.3f}: latency {ratio:.3f} of the original")
+        met = ratio <= goal
+        # Met beats missed; among met the gentlest cut, among missed the fastest.
+        key = (met, fraction if met else -ratio)
+        if best is None or key > (best[0], best[1]):
+            best = (met, key[1], candidate, compression_pass.report.as_dict())
+        if met and ratio >= goal * (1.0 - LATENCY_SEARCH_SLACK):
+            break
+        fraction = max(0.05, min(1.0, fraction * (goal / ratio) ** (1.0 if ratio > goal else 0.5)))
+    assert best is not None
+    report = best[3]
+    report["summary"] = {**report.get("summary", {}), "latency_search": tries}
+    return best[2], report
+
+
+def _finetune_config(options: dict[str, Any], seed: int) -> Any:
+    """The FinetuneConfig a finetune step's options describe (validated)."""
+    from onnxcompress.passes.base import parse_options
+    from onnxcompress.torch_bridge.train import FinetuneConfig
+
+    values = {k: v for k, v in options.items() if k not in ("teacher", "select")}
+    values.setdefault("seed", seed)
+    return parse_options(FinetuneConfig, values, FINETUNE)
+
+
+def _run_finetune(
+    model: ir.Model,
+    original: ir.Model,
+    options: dict[str, Any],
+    train: Any,
+    selection: Any,
+    seed: int,
+    progress: bool,
+) -> tuple[ir.Model, dict[str, Any]]:
+    """Fine-tune ``model`` (KD from the original unless ``teacher = "none"``).
+
+    By default the last epoch is kept (``select = "last"``): picking the best epoch on the
+    validation data would bias the accuracy the report gives, and calibration data is often
+    part of the training data. ``select = "calibration"`` or ``"validation"`` picks on those.
+    """
+    from onnxcompress.torch_bridge.train import finetune
+
+    config = _finetune_config(options, seed)
+    teacher = None if options.get("teacher", "original") == "none" else original
+    start = time.perf_counter()
+    result = finetune(model, teacher, train, selection, config, progress=progress)
+    report = {
+        "name": FINETUNE,
+        "options": {k: v for k, v in dataclasses.asdict(config).items() if v is not None},
+        "modified": True,
+        "layers": [],
+        "declined": [],
+        "summary": result.as_dict(),
+        "seconds": round(time.perf_counter() - start, 4),
+    }
+    return result.model, report
 
 
 def _check_output_path(output: Path, input_path: Path, force: bool) -> None:
@@ -203,7 +513,7 @@ def _format_options(options: dict[str, Any]) -> str:
 
 
 def verify_step(
-    original: ir.Model, model: ir.Model, step: str, x: np.ndarray | None, seed: int
+    original: ir.Model | Path, model: ir.Model, step: str, x: np.ndarray | None, seed: int
 ) -> dict[str, Any]:
     """Checker, session build and output deviation against the original, after one step."""
     from onnxcompress.evaluate import verify
@@ -217,16 +527,38 @@ def verify_step(
         raise VerificationError(
             f"step {step!r} produced a model ONNX Runtime cannot run: {result.session_error}"
         )
+    if result.deviation is not None and not result.deviation.finite():
+        raise VerificationError(
+            f"step {step!r} produced a model whose outputs are not finite (NaN or inf) where the "
+            "original's are; nothing was written"
+        )
     return result.as_dict()
 
 
-def _stamp_provenance(model: ir.Model, input_path: Path, steps: Sequence[tuple[str, dict]]) -> None:
-    """Record how the model was made, so a deployed file explains itself."""
+def _stamp_provenance(
+    model: ir.Model,
+    input_path: Path,
+    steps: Sequence[tuple[str, dict]],
+    budget: Budget | None = None,
+    recipe: dict[str, Any] | None = None,
+) -> None:
+    """Record how the model was made, so a deployed file explains itself.
+
+    ``onnxcompress.recipe`` lists the steps that made this file (not the ones a budget cut off).
+    """
     model.metadata_props["onnxcompress.version"] = __version__
     model.metadata_props["onnxcompress.source_sha256"] = sha256_of(input_path)
     model.metadata_props["onnxcompress.recipe"] = json.dumps(
-        [{"pass": name, **options} for name, options in steps], default=str
+        [
+            {FINETUNE: options} if name == FINETUNE else {"pass": name, **options}
+            for name, options in steps
+        ],
+        default=str,
     )
+    if budget is not None and not budget.is_empty():
+        model.metadata_props["onnxcompress.budget"] = json.dumps(budget.as_dict())
+    if recipe is not None and recipe.get("source"):
+        model.metadata_props["onnxcompress.recipe_file"] = Path(recipe["source"]).name
 
 
 __all__ = ["CompressionResult", "OnnxCompressError", "compress", "write_json_atomic"]

@@ -17,6 +17,7 @@ import numpy as np
 from onnxcompress.errors import DataError, ModelLoadError, ProviderUnavailableError
 
 if TYPE_CHECKING:
+    import onnx_ir as ir
     import onnxruntime as ort
 
 PROVIDER_ALIASES = {
@@ -24,6 +25,13 @@ PROVIDER_ALIASES = {
     "cuda": "CUDAExecutionProvider",
     "tensorrt": "TensorrtExecutionProvider",
 }
+# Weights at least this big reach ONNX Runtime as OrtValues over the arrays the model already
+# holds (memory-mapped when they come from external data) rather than inside serialized bytes:
+# a session then costs no second and third copy of a 1 GB model.
+SHARED_INITIALIZER_BYTES = 1 << 20
+# The placeholder location of those weights in the serialized graph; ONNX Runtime never reads
+# it, since every such initializer is supplied through add_external_initializers.
+_SHARED_LOCATION = "onnxcompress-shared-initializer"
 _INSTALL_HINT = {
     "CUDAExecutionProvider": "pip uninstall onnxruntime && pip install onnxruntime-gpu "
     "(a CUDA-capable GPU and driver are needed too)",
@@ -79,7 +87,9 @@ def make_session(
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    # Fatal only: errors come back as exceptions, which the caller turns into one line; ORT's
+    # own error log would add a second, coloured one on stderr.
+    options.log_severity_level = 4
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -88,19 +98,57 @@ def make_session(
     providers = resolve_providers(provider)
     source: str | bytes
     label: str
+    keep_alive: list[Any] = []
     if isinstance(model, (str, os.PathLike)):
         source, label = str(model), str(model)
     elif isinstance(model, bytes):
         source, label = model, "<model>"
     else:
-        from onnxcompress.model import model_to_bytes
+        from onnxcompress.model import model_label
 
-        source, label = model_to_bytes(model), model.graph.name or "<model>"
+        source, names, arrays = _serialize_sharing_weights(model)
+        label = model_label(model)
+        if names:
+            values = [ort.OrtValue.ortvalue_from_numpy(array) for array in arrays]
+            options.add_external_initializers(names, values)
+            keep_alive = [arrays, values]
     try:
-        return ort.InferenceSession(source, sess_options=options, providers=providers)
+        session = ort.InferenceSession(source, sess_options=options, providers=providers)
     except Exception as exc:
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = " ".join(str(exc).split()) or type(exc).__name__
         raise ModelLoadError(f"{label}: ONNX Runtime cannot run this model: {text[:300]}") from exc
+    if keep_alive:
+        # The session reads those buffers for as long as it lives.
+        session._onnxcompress_shared_weights = keep_alive
+    return session
+
+
+def _serialize_sharing_weights(model: ir.Model) -> tuple[bytes, list[str], list[np.ndarray]]:
+    """The model's bytes with its big weights left out, and those weights as arrays.
+
+    The model is not changed, and tensors in external files stay on disk, memory-mapped.
+    """
+    import onnx_ir as ir
+
+    from onnxcompress.model import serialize_leaving_out
+
+    shareable = {
+        ir.DataType.FLOAT,
+        ir.DataType.FLOAT16,
+        ir.DataType.DOUBLE,
+        ir.DataType.INT8,
+        ir.DataType.UINT8,
+        ir.DataType.INT32,
+        ir.DataType.INT64,
+    }
+
+    def leave_out(tensor: ir.TensorProtocol) -> bool:
+        external = isinstance(tensor, ir.ExternalTensor)
+        return tensor.dtype in shareable and (external or tensor.nbytes >= SHARED_INITIALIZER_BYTES)
+
+    proto, left_out = serialize_leaving_out(model, leave_out, _SHARED_LOCATION)
+    arrays = [np.ascontiguousarray(tensor.numpy()) for _, tensor in left_out]
+    return proto.SerializeToString(), [name for name, _ in left_out], arrays
 
 
 @dataclass(frozen=True)
@@ -153,9 +201,11 @@ def concrete_shape(
         elif axis == 0:
             dims.append(batch)
         else:
+            example = "x".join(["1"] + ["N"] * (len(spec.shape) - 1))
             raise DataError(
-                f"input {spec.name!r} has a dynamic dimension {dim!r} at axis {axis}; give it "
-                f"with --shape {spec.name}=" + "x".join(["1"] + ["N"] * (len(spec.shape) - 1))
+                f"input {spec.name!r} has a dynamic dimension {dim!r} at axis {axis}, so random "
+                f"inputs cannot be shaped: give real inputs with --data SPEC, or (bench) the "
+                f"shape with --shape {spec.name}={example}"
             )
     return tuple(dims)
 

@@ -71,9 +71,10 @@ def _used_outputs(node: ir.Node) -> list[int]:
 
 
 def _as_model(model: ir.Model | str | os.PathLike[str]) -> tuple[ir.Model, str]:
+    from onnxcompress.model import load_model, model_label
+
     if isinstance(model, ir.Model):
-        return model, model.graph.name or "<model>"
-    from onnxcompress.model import load_model
+        return model, model_label(model)
 
     return load_model(model), str(model)
 

@@ -33,7 +33,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -45,7 +45,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from onnxcompress.data import Dataset
-from onnxcompress.errors import DataError, OnnxCompressError, PassConfigError
+from onnxcompress.errors import (
+    DataError,
+    OnnxCompressError,
+    PassConfigError,
+    UnsupportedOpError,
+)
 from onnxcompress.model import clone_model
 from onnxcompress.torch_bridge.distributed import (
     DistributedContext,
@@ -528,6 +533,23 @@ def _check_dataset(data: Dataset, role: str) -> None:
         raise DataError(f"finetune: the {role} data {data.name!r} holds NaN or infinite values")
 
 
+def _check_float_input(student: Any) -> None:
+    """The bridge feeds float32 images; a float16 model would fail deep inside torch."""
+    if not isinstance(student, ir.Model):
+        return
+    from onnxcompress.model import model_label
+
+    for value in student.graph.inputs:
+        if value.is_initializer() or value.type is None:
+            continue
+        dtype = value.type.dtype
+        if dtype != ir.DataType.FLOAT:
+            raise UnsupportedOpError(
+                f"{model_label(student)}: input {value.name!r} is {dtype.name.lower()}; "
+                "finetune trains float32 models (fine-tune the float32 model, convert after)"
+            )
+
+
 # ---------------------------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------------------------
@@ -600,6 +622,7 @@ def finetune(
     val: Dataset | None = None,
     config: FinetuneConfig | None = None,
     progress: bool = True,
+    after_step: Callable[[OnnxModule], None] | None = None,
 ) -> FinetuneResult:
     """Train ``student`` (optionally distilling from ``teacher``) and write the weights back.
 
@@ -617,6 +640,9 @@ def finetune(
             top-1 agreement with the teacher). None keeps the last epoch.
         config: options; defaults when None.
         progress: draw a progress bar (rank 0 only).
+        after_step: called with the student after every optimizer step (under ``no_grad``),
+            e.g. to project its weights back onto a constraint set (projected SGD); it must
+            act identically on every process.
 
     Raises:
         UnsupportedOpError: a model uses ops the bridge cannot run (before any training).
@@ -627,12 +653,15 @@ def finetune(
     """
     config = config if config is not None else FinetuneConfig()
     config.validate()
+    _check_float_input(student)
     _check_dataset(train, "training")
     if val is not None:
         _check_dataset(val, "validation")
     context = setup_distributed(config.device)
     try:
-        result = _Trainer(student, teacher, train, val, config, context, progress).run()
+        trainer = _Trainer(student, teacher, train, val, config, context, progress)
+        trainer.after_step = after_step
+        result = trainer.run()
     except BaseException:
         # No barrier on the way out: the other processes may be gone or stuck elsewhere.
         teardown_distributed(context, clean=False)
@@ -662,6 +691,7 @@ class _Trainer:
         self.progress = progress and context.is_main
         self.mutual = config.loss == "mutual"
         self.has_labels = train.y is not None
+        self.after_step: Callable[[OnnxModule], None] | None = None
         torch.manual_seed(config.seed)
 
         # Built first so that unsupported ops are reported before anything else happens.
@@ -787,9 +817,11 @@ class _Trainer:
         except OnnxCompressError:
             raise
         except (RuntimeError, ValueError, IndexError) as exc:
+            from onnxcompress.model import model_label
+
             raise DataError(
                 f"finetune: images of shape {tuple(self.x.shape[1:])} from "
-                f"{self.train_data.name!r} do not fit the model "
+                f"{self.train_data.name!r} do not fit {model_label(self.student_model)} "
                 f"({str(exc).splitlines()[0][:200]}); fix the data spec (e.g. resize=, channels=)"
             ) from exc
         finally:
@@ -1064,6 +1096,9 @@ class _Trainer:
             nn.utils.clip_grad_norm_(self._trained_params, config.max_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.after_step is not None:
+            with torch.no_grad():
+                self.after_step(self.student)
         if config.time_budget_s is not None:
             self._spend_time(config.time_budget_s)
         self.scheduler.step()
