@@ -1,0 +1,819 @@
+"""Graph-level layer resection: which parts of a CNN can be cut out, and the cut itself.
+
+The ``resect`` pass ranks and trains; this module finds its candidates on the ONNX graph
+(residual branches, whole blocks, chain layers), fits bridge convolutions in closed form and
+rewires the graph through ``onnx_ir``'s def-use API.
+
+Three kinds of candidate, found by structure rather than by model name:
+
+``branch``
+    The residual branch of a block whose shortcut is the identity: ``Add(x, F(x))``. The
+    branch's nodes and the Add go; the Add's readers read ``x``.
+``block``
+    A whole residual block (branch, non-identity shortcut, Add) between its entry ``x`` and its
+    Add output. Equal shapes: the neighbours are connected directly; otherwise a **bridge**
+    (1x1 Conv with the block's stride, in -> out channels) replaces it.
+``layer``
+    A compute layer (Conv, Gemm, MatMul with a constant weight) with the elementwise ops that
+    only it feeds (BatchNormalization, activations). Equal shapes: direct connection; a
+    channel- or stride-changing Conv gets a bridge.
+
+A part is a candidate only if it is closed (nothing outside reads its inner tensors), its output
+is not a graph output, the user did not exclude it, and the replacement reproduces its output
+shape; every other part is declined with the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import logging
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as ir_common
+
+from onnxcompress.model import clone_model, fresh_name
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("branch", "block", "layer")
+# Layers counted by ``target_layers`` (the ops that hold a CNN's weights and MACs).
+COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+# Heads of ``layer`` candidates.
+LAYER_OPS = frozenset({"Conv", "Gemm", "MatMul"})
+# Elementwise ops that belong to the layer before them when only that layer feeds them (their
+# other inputs constant): removing the layer removes them too.
+TRAILING_OPS = frozenset(
+    {
+        "Relu",
+        "LeakyRelu",
+        "Clip",
+        "Sigmoid",
+        "Tanh",
+        "HardSigmoid",
+        "HardSwish",
+        "Elu",
+        "Selu",
+        "Softplus",
+        "Gelu",
+        "PRelu",
+        "BatchNormalization",
+        "Add",
+        "Sub",
+        "Mul",
+        "Div",
+    }
+)
+# Ops whose second application changes nothing: Relu(Relu(x)) after a cut is dropped.
+IDEMPOTENT_OPS = frozenset({"Relu"})
+# A block larger than this many nodes is not searched further (keeps the search linear).
+MAX_BLOCK_NODES = 256
+BRIDGE_MARK = "onnxcompress.resect"
+_DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+@dataclasses.dataclass
+class Candidate:
+    """A part of the graph that can be resected, and how.
+
+    Attributes:
+        key: stable identifier across edits of other parts: ``kind:exit tensor name``.
+        kind: ``branch``, ``block`` or ``layer``.
+        action: ``shortcut`` (readers read the shortcut), ``direct`` (readers read the entry)
+            or ``bridge`` (a 1x1 Conv maps the entry to the exit's shape).
+        entry: the tensor the part reads.
+        exit: the tensor the part produces (its readers get the replacement).
+        nodes: the nodes removed.
+        stride: the bridge's stride (1, 1 when there is no bridge).
+        in_channels / out_channels: channels of entry and exit (None for non-NCHW tensors).
+        layers_removed: compute layers removed, minus the bridge.
+        macs_removed: MACs (batch 1) removed, minus the bridge's.
+        params_removed: parameters removed, minus the bridge's.
+    """
+
+    key: str
+    kind: str
+    action: str
+    entry: ir.Value
+    exit: ir.Value
+    nodes: list[ir.Node]
+    stride: tuple[int, int]
+    in_channels: int | None
+    out_channels: int | None
+    layers_removed: int
+    macs_removed: int
+    params_removed: int
+
+    @property
+    def node_names(self) -> list[str]:
+        return [node.name or node.op_type for node in self.nodes]
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "key": self.key,
+            "kind": self.kind,
+            "action": self.action,
+            "entry": self.entry.name,
+            "exit": self.exit.name,
+            "nodes": self.node_names,
+            "stride": list(self.stride),
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "layers_removed": self.layers_removed,
+            "macs_removed": self.macs_removed,
+            "params_removed": self.params_removed,
+        }
+
+
+@dataclasses.dataclass
+class CandidateSearch:
+    """Every candidate of a graph, and every part that is not one, with the reason."""
+
+    candidates: list[Candidate]
+    declined: list[tuple[str, str]]
+
+    def by_key(self) -> dict[str, Candidate]:
+        return {c.key: c for c in self.candidates}
+
+
+@dataclasses.dataclass
+class BridgeFit:
+    """A bridge's weights from the closed-form ridge fit.
+
+    Attributes:
+        weight: ``[Cout, Cin, 1, 1]``.
+        bias: ``[Cout]``.
+        r2: fraction of the target's variance (around its channel means) the fit explains on
+            the calibration data.
+        positions: how many (image, position) rows the fit used.
+    """
+
+    weight: np.ndarray
+    bias: np.ndarray
+    r2: float
+    positions: int
+
+
+@dataclasses.dataclass
+class Resection:
+    """What one cut did to a graph, for training and the report.
+
+    Attributes:
+        key: the candidate's key.
+        teacher_tensor: the original network's tensor at the cut (the exit's name).
+        student_tensor: the tensor the exit's readers now read (the bridge output keeps the
+            exit's name; a shortcut or direct connection is the entry).
+        bridge: name of the bridge node, if one was inserted.
+        neighbours: names of the compute nodes next to the cut (they and the bridge learn in
+            layer-level learning).
+        removed: names of the nodes removed (the dropped repeated Relu included).
+        fit_r2: the bridge fit's explained variance, if a bridge was fitted.
+    """
+
+    key: str
+    teacher_tensor: str
+    student_tensor: str
+    bridge: str | None
+    neighbours: list[str]
+    removed: list[str]
+    fit_r2: float | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Candidate search
+# ---------------------------------------------------------------------------------------------
+
+
+def _label(node: ir.Node, position: dict[int, int]) -> str:
+    return node.name or f"#{position.get(id(node), -1)}:{node.op_type}"
+
+
+def _is_constant(value: ir.Value | None) -> bool:
+    if value is None:
+        return True
+    if value.const_value is not None or value.is_initializer():
+        return True
+    producer = value.producer()
+    return producer is not None and producer.op_type == "Constant"
+
+
+def _feature_dims(value: ir.Value) -> tuple[int, ...] | None:
+    """Static dims after the batch axis, or None when any is unknown."""
+    if value.shape is None or len(value.shape) < 2:
+        return None
+    dims = tuple(value.shape.dims[1:])
+    if not all(isinstance(d, int) for d in dims):
+        return None
+    return tuple(int(d) for d in dims)  # type: ignore[arg-type]
+
+
+def _is_bridge(node: ir.Node) -> bool:
+    return node.metadata_props.get(BRIDGE_MARK) == "bridge"
+
+
+def _float_params(nodes: Iterable[ir.Node]) -> int:
+    """Float initializer elements read by ``nodes`` and by nothing else."""
+    members = {id(n) for n in nodes}
+    seen: set[int] = set()
+    total = 0
+    for node in nodes:
+        for value in node.inputs:
+            if value is None or id(value) in seen or value.const_value is None:
+                continue
+            seen.add(id(value))
+            if not value.const_value.dtype.is_floating_point():
+                continue
+            if all(id(user) in members for user, _ in value.uses()):
+                total += int(np.prod(value.const_value.shape.numpy(), dtype=np.int64))
+    return total
+
+
+def _bridge_plan(entry: ir.Value, exit_: ir.Value) -> tuple[str, tuple[int, int], str | None]:
+    """(action, stride, reason it is impossible) for replacing entry -> exit."""
+    din, dout = _feature_dims(entry), _feature_dims(exit_)
+    if din is None or dout is None:
+        return "", (1, 1), "input or output shape unknown (run shape inference first)"
+    if din == dout:
+        return "direct", (1, 1), None
+    if len(din) != 3 or len(dout) != 3:
+        return (
+            "",
+            (1, 1),
+            f"shape changes {list(din)} -> {list(dout)}; a bridge is a 1x1 Conv over NCHW tensors",
+        )
+    stride = []
+    for size_in, size_out in zip(din[1:], dout[1:], strict=True):
+        s = max(1, round(size_in / max(size_out, 1)))
+        if size_out < 1 or -(-size_in // s) != size_out:
+            return (
+                "",
+                (1, 1),
+                f"spatial size {din[1]}x{din[2]} -> {dout[1]}x{dout[2]} is not what a strided "
+                "1x1 bridge produces",
+            )
+        stride.append(s)
+    return "bridge", (stride[0], stride[1]), None
+
+
+def _compute_layers(nodes: Iterable[ir.Node]) -> int:
+    return sum(1 for n in nodes if n.op_type in COMPUTE_OPS and n.domain in _DEFAULT_DOMAINS)
+
+
+def _make_candidate(
+    key: str, kind: str, entry: ir.Value, exit_: ir.Value, nodes: list[ir.Node], action: str,
+    stride: tuple[int, int],
+) -> Candidate:  # fmt: skip
+    from onnxcompress.metrics import node_macs
+
+    din, dout = _feature_dims(entry), _feature_dims(exit_)
+    cin = din[0] if din is not None and len(din) == 3 else None
+    cout = dout[0] if dout is not None and len(dout) == 3 else None
+    macs = sum(node_macs(n) for n in nodes)
+    params = _float_params(nodes)
+    layers = _compute_layers(nodes)
+    if action == "bridge":
+        assert cin is not None and cout is not None and dout is not None
+        macs -= cin * cout * dout[1] * dout[2]
+        params -= cin * cout + cout
+        layers -= 1
+    return Candidate(
+        key=key,
+        kind=kind,
+        action=action,
+        entry=entry,
+        exit=exit_,
+        nodes=nodes,
+        stride=stride,
+        in_channels=cin,
+        out_channels=cout,
+        layers_removed=layers,
+        macs_removed=macs,
+        params_removed=params,
+    )
+
+
+def _closed(nodes: Sequence[ir.Node], exit_: ir.Value) -> str | None:
+    """Why the part is not closed (an inner tensor read outside or a graph output), or None."""
+    members = {id(n) for n in nodes}
+    for node in nodes:
+        for out in node.outputs:
+            if out is exit_:
+                continue
+            if out.is_graph_output():
+                return f"inner tensor {out.name!r} is a graph output"
+            outside = [user for user, _ in out.uses() if id(user) not in members]
+            if outside:
+                reader = outside[0].name or outside[0].op_type
+                return f"inner tensor {out.name!r} is also read by {reader}"
+    return None
+
+
+def _block_region(
+    add: ir.Node, position: dict[int, int]
+) -> tuple[ir.Value | None, list[ir.Node], str | None]:
+    """The single-entry region that ends at ``add``: (entry, nodes in order, failure reason).
+
+    Walks back from the Add's operands, always expanding the tensor produced latest, until one
+    tensor is left: the nearest point every path into the Add starts from.
+    """
+    frontier: dict[int, ir.Value] = {}
+    for value in add.inputs:
+        if not _is_constant(value):
+            assert value is not None
+            frontier[id(value)] = value
+    region: list[ir.Node] = [add]
+    members = {id(add)}
+
+    def produced_at(value: ir.Value) -> int:
+        producer = value.producer()
+        return position.get(id(producer), -1) if producer is not None else -1
+
+    while len(frontier) > 1:
+        value = max(frontier.values(), key=produced_at)
+        producer = value.producer()
+        if producer is None:
+            return None, [], f"its operands do not meet before the graph input {value.name!r}"
+        del frontier[id(value)]
+        if id(producer) in members:
+            continue
+        region.append(producer)
+        members.add(id(producer))
+        if len(region) > MAX_BLOCK_NODES:
+            return None, [], f"its operands do not meet within {MAX_BLOCK_NODES} nodes"
+        for inp in producer.inputs:
+            if not _is_constant(inp):
+                assert inp is not None
+                frontier[id(inp)] = inp
+    if not frontier:
+        return None, [], "it adds constants only"
+    entry = next(iter(frontier.values()))
+    region.sort(key=lambda n: position.get(id(n), -1))
+    return entry, region, None
+
+
+def _residual_candidate(
+    add: ir.Node, position: dict[int, int], kinds: Sequence[str]
+) -> tuple[Candidate | None, str]:
+    """A ``branch`` or ``block`` candidate ending at ``add``, or the reason there is none."""
+    operands = [v for v in add.inputs if not _is_constant(v)]
+    if len(add.inputs) != 2 or len(operands) != 2:
+        return None, "not a residual Add (one operand is constant)"
+    exit_ = add.outputs[0]
+    entry, region, reason = _block_region(add, position)
+    if entry is None:
+        return None, f"no residual block: {reason}"
+    if len(region) < 2:
+        return None, "no residual block: both operands are the same tensor"
+    if exit_.is_graph_output():
+        return None, f"its output {exit_.name!r} is a graph output"
+    identity = any(v is entry for v in add.inputs)
+    if identity:
+        if "branch" not in kinds:
+            return None, "residual branch (kind 'branch' not requested)"
+        shortcut_dims, out_dims = _feature_dims(entry), _feature_dims(exit_)
+        if shortcut_dims is None or shortcut_dims != out_dims:
+            return None, "the identity shortcut's shape differs from the block output (broadcast)"
+        reason_closed = _closed(region, exit_)
+        if reason_closed is not None:
+            return None, f"branch not removable: {reason_closed}"
+        key = f"branch:{exit_.name}"
+        return _make_candidate(key, "branch", entry, exit_, region, "shortcut", (1, 1)), ""
+    if "block" not in kinds:
+        return None, "residual block with a projection shortcut (kind 'block' not requested)"
+    reason_closed = _closed(region, exit_)
+    if reason_closed is not None:
+        return None, f"block not removable: {reason_closed}"
+    action, stride, reason = _bridge_plan(entry, exit_)
+    if reason is not None:
+        return None, f"block not replaceable: {reason}"
+    key = f"block:{exit_.name}"
+    return _make_candidate(key, "block", entry, exit_, region, action, stride), ""
+
+
+def _layer_candidate(node: ir.Node) -> tuple[Candidate | None, str]:
+    """A ``layer`` candidate headed by compute node ``node``, or the reason there is none."""
+    if node.op_type in ("Gemm", "MatMul") and not all(_is_constant(v) for v in node.inputs[1:]):
+        return None, "its weight is computed, not a constant"
+    if node.op_type == "Conv" and not _is_constant(
+        node.inputs[1] if len(node.inputs) > 1 else None
+    ):
+        return None, "its weight is computed, not a constant"
+    entry = node.inputs[0]
+    if entry is None or _is_constant(entry):
+        return None, "its data input is a constant"
+    nodes = [node]
+    current = node.outputs[0]
+    while not current.is_graph_output():
+        uses = list(current.uses())
+        if len(uses) != 1:
+            break
+        user, index = uses[0]
+        if user.op_type not in TRAILING_OPS or user.domain not in _DEFAULT_DOMAINS or index != 0:
+            break
+        if not all(_is_constant(v) for v in user.inputs[1:]) or len(user.outputs) != 1:
+            break
+        nodes.append(user)
+        current = user.outputs[0]
+    if current.is_graph_output():
+        return None, f"its output {current.name!r} is a graph output"
+    action, stride, reason = _bridge_plan(entry, current)
+    if reason is not None:
+        return None, reason
+    if action == "bridge" and node.op_type != "Conv":
+        return None, "a shape-changing non-Conv layer cannot take a 1x1 Conv bridge"
+    key = f"layer:{current.name}"
+    candidate = _make_candidate(key, "layer", entry, current, nodes, action, stride)
+    if action == "bridge" and candidate.macs_removed <= 0:
+        return None, "the bridge would cost as many MACs as the layer (already 1x1)"
+    return candidate, ""
+
+
+def find_candidates(
+    model: ir.Model,
+    *,
+    kinds: Sequence[str] = KINDS,
+    exclude: Sequence[str] = (),
+) -> CandidateSearch:
+    """Every part of ``model`` that can be resected, and the reason for each that cannot.
+
+    Shapes must be on the graph (``onnxcompress.model.infer_shapes``). Node names matching an
+    ``exclude`` pattern (fnmatch) are never removed.
+    """
+    graph = model.graph
+    nodes = list(graph)
+    position = {id(node): i for i, node in enumerate(nodes)}
+    candidates: list[Candidate] = []
+    declined: list[tuple[str, str]] = []
+    covered: set[int] = set()
+
+    def excluded(part: Candidate) -> str | None:
+        for name in part.node_names:
+            for pattern in exclude:
+                if fnmatch.fnmatchcase(name, pattern):
+                    return f"{name} is excluded by the user (exclude={pattern})"
+        return None
+
+    for node in nodes:
+        if node.domain not in _DEFAULT_DOMAINS or node.op_type != "Add":
+            continue
+        candidate, reason = _residual_candidate(node, position, kinds)
+        if candidate is not None:
+            reason = excluded(candidate) or ""
+            if not reason:
+                candidates.append(candidate)
+                covered.update(id(n) for n in candidate.nodes)
+                continue
+        # Bias adds and the like are not worth listing: only Adds of two computed tensors.
+        if len([v for v in node.inputs if not _is_constant(v)]) == 2:
+            declined.append((_label(node, position), f"block at this Add: {reason}"))
+    for node in nodes:
+        if node.domain not in _DEFAULT_DOMAINS or node.op_type not in LAYER_OPS:
+            continue
+        if _is_bridge(node):
+            declined.append((_label(node, position), "a bridge inserted by resect"))
+            continue
+        if "layer" not in kinds:
+            if id(node) not in covered:
+                declined.append((_label(node, position), "kind 'layer' not requested"))
+            continue
+        candidate, reason = _layer_candidate(node)
+        if candidate is not None:
+            reason = excluded(candidate) or ""
+            if not reason:
+                candidates.append(candidate)
+                continue
+        declined.append((_label(node, position), f"layer: {reason}"))
+    return CandidateSearch(candidates, declined)
+
+
+def compute_layer_count(model: ir.Model) -> int:
+    """Compute layers (Conv, ConvTranspose, Gemm, MatMul) of the model."""
+    return _compute_layers(model.graph)
+
+
+def residual_add_count(model: ir.Model) -> int:
+    """Adds of two computed tensors: one per residual block of a ResNet-style graph."""
+    return sum(
+        1
+        for node in model.graph
+        if node.op_type == "Add"
+        and node.domain in _DEFAULT_DOMAINS
+        and sum(not _is_constant(v) for v in node.inputs) == 2
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Bridge fitting
+# ---------------------------------------------------------------------------------------------
+
+
+def _session_for(model: ir.Model, names: Sequence[str]) -> object:
+    from onnxcompress.calibration import with_extra_outputs
+    from onnxcompress.runtime import make_session
+
+    return make_session(with_extra_outputs(model, list(names)), optimize=False)
+
+
+def fit_bridge(
+    source: ir.Model,
+    entry: str,
+    target: ir.Model,
+    exit_: str,
+    stride: tuple[int, int],
+    x: np.ndarray,
+    *,
+    ridge: float = 1e-4,
+    batch_size: int = 64,
+) -> BridgeFit:
+    """Ridge regression of ``target``'s tensor ``exit_`` on ``source``'s tensor ``entry``.
+
+    At output position (i, j) the 1x1 bridge with stride s reads input position (s i, s j),
+    so the fit pairs those positions. Only the normal equations (``[Cin+1]^2`` and
+    ``[Cin+1] x Cout``) are accumulated, in float64, batch by batch.
+
+    Args:
+        source: the model whose ``entry`` tensor the bridge will read (the student).
+        target: the model whose ``exit_`` tensor the bridge should reproduce (the original).
+        ridge: the ridge term relative to the mean input energy (the bias is not penalized).
+    """
+    same = source is target
+    names_source = [entry, exit_] if same else [entry]
+    session_source = _session_for(source, names_source)
+    session_target = None if same else _session_for(target, [exit_])
+    gram: np.ndarray | None = None
+    cross: np.ndarray | None = None
+    target_energy = np.zeros(0)
+    target_sum = np.zeros(0)
+    rows = 0
+    sh, sw = stride
+    for start in range(0, len(x), batch_size):
+        batch = x[start : start + batch_size]
+        feeds_s = {session_source.get_inputs()[0].name: batch}  # type: ignore[attr-defined]
+        outs = session_source.run(names_source, feeds_s)  # type: ignore[attr-defined]
+        inputs = np.asarray(outs[0])
+        if same:
+            outputs = np.asarray(outs[1])
+        else:
+            assert session_target is not None
+            feeds_t = {session_target.get_inputs()[0].name: batch}  # type: ignore[attr-defined]
+            outputs = np.asarray(session_target.run([exit_], feeds_t)[0])  # type: ignore[attr-defined]
+        sampled = inputs[:, :, ::sh, ::sw]
+        if sampled.shape[2:] != outputs.shape[2:]:
+            raise ValueError(
+                f"bridge {entry!r} -> {exit_!r}: stride {stride} gives {sampled.shape[2:]}, "
+                f"the target is {outputs.shape[2:]}"
+            )
+        xin = np.moveaxis(sampled, 1, -1).reshape(-1, sampled.shape[1]).astype(np.float64)
+        yout = np.moveaxis(outputs, 1, -1).reshape(-1, outputs.shape[1]).astype(np.float64)
+        xa = np.concatenate([xin, np.ones((xin.shape[0], 1))], axis=1)
+        if gram is None:
+            gram = np.zeros((xa.shape[1], xa.shape[1]))
+            cross = np.zeros((xa.shape[1], yout.shape[1]))
+            target_energy = np.zeros(yout.shape[1])
+            target_sum = np.zeros(yout.shape[1])
+        assert cross is not None
+        gram += xa.T @ xa
+        cross += xa.T @ yout
+        target_energy += (yout**2).sum(axis=0)
+        target_sum += yout.sum(axis=0)
+        rows += xa.shape[0]
+    if gram is None or cross is None:
+        raise ValueError("fit_bridge needs at least one calibration image")
+    cin = gram.shape[0] - 1
+    penalty = np.zeros(cin + 1)
+    penalty[:cin] = ridge * max(float(np.trace(gram[:cin, :cin])) / max(cin, 1), 1e-12)
+    solution = np.linalg.solve(gram + np.diag(penalty), cross)
+    residual = target_energy - 2 * np.einsum("ij,ij->j", solution, cross)
+    residual += np.einsum("ij,ik,kj->j", solution, gram, solution)
+    variance = target_energy - target_sum**2 / max(rows, 1)
+    total_variance = float(variance.sum())
+    r2 = 1.0 - float(np.maximum(residual, 0).sum()) / total_variance if total_variance > 0 else 1.0
+    weight = solution[:cin].T.reshape(-1, cin, 1, 1).astype(np.float32)
+    bias = solution[cin].astype(np.float32)
+    return BridgeFit(weight=weight, bias=bias, r2=r2, positions=rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# The cut
+# ---------------------------------------------------------------------------------------------
+
+
+def _new_initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
+    name = fresh_name(graph, base)
+    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+    value.shape = ir.Shape(array.shape)
+    value.type = ir.TensorType(ir.DataType.from_numpy(array.dtype))
+    graph.register_initializer(value)
+    return value
+
+
+def _compute_neighbours(start: ir.Value, forward: bool) -> list[ir.Node]:
+    """The nearest compute nodes before (``forward=False``) or after a tensor.
+
+    The walk crosses at most one merge (a node with several computed inputs, e.g. a residual
+    Add): beyond it lie the layers of other blocks, which are not the cut's neighbours.
+    """
+    found: list[ir.Node] = []
+    seen: set[int] = set()
+    stack: list[tuple[ir.Value, int]] = [(start, 0)]
+    while stack and len(seen) < 64:
+        value, merges = stack.pop()
+        if forward:
+            nexts = [user for user, _ in value.uses()]
+        else:
+            producer = value.producer()
+            nexts = [producer] if producer is not None else []
+        for node in nexts:
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            if node.op_type in COMPUTE_OPS and node.domain in _DEFAULT_DOMAINS:
+                found.append(node)
+                continue
+            computed = [v for v in node.inputs if not _is_constant(v)]
+            crossed = merges + (1 if len(computed) > 1 else 0)
+            if crossed > 1:
+                continue
+            following = node.outputs if forward else computed
+            stack.extend((v, crossed) for v in following if v is not None)
+    return found
+
+
+def _drop_repeated_idempotent(graph: ir.Graph, value: ir.Value) -> list[str]:
+    """Remove ``Relu(value)`` readers when ``value`` is itself a Relu output (a no-op now)."""
+    producer = value.producer()
+    if producer is None or producer.op_type not in IDEMPOTENT_OPS:
+        return []
+    removed = []
+    for user, index in list(value.uses()):
+        if user.op_type != producer.op_type or index != 0 or user.domain != producer.domain:
+            continue
+        out = user.outputs[0]
+        if out.is_graph_output():
+            continue
+        out.replace_all_uses_with(value)
+        graph.remove(user, safe=True)
+        removed.append(user.name or user.op_type)
+    return removed
+
+
+def _drop_unused_initializers(graph: ir.Graph) -> None:
+    for name, value in list(graph.initializers.items()):
+        if not value.uses() and not value.is_graph_output() and not value.is_graph_input():
+            del graph.initializers[name]
+
+
+def apply_resection(
+    model: ir.Model, candidate: Candidate, bridge: BridgeFit | None = None
+) -> Resection:
+    """Cut ``candidate`` out of ``model`` (in place), inserting the bridge when it has one.
+
+    The bridge's output keeps the exit tensor's name, so the tensors downstream keep theirs.
+    The candidate must come from ``find_candidates`` on this very model.
+
+    Raises:
+        ValueError: a bridge candidate without a fit, or a fit of the wrong shape.
+    """
+    graph = model.graph
+    entry, exit_ = candidate.entry, candidate.exit
+    exit_name = exit_.name or ""
+    removed = [n.name or n.op_type for n in candidate.nodes]
+    bridge_name: str | None = None
+    fit_r2: float | None = None
+    if candidate.action == "bridge":
+        if bridge is None:
+            raise ValueError(f"{candidate.key}: a bridge candidate needs a BridgeFit")
+        expected = (candidate.out_channels, candidate.in_channels, 1, 1)
+        if bridge.weight.shape != expected:
+            raise ValueError(
+                f"{candidate.key}: bridge weight {bridge.weight.shape}, expected {expected}"
+            )
+        base = (candidate.nodes[-1].name or exit_name).rstrip("/") or "resect"
+        weight = _new_initializer(graph, f"{base}/resect_bridge.weight", bridge.weight)
+        bias = _new_initializer(graph, f"{base}/resect_bridge.bias", bridge.bias)
+        exit_.name = fresh_name(graph, f"{exit_name}__resected")
+        output = ir.Value(name=exit_name, shape=exit_.shape, type=exit_.type)
+        bridge_name = fresh_name(graph, f"{base}/resect_bridge")
+        node = ir.Node(
+            "",
+            "Conv",
+            [entry, weight, bias],
+            attributes=[
+                ir.AttrInt64s("kernel_shape", [1, 1]),
+                ir.AttrInt64s("strides", list(candidate.stride)),
+                ir.AttrInt64s("pads", [0, 0, 0, 0]),
+                ir.AttrInt64s("dilations", [1, 1]),
+                ir.AttrInt64("group", 1),
+            ],
+            outputs=[output],
+            name=bridge_name,
+            metadata_props={BRIDGE_MARK: "bridge"},
+        )
+        graph.insert_before(candidate.nodes[0], node)
+        exit_.replace_all_uses_with(output)
+        replacement = output
+        fit_r2 = bridge.r2
+    else:
+        exit_.replace_all_uses_with(entry)
+        replacement = entry
+    graph.remove(candidate.nodes, safe=True)
+    removed += _drop_repeated_idempotent(graph, replacement)
+    # Constant-making nodes that only the removed part read are dead now.
+    ir_common.RemoveUnusedNodesPass()(model)
+    _drop_unused_initializers(graph)
+    neighbours = _compute_neighbours(entry, forward=False)
+    neighbours += _compute_neighbours(replacement, forward=True)
+    names = [n.name for n in neighbours if n.name]
+    if bridge_name is not None:
+        names.insert(0, bridge_name)
+    logger.info("resected %s (%s): %d nodes removed", candidate.key, candidate.action, len(removed))
+    return Resection(
+        key=candidate.key,
+        teacher_tensor=exit_name,
+        student_tensor=replacement.name or "",
+        bridge=bridge_name,
+        neighbours=list(dict.fromkeys(names)),
+        removed=removed,
+        fit_r2=fit_r2,
+    )
+
+
+def resect_candidate(
+    model: ir.Model,
+    key: str,
+    *,
+    teacher: ir.Model | None = None,
+    calibration: np.ndarray | None = None,
+    kinds: Sequence[str] = KINDS,
+    exclude: Sequence[str] = (),
+    ridge: float = 1e-4,
+    batch_size: int = 64,
+) -> Resection | None:
+    """Find candidate ``key`` in ``model`` and cut it, fitting its bridge if it needs one.
+
+    The bridge reads ``model``'s entry tensor and learns ``teacher``'s exit tensor (the
+    model's own when ``teacher`` is None or lacks that tensor). Returns None when the candidate
+    no longer exists (an earlier cut removed or changed it).
+
+    Raises:
+        ValueError: a bridge is needed and ``calibration`` is None.
+    """
+    candidate = find_candidates(model, kinds=kinds, exclude=exclude).by_key().get(key)
+    if candidate is None:
+        return None
+    fit = None
+    if candidate.action == "bridge":
+        if calibration is None:
+            raise ValueError(f"{key}: fitting a bridge needs calibration data")
+        target = model
+        exit_name = candidate.exit.name or ""
+        if teacher is not None and _has_tensor(teacher, exit_name):
+            target = teacher
+        fit = fit_bridge(
+            model,
+            candidate.entry.name or "",
+            target,
+            exit_name,
+            candidate.stride,
+            calibration,
+            ridge=ridge,
+            batch_size=batch_size,
+        )
+    return apply_resection(model, candidate, fit)
+
+
+def _has_tensor(model: ir.Model, name: str) -> bool:
+    if any(v.name == name for v in model.graph.inputs):
+        return True
+    return any(out.name == name for node in model.graph for out in node.outputs)
+
+
+def resected_copy(
+    model: ir.Model, keys: Sequence[str], **options: object
+) -> tuple[ir.Model, list[Resection]]:
+    """A copy of ``model`` with the candidates ``keys`` cut in order (missing ones skipped)."""
+    copy = clone_model(model)
+    done = []
+    for key in keys:
+        result = resect_candidate(copy, key, **options)  # type: ignore[arg-type]
+        if result is not None:
+            done.append(result)
+    return copy, done
+
+
+__all__ = [
+    "KINDS",
+    "BridgeFit",
+    "Candidate",
+    "CandidateSearch",
+    "Resection",
+    "apply_resection",
+    "compute_layer_count",
+    "find_candidates",
+    "fit_bridge",
+    "resect_candidate",
+    "resected_copy",
+    "residual_add_count",
+]

@@ -1,0 +1,615 @@
+"""``resect``: incremental layer resection with bridge nodes and two-level distillation.
+
+Removes whole residual branches, blocks and layers found on the graph
+(``onnxcompress.resection``), least significant first, one stage at a time:
+
+1. Candidates: residual branches with an identity shortcut (the Add disappears), blocks and
+   layers with equal input/output shapes (direct connection), and blocks and Conv layers that
+   change channels or stride (replaced by a 1x1 Conv bridge with the same stride).
+2. Bridges start from a closed-form ridge regression on calibration activations: the bridge
+   reproduces the removed part's output from its input, both in the current student.
+3. Significance: each candidate alone is cut from the input model and the change of its logits
+   on calibration data is measured (KL divergence and top-1 agreement); least significant first.
+4. Stages: cut ``per_stage`` candidates; layer-level learning (the bridge and the compute layers
+   next to the cut learn the original's tensor at the cut: hint loss, teacher = the input
+   model); overall learning (logit distillation of the whole student, plus labels when the
+   data has them). Both run through ``onnxcompress.torch_bridge.train.finetune``. Stages go
+   on until the budget (``target_layers``, ``target_macs``, ``target_params``) is met or the
+   validation top-1 falls more than ``max_drop`` points below the input model's; the stage that
+   broke the accuracy budget is undone.
+
+With ``epochs=0`` and ``layer_epochs=0`` nothing trains: the cuts and closed-form bridges alone
+(data-free apart from the calibration batch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxcompress.errors import DataError, PassConfigError
+from onnxcompress.model import clone_model, infer_shapes
+from onnxcompress.passes.base import CompressionPass, PassConfig, PassReport, check_fraction
+from onnxcompress.resection import (
+    KINDS,
+    Candidate,
+    Resection,
+    compute_layer_count,
+    find_candidates,
+    resect_candidate,
+    resected_copy,
+)
+
+if TYPE_CHECKING:
+    from onnxcompress.data import Dataset
+
+logger = logging.getLogger(__name__)
+
+# Logits are compared at this temperature for the significance ranking (plain softmax).
+RANK_TEMPERATURE = 1.0
+
+
+@dataclasses.dataclass
+class ResectConfig(PassConfig):
+    """Options of the ``resect`` pass.
+
+    Attributes:
+        target_layers: stop when the model has at most this many compute layers (Conv,
+            ConvTranspose, Gemm, MatMul; a bridge counts as one). Below 1: a fraction of the
+            input model's layers.
+        target_macs: stop when the MACs are at most this fraction of the input model's.
+        target_params: stop when the parameters are at most this fraction of the input's.
+            Without any target: ``target_macs=0.75``.
+        max_drop: stop when validation top-1 falls more than this many points below the input
+            model's (agreement with it, when the validation data has no labels); that stage is
+            undone.
+        kinds: which candidates to consider: ``branch``, ``block``, ``layer``
+            (``;``-separated on the command line).
+        exclude: node-name patterns (fnmatch) never removed.
+        per_stage: candidates cut per stage.
+        max_stages: stop after this many stages (0: no limit).
+        ridge: ridge term of the bridge fits, relative to the mean input energy.
+        rank_samples: calibration images used for the significance ranking and bridge fits.
+        epochs: overall (logit distillation) epochs per stage; 0 skips it.
+        layer_epochs: layer-level (hint) epochs per stage; 0 skips it.
+        final_epochs: overall distillation epochs after the last stage.
+        epoch_samples: images per epoch (a fresh random subset each epoch; None: all).
+        lr: learning rate of overall learning.
+        layer_lr: learning rate of layer-level learning.
+        batch_size: training batch size.
+        hint_weight: weight of the hint loss in layer-level learning.
+        temperature: distillation temperature.
+        alpha: weight of distillation against cross-entropy when labels exist.
+        time_budget_s: wall-clock budget for all training, shared among the planned training
+            runs in proportion to their epochs (None: no limit).
+        device: torch device for training (None: a GPU when visible, else the CPU).
+    """
+
+    target_layers: float | None = None
+    target_macs: float | None = None
+    target_params: float | None = None
+    max_drop: float = 1.5
+    kinds: tuple[str, ...] = KINDS
+    exclude: tuple[str, ...] = ()
+    per_stage: int = 1
+    max_stages: int = 0
+    ridge: float = 1e-4
+    rank_samples: int = 512
+    epochs: int = 1
+    layer_epochs: int = 1
+    final_epochs: int = 0
+    epoch_samples: int | None = None
+    lr: float = 0.01
+    layer_lr: float = 0.01
+    batch_size: int = 64
+    hint_weight: float = 10.0
+    temperature: float = 4.0
+    alpha: float = 0.9
+    time_budget_s: float | None = None
+    device: str | None = None
+
+    def validate(self) -> None:
+        if all(t is None for t in (self.target_layers, self.target_macs, self.target_params)):
+            self.target_macs = 0.75
+        if self.target_layers is not None and self.target_layers <= 0:
+            raise PassConfigError(
+                f"target_layers={self.target_layers}: give a layer count (>= 1) or a fraction"
+            )
+        check_fraction("target_macs", self.target_macs)
+        check_fraction("target_params", self.target_params)
+        unknown = [k for k in self.kinds if k not in KINDS]
+        if unknown or not self.kinds:
+            raise PassConfigError(f"kinds={';'.join(self.kinds)}: choose among {', '.join(KINDS)}")
+        if self.max_drop < 0:
+            raise PassConfigError(f"max_drop={self.max_drop} must be >= 0 (points of top-1)")
+        if self.per_stage < 1 or self.max_stages < 0 or self.rank_samples < 1:
+            raise PassConfigError("per_stage and rank_samples must be >= 1, max_stages >= 0")
+        if min(self.epochs, self.layer_epochs, self.final_epochs) < 0:
+            raise PassConfigError("epochs, layer_epochs and final_epochs must be >= 0")
+        if not 0.0 <= self.ridge < 1.0:
+            raise PassConfigError(f"ridge={self.ridge} must be in [0, 1)")
+        if self.epoch_samples is not None and self.epoch_samples < 1:
+            raise PassConfigError(f"epoch_samples={self.epoch_samples} must be positive")
+        if self.time_budget_s is not None and self.time_budget_s <= 0:
+            raise PassConfigError(f"time_budget_s={self.time_budget_s} must be positive")
+        if self.lr <= 0 or self.layer_lr <= 0 or self.batch_size < 1:
+            raise PassConfigError("lr and layer_lr must be positive, batch_size >= 1")
+        if self.hint_weight < 0 or self.temperature <= 0 or not 0.0 <= self.alpha <= 1.0:
+            raise PassConfigError("hint_weight >= 0, temperature > 0 and alpha in [0, 1]")
+
+    @property
+    def trains(self) -> bool:
+        return self.epochs + self.layer_epochs + self.final_epochs > 0
+
+
+@dataclasses.dataclass
+class _Size:
+    layers: int
+    macs: int
+    params: int
+
+
+def _size(model: ir.Model) -> _Size:
+    from onnxcompress.metrics import model_metrics
+
+    metrics = model_metrics(model)
+    return _Size(compute_layer_count(model), metrics.macs, metrics.params)
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64) / RANK_TEMPERATURE
+    z -= z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def logit_change(reference: np.ndarray, logits: np.ndarray) -> tuple[float, float]:
+    """(mean KL(reference || logits) of the softmaxes, top-1 agreement in percent)."""
+    p_log, q_log = _log_softmax(reference), _log_softmax(logits)
+    kl = float(np.mean(np.sum(np.exp(p_log) * (p_log - q_log), axis=1)))
+    agree = float(np.mean(reference.argmax(1) == logits.argmax(1))) * 100.0
+    return kl, agree
+
+
+def _class_scores(output: np.ndarray, images: int) -> np.ndarray:
+    """The first output as ``(images, scores)``; resect compares models by these."""
+    if output.ndim < 1 or output.shape[0] != images:
+        raise DataError(
+            f"resect: the model's first output has shape {list(output.shape)} for {images} "
+            "images; ranking and validation need one row of scores per image"
+        )
+    return output.reshape(images, -1)
+
+
+class IncrementalResection(CompressionPass):
+    """Cut layers and blocks stage by stage, bridging and distilling after each cut."""
+
+    name = "resect"
+    summary_line = "remove residual blocks/layers, bridge shape changes, distill in stages"
+    config_class = ResectConfig
+    needs_data = True
+
+    @property
+    def cfg(self) -> ResectConfig:
+        assert isinstance(self.config, ResectConfig)
+        return self.config
+
+    # -- the run -----------------------------------------------------------------------------
+
+    def run(self, model: ir.Model, report: PassReport) -> None:
+        cfg = self.cfg
+        x = self.context.calibration
+        assert x is not None  # CompressionPass.call checked
+        infer_shapes(model)
+        teacher = clone_model(model)
+        before = _size(model)
+        self._before = before
+        report.summary.update(
+            {
+                "layers_before": before.layers,
+                "macs_before": before.macs,
+                "params_before": before.params,
+                "target": self._target_text(),
+            }
+        )
+        search = find_candidates(model, kinds=cfg.kinds, exclude=cfg.exclude)
+        for node, reason in search.declined:
+            report.decline(node, reason)
+        report.summary["candidates"] = [c.as_dict() for c in search.candidates]
+        if self._met(before):
+            self._finish(report, before, before, "the model already meets the target")
+            return
+        if not search.candidates:
+            self._finish(report, before, before, "no candidates: nothing can be resected")
+            return
+
+        x_rank = np.ascontiguousarray(x[: cfg.rank_samples])
+        ranking = self._rank(teacher, search.candidates, x_rank)
+        report.summary["ranking"] = ranking
+        # A cut that does not shrink what the target measures (a layer swapped for its bridge
+        # when layers are counted) only costs accuracy.
+        order = [row["key"] for row in ranking if self._useful(row)]
+
+        train, val = self._load_data(teacher, x)
+        reference_top1 = self._top1(teacher, val, teacher)
+        report.summary["validation"] = val.name
+        report.summary["top1_before"] = reference_top1
+        self._say(
+            f"resect: {len(order)} candidates ranked; validation top-1 of the input model "
+            f"{reference_top1:.2f}% on {len(val)} images ({val.name})"
+        )
+        self._clock = time.perf_counter()
+        self._spent_epochs = 0
+        self._planned_epochs = self._plan_epochs(cfg.per_stage)
+        current, current_size = model, before
+        tried: set[str] = set()
+        stage = 0
+        stop_reason = ""
+        while not self._met(current_size):
+            if cfg.max_stages and stage >= cfg.max_stages:
+                stop_reason = f"max_stages={cfg.max_stages} reached"
+                break
+            available = find_candidates(current, kinds=cfg.kinds, exclude=cfg.exclude).by_key()
+            picks = [k for k in order if k in available and k not in tried][: cfg.per_stage]
+            if not picks:
+                stop_reason = "no candidates left"
+                break
+            stage += 1
+            tried.update(picks)
+            student = clone_model(current)
+            cuts: list[Resection] = []
+            for key in picks:
+                # The bridge reproduces the removed part's output in the current student: after
+                # earlier stages the layers downstream have adapted to the student's tensors,
+                # and the original's tensor there would no longer be what they expect.
+                cut = resect_candidate(
+                    student,
+                    key,
+                    calibration=x_rank,
+                    kinds=cfg.kinds,
+                    exclude=cfg.exclude,
+                    ridge=cfg.ridge,
+                )
+                if cut is not None:
+                    cuts.append(cut)
+            if not cuts:
+                continue
+            infer_shapes(student)
+            record: dict[str, Any] = {"stage": stage, "cuts": [dataclasses.asdict(c) for c in cuts]}
+            record["top1_cut"] = self._top1(student, val, teacher)
+            self._say(
+                f"stage {stage}: cut {', '.join(c.key for c in cuts)}; validation top-1 "
+                f"{record['top1_cut']:.2f}% before training"
+            )
+            trained = self._train_stage(student, teacher, cuts, train, val, record, stage)
+            size = _size(trained)
+            top1 = record["top1_cut"] if trained is student else self._top1(trained, val, teacher)
+            student = trained
+            record.update(
+                top1=top1,
+                layers=size.layers,
+                macs=size.macs,
+                params=size.params,
+                seconds=round(time.perf_counter() - self._clock, 1),
+            )
+            drop = reference_top1 - top1
+            record["accepted"] = drop <= cfg.max_drop
+            report.layers.append(record)
+            self._say(
+                f"stage {stage}: validation top-1 {top1:.2f}% ({drop:+.2f} points below the input "
+                f"model), {size.layers} layers, MACs {size.macs / max(before.macs, 1):.1%}, "
+                f"params {size.params / max(before.params, 1):.1%}"
+                + ("" if record["accepted"] else f"; over max_drop={cfg.max_drop}: undone")
+            )
+            if not record["accepted"]:
+                stop_reason = f"stage {stage} dropped {drop:.2f} points (> max_drop={cfg.max_drop})"
+                break
+            current, current_size = student, size
+
+        if current is not model and cfg.final_epochs > 0:
+            current = self._final(current, teacher, train, val, report)
+            current_size = _size(current)
+        changed = current is not model
+        if changed:
+            # In place: the pass hands back the same Model object with the resected graph.
+            model.graph = current.graph
+            model.functions.clear()
+            model.functions.update(current.functions)
+        if not stop_reason:
+            stop_reason = "target met"
+        report.summary["top1_after"] = (
+            self._top1(model, val, teacher) if changed else reference_top1
+        )
+        self._finish(report, before, current_size, stop_reason)
+
+    def _finish(self, report: PassReport, before: _Size, after: _Size, reason: str) -> None:
+        report.modified = after.layers != before.layers or after.macs != before.macs
+        report.summary.update(
+            {
+                "layers_after": after.layers,
+                "macs_after": after.macs,
+                "params_after": after.params,
+                "macs_ratio": after.macs / before.macs if before.macs else 1.0,
+                "params_ratio": after.params / before.params if before.params else 1.0,
+                "target_met": self._met(after),
+                "stopped": reason,
+                "stages_accepted": sum(1 for r in report.layers if r.get("accepted")),
+            }
+        )
+        self._say(f"resect: {reason}; {after.layers} layers, {after.macs:,} MACs")
+
+    # -- budget ------------------------------------------------------------------------------
+
+    def _layer_target(self) -> float | None:
+        t = self.cfg.target_layers
+        if t is None:
+            return None
+        return t * self._before.layers if t < 1 else t
+
+    def _met(self, size: _Size) -> bool:
+        cfg, before = self.cfg, self._before
+        layers = self._layer_target()
+        if layers is not None and size.layers > layers:
+            return False
+        if cfg.target_macs is not None and size.macs > cfg.target_macs * before.macs:
+            return False
+        params = cfg.target_params
+        return params is None or size.params <= params * before.params
+
+    def _useful(self, row: dict[str, Any]) -> bool:
+        cfg = self.cfg
+        return (
+            (cfg.target_layers is not None and row["layers_removed"] > 0)
+            or (cfg.target_macs is not None and row["macs_removed"] > 0)
+            or (cfg.target_params is not None and row["params_removed"] > 0)
+        )
+
+    def _target_text(self) -> str:
+        cfg = self.cfg
+        parts = []
+        if cfg.target_layers is not None:
+            parts.append(f"layers <= {cfg.target_layers:g}")
+        if cfg.target_macs is not None:
+            parts.append(f"MACs <= {cfg.target_macs:g}")
+        if cfg.target_params is not None:
+            parts.append(f"params <= {cfg.target_params:g}")
+        return ", ".join(parts)
+
+    # -- significance ------------------------------------------------------------------------
+
+    def _rank(
+        self, teacher: ir.Model, candidates: list[Candidate], x: np.ndarray
+    ) -> list[dict[str, Any]]:
+        """Each candidate cut alone from the input model: the change of its logits."""
+        from onnxcompress.evaluate import predict
+
+        reference = _class_scores(predict(teacher, x), len(x))
+        rows: list[dict[str, Any]] = []
+        for index, candidate in enumerate(candidates, 1):
+            trial, cuts = resected_copy(
+                teacher,
+                [candidate.key],
+                teacher=teacher,
+                calibration=x,
+                kinds=self.cfg.kinds,
+                exclude=self.cfg.exclude,
+                ridge=self.cfg.ridge,
+            )
+            kl, agreement = logit_change(reference, _class_scores(predict(trial, x), len(x)))
+            row = {
+                "key": candidate.key,
+                "kind": candidate.kind,
+                "action": candidate.action,
+                "kl": kl,
+                "agreement": agreement,
+                "layers_removed": candidate.layers_removed,
+                "macs_removed": candidate.macs_removed,
+                "params_removed": candidate.params_removed,
+                "bridge_r2": cuts[0].fit_r2 if cuts else None,
+            }
+            rows.append(row)
+            logger.info(
+                "significance %d/%d: %s KL %.4g, agreement %.1f%%",
+                index,
+                len(candidates),
+                candidate.key,
+                kl,
+                agreement,
+            )
+        # Least significant first; agreement breaks ties of (near) equal KL.
+        rows.sort(key=lambda r: (r["kl"], -r["agreement"]))
+        for row in rows[:10]:
+            self._say(
+                f"  significance {row['key']}: KL {row['kl']:.4f}, top-1 agreement "
+                f"{row['agreement']:.1f}%"
+            )
+        return rows
+
+    # -- data and accuracy -------------------------------------------------------------------
+
+    def _load_data(self, teacher: ir.Model, x: np.ndarray) -> tuple[Dataset | None, Dataset]:
+        from onnxcompress.data import Dataset
+        from onnxcompress.evaluate import dataset_for_model
+
+        context = self.context
+        calibration = Dataset(
+            np.ascontiguousarray(x, dtype=np.float32),
+            context.calibration_labels,
+            "calibration batch",
+        )
+        val = (
+            dataset_for_model(teacher, context.validation_spec)
+            if context.validation_spec
+            else calibration
+        )
+        train: Dataset | None = None
+        if self.cfg.trains:
+            train = (
+                dataset_for_model(teacher, context.train_spec)
+                if context.train_spec
+                else calibration
+            )
+        return train, val
+
+    @staticmethod
+    def _top1(model: ir.Model, val: Dataset, teacher: ir.Model) -> float:
+        """Top-1 on ``val`` (with labels), else agreement with the teacher, in percent."""
+        from onnxcompress.evaluate import predict
+
+        predicted = _class_scores(predict(model, val.x), len(val)).argmax(1)
+        if val.y is not None:
+            truth = val.y
+        else:
+            truth = _class_scores(predict(teacher, val.x), len(val)).argmax(1)
+        return round(float(np.mean(predicted == truth)) * 100.0, 4)
+
+    # -- training ----------------------------------------------------------------------------
+
+    def _budget(self, epochs: int) -> float | None:
+        """This run's share of what is left of ``time_budget_s``."""
+        cfg = self.cfg
+        if cfg.time_budget_s is None:
+            return None
+        spent = time.perf_counter() - self._clock
+        left = max(cfg.time_budget_s - spent, 1.0)
+        remaining_epochs = max(self._planned_epochs - self._spent_epochs, epochs)
+        return max(1.0, left * epochs / remaining_epochs)
+
+    def _finetune(
+        self,
+        student: ir.Model,
+        teacher: ir.Model,
+        train: Dataset,
+        val: Dataset,
+        epochs: int,
+        **options: Any,
+    ) -> Any:
+        from onnxcompress.torch_bridge.train import FinetuneConfig, finetune
+
+        cfg = self.cfg
+        config = FinetuneConfig(
+            epochs=epochs,
+            batch_size=cfg.batch_size,
+            temperature=cfg.temperature,
+            alpha=cfg.alpha,
+            epoch_samples=cfg.epoch_samples,
+            time_budget_s=self._budget(epochs),
+            seed=self.context.seed,
+            device=cfg.device,
+            **options,
+        )
+        result = finetune(student, teacher, train, val, config, progress=self.context.progress)
+        self._spent_epochs += epochs
+        return result
+
+    def _train_stage(
+        self,
+        student: ir.Model,
+        teacher: ir.Model,
+        cuts: list[Resection],
+        train: Dataset | None,
+        val: Dataset,
+        record: dict[str, Any],
+        stage: int,
+    ) -> ir.Model:
+        cfg = self.cfg
+        if train is None or not cfg.trains:
+            return student
+        student_inputs = {v.name for v in student.graph.inputs}
+        pairs = tuple(
+            (c.teacher_tensor, c.student_tensor)
+            for c in cuts
+            if c.student_tensor not in student_inputs
+        )
+        trainable = tuple(dict.fromkeys(name for c in cuts for name in c.neighbours))
+        if cfg.layer_epochs > 0 and pairs and trainable:
+            result = self._finetune(
+                student,
+                teacher,
+                train,
+                val,
+                cfg.layer_epochs,
+                loss="hint",
+                hint_tensors=pairs,
+                hint_weight=cfg.hint_weight,
+                trainable=trainable,
+                lr=cfg.layer_lr,
+            )
+            student = result.model
+            record["layer_learning"] = self._history(result)
+            self._say(
+                f"stage {stage}: layer-level learning of {len(trainable)} layers, loss "
+                f"{record['layer_learning']['loss']}, validation top-1 {result.best_top1}"
+            )
+        if cfg.epochs > 0:
+            result = self._finetune(student, teacher, train, val, cfg.epochs, loss="kd", lr=cfg.lr)
+            student = result.model
+            record["overall_learning"] = self._history(result)
+            self._say(
+                f"stage {stage}: overall learning, loss {record['overall_learning']['loss']}, "
+                f"validation top-1 {result.best_top1}"
+            )
+        return student
+
+    def _final(
+        self,
+        current: ir.Model,
+        teacher: ir.Model,
+        train: Dataset | None,
+        val: Dataset,
+        report: PassReport,
+    ) -> ir.Model:
+        if train is None:
+            return current
+        result = self._finetune(
+            current, teacher, train, val, self.cfg.final_epochs, loss="kd", lr=self.cfg.lr
+        )
+        report.summary["final_learning"] = self._history(result)
+        self._say(f"final distillation: validation top-1 {result.best_top1}")
+        model: ir.Model = result.model
+        return model
+
+    def _plan_epochs(self, per_stage: int) -> int:
+        """Training epochs the run is expected to take, for sharing ``time_budget_s``."""
+        cfg = self.cfg
+        stages = self._expected_stages(per_stage)
+        return stages * (cfg.epochs + cfg.layer_epochs) + cfg.final_epochs
+
+    def _expected_stages(self, per_stage: int) -> int:
+        ranking = self.report.summary.get("ranking", [])
+        size = dataclasses.replace(self._before)
+        stages = 0
+        for start in range(0, len(ranking), per_stage):
+            if self._met(size):
+                break
+            for row in ranking[start : start + per_stage]:
+                size.layers -= row["layers_removed"]
+                size.macs -= row["macs_removed"]
+                size.params -= row["params_removed"]
+            stages += 1
+        if self.cfg.max_stages:
+            stages = min(stages, self.cfg.max_stages)
+        return max(stages, 1)
+
+    @staticmethod
+    def _history(result: Any) -> dict[str, Any]:
+        last = result.history[-1]
+        return {
+            "loss": last.loss,
+            "best_epoch": result.best_epoch,
+            "best_top1": result.best_top1,
+            "seconds": round(result.seconds, 1),
+        }
+
+    def _say(self, message: str) -> None:
+        logger.info(message)
+        if self.context.progress:
+            print(message, file=sys.stderr, flush=True)
+
+
+__all__ = ["IncrementalResection", "ResectConfig", "logit_change"]

@@ -1,0 +1,425 @@
+"""The resect pass: candidates found on the graph, exact cuts and bridges, ranking, stages."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from channel_models import BUILDERS, Net, feeds_for, image_input, run
+
+from onnxcompress.errors import PassConfigError
+from onnxcompress.metrics import model_metrics
+from onnxcompress.model import clone_model, load_model
+from onnxcompress.passes import create_pass
+from onnxcompress.passes.base import PassContext
+from onnxcompress.resection import compute_layer_count, find_candidates, fit_bridge
+
+
+def calibration(model: ir.Model, count: int = 32, seed: int = 0) -> np.ndarray:
+    return feeds_for(model, batch=count, seed=seed)["x"]
+
+
+def resect(
+    model: ir.Model,
+    x: np.ndarray | None = None,
+    labels: np.ndarray | None = None,
+    **options: object,
+) -> dict:
+    """Run the pass data-free (closed-form stage only) unless options ask for training."""
+    options.setdefault("epochs", 0)
+    options.setdefault("layer_epochs", 0)
+    options.setdefault("max_drop", 100.0)
+    x = calibration(model) if x is None else x
+    compression = create_pass(
+        "resect", options, PassContext(calibration=x, calibration_labels=labels)
+    )
+    compression(model)
+    return compression.report.as_dict()
+
+
+def assert_valid(model: ir.Model, original: ir.Model) -> None:
+    onnx.checker.check_model(ir.serde.serialize_model(model), full_check=True)
+    assert [v.name for v in model.graph.outputs] == [v.name for v in original.graph.outputs]
+    feeds = feeds_for(original)
+    for new, old in zip(run(model, feeds), run(original, feeds), strict=True):
+        assert new.shape == old.shape
+        assert np.all(np.isfinite(new))
+
+
+def op_types(model: ir.Model) -> list[str]:
+    return [node.op_type for node in model.graph]
+
+
+def set_weight(model: ir.Model, node_name: str, index: int, array: np.ndarray) -> None:
+    node = next(n for n in model.graph if n.name == node_name)
+    value = node.inputs[index]
+    assert value is not None and value.const_value is not None
+    value.const_value = ir.tensor(array.astype(np.float32), name=value.name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures: tiny graphs
+# ---------------------------------------------------------------------------------------------
+
+
+def two_block_resnet(small_branch_scale: float = 1.0) -> ir.Model:
+    """stem -> two basic blocks with identity shortcuts -> head; block 2's branch is scaled."""
+    net = Net(5)
+    x = image_input(net, channels=3, size=8)
+    stem = net.relu(net.conv(x, 3, 6))  # conv_1
+    h = net.relu(net.conv(stem, 6, 6))  # conv_3
+    h = net.conv(h, 6, 6)  # conv_5
+    block1 = net.relu(net.op("Add", [stem, h]))
+
+    def shrink(w: np.ndarray, b: np.ndarray) -> None:
+        w *= small_branch_scale
+        b *= small_branch_scale
+
+    h = net.relu(net.conv(block1, 6, 6))
+    h = net.conv(h, 6, 6, edit=shrink)
+    block2 = net.relu(net.op("Add", [block1, h]))
+    return net.build([net.head(block2, 6)])
+
+
+def conv_chain(middle_stride: int = 1, middle_out: int = 4, center_only: bool = False) -> ir.Model:
+    """conv(3->4)+relu -> middle conv (3x3, no activation) -> gap -> gemm."""
+    net = Net(6)
+    x = image_input(net, channels=3, size=8)
+    h = net.relu(net.conv(x, 3, 4))
+
+    def center(w: np.ndarray, b: np.ndarray) -> None:
+        kept = w[:, :, 1, 1].copy()
+        w[:] = 0.0
+        w[:, :, 1, 1] = kept
+
+    h = net.conv(h, 4, middle_out, stride=middle_stride, edit=center if center_only else None)
+    h = net.op("MaxPool", [h], kernel_shape=[2, 2], strides=[2, 2])
+    return net.build([net.head(h, middle_out)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact structure and values
+# ---------------------------------------------------------------------------------------------
+
+
+def test_identity_shortcut_branch_removal_is_exact() -> None:
+    """Cutting block 2's branch leaves Relu(block1) = block1: the Add, both convs and the now
+    redundant Relu go, and the outputs equal the original's with that branch's last conv
+    zeroed (the branch then adds nothing)."""
+    original = two_block_resnet()
+    model = clone_model(original)
+    search = find_candidates(model, kinds=("branch",))
+    keys = [c.key for c in search.candidates]
+    assert keys == ["branch:add_12_out", "branch:add_21_out"]
+    assert all(c.action == "shortcut" and c.layers_removed == 2 for c in search.candidates)
+    report = resect(model, kinds="branch", exclude="conv_7", target_layers=4)
+    assert report["modified"]
+    assert op_types(model).count("Add") == 1
+    assert op_types(model).count("Conv") == 3
+    names = {n.name for n in model.graph}
+    assert not names & {"conv_16", "conv_20", "add_21", "relu_22"}
+    # The head reads block 1's output directly.
+    gap = next(n for n in model.graph if n.op_type == "GlobalAveragePool")
+    assert gap.inputs[0] is not None and gap.inputs[0].name == "relu_13_out"
+    assert_valid(model, original)
+
+    reference = clone_model(original)
+    set_weight(reference, "conv_20", 1, np.zeros((6, 6, 3, 3)))
+    set_weight(reference, "conv_20", 2, np.zeros(6))
+    feeds = feeds_for(original)
+    np.testing.assert_allclose(run(model, feeds)[0], run(reference, feeds)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_equal_shape_chain_layer_is_connected_directly() -> None:
+    """A 4->4 conv (stride 1, pad 1) between two layers is removed and its neighbours are
+    wired together: exactly the original with that conv made the identity."""
+    original = conv_chain()
+    model = clone_model(original)
+    (candidate,) = [c for c in find_candidates(model).candidates if c.key == "layer:conv_7_out"]
+    assert candidate.action == "direct"
+    report = resect(model, kinds="layer", exclude="conv_3", target_layers=2)
+    assert report["modified"]
+    assert [c["key"] for c in report["layers"][0]["cuts"]] == ["layer:conv_7_out"]
+    assert op_types(model).count("Conv") == 1
+    pool = next(n for n in model.graph if n.op_type == "MaxPool")
+    assert pool.inputs[0] is not None and pool.inputs[0].name == "relu_4_out"
+
+    reference = clone_model(original)
+    identity = np.zeros((4, 4, 3, 3))
+    identity[np.arange(4), np.arange(4), 1, 1] = 1.0
+    set_weight(reference, "conv_7", 1, identity)
+    set_weight(reference, "conv_7", 2, np.zeros(4))
+    feeds = feeds_for(original)
+    np.testing.assert_allclose(run(model, feeds)[0], run(reference, feeds)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_stride2_channel_changing_linear_layer_gets_an_exact_bridge() -> None:
+    """A 3x3 stride-2 4->8 conv whose kernel is 1x1 in effect is a linear map a strided 1x1
+    bridge can reproduce: the closed-form ridge fit recovers it to rtol 1e-4."""
+    original = conv_chain(middle_stride=2, middle_out=8, center_only=True)
+    model = clone_model(original)
+    (candidate,) = [c for c in find_candidates(model).candidates if c.key == "layer:conv_7_out"]
+    assert candidate.action == "bridge"
+    assert candidate.stride == (2, 2)
+    assert (candidate.in_channels, candidate.out_channels) == (4, 8)
+    report = resect(
+        model, calibration(model, 64), kinds="layer", exclude="conv_3", target_macs=0.9, ridge=1e-10
+    )
+    assert report["modified"]
+    (cut,) = report["layers"][0]["cuts"]
+    assert cut["fit_r2"] > 1 - 1e-8
+    bridges = [n for n in model.graph if n.name == cut["bridge"]]
+    assert len(bridges) == 1
+    bridge = bridges[0]
+    assert bridge.op_type == "Conv"
+    assert list(bridge.attributes["strides"].as_ints()) == [2, 2]
+    assert list(bridge.attributes["kernel_shape"].as_ints()) == [1, 1]
+    weight = bridge.inputs[1]
+    assert weight is not None and weight.const_value is not None
+    assert weight.const_value.shape.numpy() == (8, 4, 1, 1)
+    # The bridge output keeps the removed layer's output name.
+    assert bridge.outputs[0].name == "conv_7_out"
+    assert_valid(model, original)
+    feeds = feeds_for(original, batch=5, seed=3)
+    np.testing.assert_allclose(run(model, feeds)[0], run(original, feeds)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_downsampling_block_with_option_a_shortcut_is_bridged() -> None:
+    """ResNet-20's downsampling block (stride-2 branch, Slice+Pad shortcut) is one ``block``
+    candidate: the whole block, shortcut included, becomes a 1x1 stride-2 bridge 4 -> 8."""
+    original = BUILDERS["option_a"]()
+    model = clone_model(original)
+    (block,) = [c for c in find_candidates(model).candidates if c.kind == "block"]
+    assert block.action == "bridge" and block.stride == (2, 2)
+    assert (block.in_channels, block.out_channels) == (4, 8)
+    assert {n.op_type for n in block.nodes} == {"Conv", "Relu", "Slice", "Pad", "Add"}
+    report = resect(model, kinds="block", target_layers=3)
+    assert report["modified"]
+    assert op_types(model).count("Add") == 0 and "Pad" not in op_types(model)
+    (cut,) = report["layers"][0]["cuts"]
+    assert cut["bridge"] is not None and 0.0 < cut["fit_r2"] <= 1.0
+    assert_valid(model, original)
+
+
+def test_fit_bridge_of_a_nonlinear_part_reports_partial_fit() -> None:
+    """A bridge across a full 3x3 conv explains only part of it (r2 strictly between 0 and 1)."""
+    model = conv_chain(middle_stride=2, middle_out=8)
+    x = calibration(model, 16)
+    fit = fit_bridge(model, "relu_4_out", model, "conv_7_out", (2, 2), x)
+    assert fit.weight.shape == (8, 4, 1, 1)
+    assert fit.positions == 16 * 4 * 4
+    assert 0.0 < fit.r2 < 0.99
+
+
+# ---------------------------------------------------------------------------------------------
+# Ranking and stages
+# ---------------------------------------------------------------------------------------------
+
+
+def test_least_significant_candidate_is_cut_first() -> None:
+    """Block 2's branch scaled by 1e-3 barely changes the logits: it ranks first (KL ~ 0, full
+    agreement) and is the one cut when one block must go."""
+    model = two_block_resnet(small_branch_scale=1e-3)
+    report = resect(model, kinds="branch", target_layers=4)
+    ranking = report["summary"]["ranking"]
+    assert [r["key"] for r in ranking] == ["branch:add_21_out", "branch:add_12_out"]
+    assert ranking[0]["kl"] < 1e-4 < ranking[1]["kl"]
+    assert ranking[0]["agreement"] == 100.0
+    assert [c["key"] for c in report["layers"][0]["cuts"]] == ["branch:add_21_out"]
+    assert report["summary"]["stages_accepted"] == 1
+    assert report["summary"]["target_met"]
+
+
+def test_stage_over_max_drop_is_undone() -> None:
+    """With no accuracy budget (max_drop=0) a cut that flips predictions is rolled back."""
+    original = two_block_resnet()
+    model = clone_model(original)
+    report = resect(model, kinds="branch", exclude="conv_7", target_layers=4, max_drop=0.0)
+    assert not report["modified"]
+    assert report["layers"][0]["accepted"] is False
+    assert "max_drop" in report["summary"]["stopped"]
+    assert op_types(model) == op_types(original)
+
+
+def test_training_stages_run_through_the_torch_bridge() -> None:
+    """Layer-level (hint) and overall (KD) learning both run, the bridge and the neighbours
+    train, and the best epoch is kept: never below the cut's own validation agreement."""
+    original = conv_chain(middle_stride=2, middle_out=8)
+    model = clone_model(original)
+    x = calibration(model, 64)
+    report = resect(
+        model,
+        x,
+        kinds="layer",
+        exclude="conv_3",
+        target_macs=0.9,
+        epochs=2,
+        layer_epochs=1,
+        batch_size=16,
+        lr=0.01,
+    )
+    (stage,) = report["layers"]
+    assert "layer_learning" in stage and "overall_learning" in stage
+    assert stage["top1"] >= stage["top1_cut"] - 100.0 / 64
+    (cut,) = stage["cuts"]
+    assert cut["bridge"] in cut["neighbours"]
+    assert "conv_3" in cut["neighbours"]  # the layer before the cut learns too
+    assert_valid(model, original)
+
+
+# ---------------------------------------------------------------------------------------------
+# Negative cases
+# ---------------------------------------------------------------------------------------------
+
+
+def test_excluded_layers_are_never_cut() -> None:
+    model = two_block_resnet()
+    report = resect(model, kinds="branch", exclude="conv_2*", target_layers=1)
+    declined = {d["node"]: d["reason"] for d in report["declined"]}
+    assert "excluded by the user" in declined["add_21"]
+    assert "conv_20" in {n.name for n in model.graph}  # block 2's branch is still there
+    cut_keys = [c["key"] for stage in report["layers"] for c in stage["cuts"]]
+    assert cut_keys == ["branch:add_12_out"]
+    assert report["summary"]["stopped"] == "no candidates left"
+
+
+def test_graph_output_shape_never_changes() -> None:
+    """The last layer produces the graph output: it is declined, and whatever else is cut, the
+    output keeps its shape."""
+    net = Net(7)
+    x = image_input(net, channels=3, size=8)
+    h = net.relu(net.conv(x, 3, 4))
+    h = net.relu(net.conv(h, 4, 4))
+    out = net.conv(h, 4, 2, stride=2)
+    original = net.build([out])
+    model = clone_model(original)
+    report = resect(model, target_layers=1)
+    declined = {d["node"]: d["reason"] for d in report["declined"]}
+    assert "graph output" in declined["conv_11"]
+    assert "conv_11" in {n.name for n in model.graph}
+    assert report["modified"]
+    assert_valid(model, original)
+
+
+def test_no_candidates_leaves_the_model_unchanged_with_a_reason() -> None:
+    net = Net(8)
+    x = image_input(net, channels=3, size=8)
+    original = net.build([net.conv(x, 3, 4)])
+    model = clone_model(original)
+    report = resect(model)
+    assert not report["modified"]
+    assert report["summary"]["stopped"] == "no candidates: nothing can be resected"
+    assert report["declined"] and "graph output" in report["declined"][0]["reason"]
+    assert op_types(model) == op_types(original)
+
+
+def test_outputs_without_a_row_per_image_are_refused() -> None:
+    from onnxcompress.errors import DataError
+
+    model = BUILDERS["split_slice"]()
+    with pytest.raises(DataError, match="one row of scores per image"):
+        resect(model)
+
+
+def test_bad_options_are_rejected() -> None:
+    with pytest.raises(PassConfigError, match="kinds"):
+        create_pass("resect", {"kinds": "branch;everything"})
+    with pytest.raises(PassConfigError, match="max_drop"):
+        create_pass("resect", {"max_drop": "-1"})
+    with pytest.raises(PassConfigError, match="needs data"):
+        create_pass("resect", {})(two_block_resnet())
+
+
+# split_slice resizes to a fixed batch of 1, so it cannot score a batch of images.
+@pytest.mark.parametrize("name", sorted(set(BUILDERS) - {"split_slice"}))
+def test_every_coupling_pattern_stays_valid(name: str) -> None:
+    """Whatever the graph, what resect cuts leaves a valid model with the same outputs."""
+    original = BUILDERS[name]()
+    model = clone_model(original)
+    report = resect(model, target_macs=0.5, max_stages=3)
+    assert_valid(model, original)
+    if report["modified"]:
+        assert model_metrics(model).macs < model_metrics(original).macs
+        assert compute_layer_count(model) <= compute_layer_count(original)
+
+
+def test_pipeline_runs_resect_with_data(tmp_path) -> None:
+    """Through compress() after lrf: calibration from --data, verification, a file out."""
+    from onnxcompress.model import save_model
+    from onnxcompress.pipeline import compress
+
+    net = Net(9)
+    x = image_input(net, channels=1, size=8)
+    stem = net.relu(net.conv(x, 1, 6))
+    h = net.conv(net.relu(net.conv(stem, 6, 6)), 6, 6)
+    out = net.relu(net.op("Add", [stem, h]))
+    model = net.build([net.gemm(net.flatten(out), 6 * 64, 10)])
+    source = save_model(model, tmp_path / "net.onnx")
+    result = compress(
+        source,
+        tmp_path / "small.onnx",
+        [
+            ("lrf", {"target_macs": 0.8, "round_to": 1}),
+            ("resect", {"epochs": 0, "layer_epochs": 0, "max_drop": 100, "target_layers": 2}),
+        ],
+        data="digits[:64]",
+    )
+    assert [s.name for s in result.steps] == ["canonicalize", "lrf", "resect"]
+    step = result.steps[-1]
+    assert step.name == "resect" and step.report["modified"]
+    assert step.verification["checker_ok"] and step.verification["session_ok"]
+    assert compute_layer_count(load_model(tmp_path / "small.onnx")) <= 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Zoo
+# ---------------------------------------------------------------------------------------------
+
+
+def zoo_resect(name: str, exporter: str = "torchscript", **options: object) -> None:
+    """Export a torchvision model, resect its residual parts data-free, check the result."""
+    from zoo import export_torchvision
+
+    from onnxcompress.model import canonicalize
+
+    original = load_model(export_torchvision(name, exporter, 64))
+    canonicalize(original)
+    model = clone_model(original)
+    x = np.random.default_rng(0).standard_normal((8, 3, 64, 64)).astype(np.float32)
+    options.setdefault("kinds", "branch;block")
+    options.setdefault("rank_samples", 8)
+    report = resect(model, x, **options)
+    assert report["modified"], report["summary"]["stopped"]
+    assert report["summary"]["candidates"]
+    cuts = [c for stage in report["layers"] for c in stage["cuts"]]
+    assert cuts
+    if "layer" not in str(options["kinds"]):
+        assert op_types(model).count("Add") < op_types(original).count("Add")
+    assert model_metrics(model).macs < model_metrics(original).macs
+    names = {n.name for n in model.graph}
+    assert not names & {name for cut in cuts for name in cut["removed"]}
+    onnx.checker.check_model(ir.serde.serialize_model(model), full_check=True)
+    feeds = {original.graph.inputs[0].name: x[:2]}
+    (new,), (old,) = run(model, feeds), run(original, feeds)
+    assert new.shape == old.shape
+    assert np.all(np.isfinite(new))
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_zoo_models_yield_valid_resected_models(name: str) -> None:
+    zoo_resect(name, target_macs=0.85)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("name", "exporter"),
+    [
+        ("resnet50", "torchscript"),
+        ("regnet_x_400mf", "torchscript"),
+        ("resnet18", "dynamo"),
+        ("mobilenet_v2", "dynamo"),
+    ],
+)
+def test_zoo_models_yield_valid_resected_models_slow(name: str, exporter: str) -> None:
+    zoo_resect(name, exporter, target_macs=0.85, kinds="branch;block;layer", max_stages=4)
