@@ -48,6 +48,13 @@ REGISTRY: dict[str, PassEntry] = {
             "merge:MergeSimilarNeurons",
             "merge similar (or scaled) filters/neurons, summing their outgoing weights",
         ),
+        PassEntry("lct", "lct:LayerwiseCompressiveTraining", "sparse/low-rank projected SGD + KD"),
+        PassEntry("resect", "resect:IncrementalResection", "cut blocks/layers, bridge, distill"),
+        PassEntry(
+            "cheapconv",
+            "cheapconv:CheapConvolutions",
+            "cheap convs (separable/group/shift) + distillation",
+        ),
     )
 }
 

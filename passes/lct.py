@@ -1,0 +1,881 @@
+"""``lct``: layer-wise compressive training (significance ranking + projected SGD).
+
+Grimaldi et al., "Layer-Wise Compressive Training for Convolutional Neural Networks" (Future
+Internet 2019). One global magnitude threshold gives every layer its own sparsity; a layer left
+sparser is less significant. The layers are then collapsed stage by stage in that order by
+projected SGD: after every optimizer step the weights below each layer's threshold ``sigma_l``
+are set to zero, ``sigma_l`` growing from 0 to its target over the stage, while the model
+distills from the original. A stage is kept only if validation top-1 stays within ``max_drop``
+of the original; a stage that breaks it is retried from the last accepted weights with half its
+increment (a bounded number of times), and the run goes on with the next stage, so compression
+grows while accuracy holds and the most compressed accepted model is the result; the significant
+layers, whose stages are all rejected, stay dense. The collapsed weights are stored compactly
+(``onnxcompress.sparse_storage``), so the file really shrinks.
+
+``subspace=lowrank`` (beyond the paper) ranks and trains the same way, but the projection is a
+truncated SVD to rank ``r_l`` (ranks from a global spectral-energy threshold that meets
+``target_macs``, or from a per-layer ``energy``); at the end each collapsed Conv becomes a kxk
+Conv (Cin -> r) plus a 1x1 Conv (r -> Cout) and each Gemm two Gemms, so it runs faster.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import logging
+import math
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxcompress.errors import DataError, PassConfigError
+from onnxcompress.lowrank import (
+    break_even_rank,
+    factorizable_reason,
+    factorize,
+    rank_cost,
+    weight_matrix,
+)
+from onnxcompress.model import clone_model, model_to_bytes, private_initializer
+from onnxcompress.passes.base import CompressionPass, PassConfig, PassReport, check_fraction
+
+if TYPE_CHECKING:
+    import torch
+
+    from onnxcompress.data import Dataset
+    from onnxcompress.torch_bridge.module import OnnxModule
+
+logger = logging.getLogger(__name__)
+
+SUBSPACES = ("sparse", "lowrank")
+SPARSE_OPS = ("Conv", "Gemm", "MatMul")
+DEFAULT_TARGET_MACS = 0.6
+# Bisection steps on the log of the global spectral-energy threshold (lowrank by budget).
+THRESHOLD_STEPS = 60
+EVAL_BATCH = 256
+# An attempt with less training time than this is not started (the budget is spent).
+MIN_ATTEMPT_SECONDS = 1.0
+
+
+@dataclasses.dataclass
+class LctConfig(PassConfig):
+    """Options of the ``lct`` pass.
+
+    Attributes:
+        subspace: ``sparse`` (the paper: weights collapse to zero) or ``lowrank`` (weights
+            collapse onto rank r_l, then each layer is factorized into two).
+        sparsity: sparse: the global fraction of the candidate layers' weights set to zero by
+            the one magnitude threshold; each layer's share of it is its target.
+        max_layer_sparsity: no layer is pruned beyond this fraction (a layer at 100 % would cut
+            the network).
+        target_macs: lowrank: keep this fraction of the model's MACs (global allocation of
+            ranks by one spectral-energy threshold); the default when ``energy`` is not given.
+        energy: lowrank: instead of a budget, keep this fraction of each layer's squared
+            singular values.
+        max_drop: validation top-1 (points) a stage may lose against the original.
+        sensitivity: refine the ranking by measuring each layer alone at its target on the
+            validation data (accuracy drop; ties keep the paper's order).
+        sensitivity_samples: validation images used for that measurement.
+        stages: the ranked layers are collapsed in this many stages of similar weight.
+        retries: a rejected stage is retried this many times from the last accepted weights,
+            each time with half the increment (its layers go half as far towards their
+            targets: zeros, or MACs saved by the rank cut), before the run moves on.
+        epochs_per_stage: training epochs of each stage.
+        epoch_samples: images per epoch (a fresh random subset each time); None: all.
+        ramp: fraction of each stage over which sigma_l (or the rank cut) grows to its target.
+        lr, batch_size, temperature, alpha, weight_decay: the distillation fine-tuning
+            (``onnxcompress.torch_bridge.train.FinetuneConfig``). The learning rate is lower
+            than a recovery fine-tune's because every stage starts from a trained model (at
+            0.01, the first one-epoch stage on ResNet-20 CIFAR-10 ended 2.6 points down).
+        time_budget_s: wall time for all the training and stage scoring; each attempt gets
+            what is left divided by the stages left, so retries shorten later stages.
+        compact: sparse: store the collapsed weights compactly (mask or gap encoding).
+        exclude: node-name patterns (fnmatch, ``;``-separated on the command line) that stay
+            dense.
+        device: torch device for training (None: a GPU when visible).
+
+    Data: training on the context's ``train_spec`` (the pipeline's ``--data``), else on the
+    calibration batch; stages are accepted on ``validation_spec``, else on the calibration
+    batch (then accuracy is measured on images the model trains on: give a held-out set).
+    Labels are used when present; without them accuracy means agreement with the original.
+    """
+
+    subspace: str = "sparse"
+    sparsity: float = 0.9
+    max_layer_sparsity: float = 0.98
+    target_macs: float | None = None
+    energy: float | None = None
+    max_drop: float = 1.0
+    sensitivity: bool = False
+    sensitivity_samples: int = 1000
+    stages: int = 8
+    retries: int = 2
+    epochs_per_stage: int = 1
+    epoch_samples: int | None = None
+    ramp: float = 0.5
+    lr: float = 0.003
+    batch_size: int = 64
+    temperature: float = 4.0
+    alpha: float = 0.9
+    weight_decay: float = 5e-4
+    time_budget_s: float | None = None
+    compact: bool = True
+    exclude: tuple[str, ...] = ()
+    device: str | None = None
+
+    def validate(self) -> None:
+        if self.subspace not in SUBSPACES:
+            raise PassConfigError(
+                f"subspace={self.subspace!r} is not one of {', '.join(SUBSPACES)}"
+            )
+        if not 0.0 < self.sparsity < 1.0:
+            raise PassConfigError(f"sparsity={self.sparsity} is out of range: give (0, 1)")
+        if not 0.0 < self.max_layer_sparsity < 1.0:
+            raise PassConfigError(
+                f"max_layer_sparsity={self.max_layer_sparsity} is out of range: give (0, 1)"
+            )
+        if self.target_macs is not None and self.energy is not None:
+            raise PassConfigError("give target_macs or energy, not both")
+        if self.subspace == "lowrank" and self.target_macs is None and self.energy is None:
+            self.target_macs = DEFAULT_TARGET_MACS
+        check_fraction("target_macs", self.target_macs, allow_one=False)
+        check_fraction("energy", self.energy, allow_one=False)
+        if not (self.max_drop >= 0.0 and math.isfinite(self.max_drop)):
+            raise PassConfigError(f"max_drop={self.max_drop} must be >= 0 (top-1 points)")
+        if self.stages < 1 or self.epochs_per_stage < 1 or self.sensitivity_samples < 1:
+            raise PassConfigError("stages, epochs_per_stage and sensitivity_samples must be >= 1")
+        if self.retries < 0:
+            raise PassConfigError(f"retries={self.retries} must be >= 0")
+        if self.epoch_samples is not None and self.epoch_samples < 1:
+            raise PassConfigError(f"epoch_samples={self.epoch_samples} must be >= 1")
+        if not 0.0 <= self.ramp <= 1.0:
+            raise PassConfigError(f"ramp={self.ramp} is out of range: give [0, 1]")
+        if self.time_budget_s is not None and not self.time_budget_s > 0:
+            raise PassConfigError(f"time_budget_s={self.time_budget_s} must be positive")
+        # The fine-tuning options are checked by FinetuneConfig itself, with its messages.
+        self.finetune_config(None)
+
+    def finetune_config(self, stage_budget: float | None) -> Any:
+        from onnxcompress.torch_bridge.train import FinetuneConfig
+
+        return FinetuneConfig(
+            epochs=self.epochs_per_stage,
+            lr=self.lr,
+            batch_size=self.batch_size,
+            temperature=self.temperature,
+            alpha=self.alpha,
+            weight_decay=self.weight_decay,
+            epoch_samples=self.epoch_samples,
+            time_budget_s=stage_budget,
+            device=self.device,
+        )
+
+
+@dataclasses.dataclass
+class Layer:
+    """A candidate layer and its target.
+
+    Attributes:
+        node: the node's name.
+        op: its op type.
+        weight: the weight initializer's name.
+        shape: the weight's shape.
+        target_zeros: sparse: weights set to zero at the target.
+        rank: lowrank: the target rank; full_rank: the weight matrix's full rank.
+        macs / target_macs: the node's MACs now and once factorized at ``rank``.
+        significance: the layer's place in the ranking (0: least significant).
+        sensitivity: measured top-1 drop with this layer alone at its target.
+        stage: the stage that collapses it.
+        level: the accepted fraction of the way to the target (0: dense, 1: at the target);
+            back-offs leave a layer part of the way.
+        zeros: sparse: zeros measured in the written weight.
+        trans_b: Gemm: whether the weight is stored (N, K).
+        break_even: lowrank: the largest rank that still saves MACs (0: none).
+        rank_cost / positions: lowrank: MACs per rank and output position, and the positions.
+    """
+
+    node: str
+    op: str
+    weight: str
+    shape: tuple[int, ...]
+    target_zeros: int = 0
+    rank: int = 0
+    full_rank: int = 0
+    macs: int = 0
+    target_macs: int = 0
+    significance: int = 0
+    sensitivity: float | None = None
+    stage: int = 0
+    level: float = 0.0
+    zeros: int = 0
+    trans_b: bool = True
+    break_even: int = 0
+    rank_cost: int = 0
+    positions: int = 1
+
+    @property
+    def elements(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def target_sparsity(self) -> float:
+        return self.target_zeros / max(self.elements, 1)
+
+    @property
+    def accepted(self) -> bool:
+        """Whether the layer ended collapsed (at least part of the way)."""
+        return self.count_at(self.level) != self.count_at(0.0)
+
+    def count_at(self, level: float) -> int:
+        """The constraint at ``level``: zeros (sparse) or the rank (lowrank).
+
+        A partial rank cut starts at the break-even rank, not at the full rank, so every level
+        above 0 saves MACs once factorized, in proportion to the level (MACs are linear in the
+        rank).
+        """
+        level = min(1.0, max(0.0, level))
+        if self.full_rank:
+            if level <= 0.0:
+                return self.full_rank
+            top = max(self.rank, min(self.break_even, self.full_rank))
+            return top - round(level * (top - self.rank))
+        return round(level * self.target_zeros)
+
+    def macs_at(self, level: float) -> int:
+        """lowrank: the node's MACs with the rank at ``level`` (factorized when it is cut)."""
+        rank = self.count_at(level)
+        if rank >= self.full_rank:
+            return self.macs
+        return rank * self.rank_cost * self.positions
+
+    @property
+    def compression(self) -> float:
+        """Share of the layer removed at the target: zeros, or MACs saved by the rank."""
+        if self.full_rank:
+            return 1.0 - self.target_macs / max(self.macs, 1)
+        return self.target_sparsity
+
+
+class _Projector:
+    """The projection after every optimizer step: collapse each layer onto its constraint set.
+
+    Layers already accepted sit at their accepted level; the stage's layers move from their
+    accepted level to the attempt's level over ``ramp_steps`` steps with a cubic schedule (fast
+    first, gentle last, as in gradual magnitude pruning), which is sigma_l growing.
+    """
+
+    def __init__(
+        self,
+        fixed: Sequence[Layer],
+        growing: dict[str, float],
+        layers: Sequence[Layer],
+        ramp_steps: int,
+        lowrank: bool,
+        ramp_seconds: float | None = None,
+    ) -> None:
+        """Args:
+        fixed: accepted layers outside the stage, projected at their ``level``.
+        growing: the stage's layers (by node name) and the level this attempt reaches.
+        layers: every layer the stage may name.
+        ramp_steps / ramp_seconds: the ramp ends after this many steps or seconds, whichever
+            comes first.
+        lowrank: project onto a rank (else onto a count of zeros).
+        """
+        self.fixed = list(fixed)
+        by_name = {layer.node: layer for layer in layers}
+        self.growing = [(by_name[name], level) for name, level in growing.items()]
+        self.ramp_steps = max(1, ramp_steps)
+        self.ramp_seconds = ramp_seconds
+        self.lowrank = lowrank
+        self.steps = 0
+        self.started: float | None = None
+
+    def fraction(self) -> float:
+        progress = self.steps / self.ramp_steps
+        if self.ramp_seconds is not None and self.started is not None:
+            # Under a time budget the stage may end before its planned steps: the ramp follows
+            # whichever runs out first, as the learning-rate schedule does.
+            elapsed = time.perf_counter() - self.started
+            progress = max(progress, elapsed / max(self.ramp_seconds, 1e-9))
+        progress = min(1.0, progress)
+        return 1.0 - (1.0 - progress) ** 3
+
+    def __call__(self, module: OnnxModule) -> None:
+        if self.started is None:
+            self.started = time.perf_counter()
+        self.steps += 1
+        grown = self.fraction()
+        for layer in self.fixed:
+            self.project(module, layer, layer.level)
+        for layer, level in self.growing:
+            start, end = layer.count_at(layer.level), layer.count_at(level)
+            self.project_count(module, layer, start + round(grown * (end - start)))
+
+    def finish(self, module: OnnxModule) -> None:
+        """Put every layer exactly at its level for this attempt, however far the ramp got."""
+        for layer in self.fixed:
+            self.project(module, layer, layer.level)
+        for layer, level in self.growing:
+            self.project(module, layer, level)
+
+    def project(self, module: OnnxModule, layer: Layer, level: float) -> None:
+        self.project_count(module, layer, layer.count_at(level))
+
+    def project_count(self, module: OnnxModule, layer: Layer, count: int) -> None:
+        param = module.param_for(layer.weight)
+        if self.lowrank:
+            project_rank(param.data, layer, count)
+        else:
+            project_sparse(param.data, count)
+
+
+def project_sparse(weight: torch.Tensor, zeros: int) -> None:
+    """Set the ``zeros`` smallest-magnitude entries of ``weight`` to zero, in place.
+
+    This is sigma-constrained projection with sigma_l the magnitude at that rank: the count is
+    exact whatever the ties, so the promised sparsity holds at every step.
+    """
+    import torch
+
+    if zeros <= 0:
+        return
+    flat = weight.view(-1)
+    zeros = min(zeros, flat.numel())
+    index = torch.topk(flat.abs(), zeros, largest=False, sorted=False).indices
+    flat[index] = 0
+
+
+def project_rank(weight: torch.Tensor, layer: Layer, rank: int) -> None:
+    """Replace ``weight`` by its best rank-``rank`` approximation (as the layer's matrix)."""
+    import torch
+
+    if rank >= layer.full_rank:
+        return
+    transposed = layer.op == "Gemm" and not layer.trans_b
+    matrix = weight.t() if transposed else weight.reshape(weight.shape[0], -1)
+    u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+    low = ((u[:, :rank] * s[:rank]) @ vh[:rank]).to(weight.dtype)
+    weight.copy_((low.t() if transposed else low).reshape(weight.shape))
+
+
+class LayerwiseCompressiveTraining(CompressionPass):
+    """Rank layers by significance and collapse the less significant ones by projected SGD."""
+
+    name = "lct"
+    config_class = LctConfig
+    needs_data = True
+
+    @property
+    def cfg(self) -> LctConfig:
+        assert isinstance(self.config, LctConfig)
+        return self.config
+
+    def run(self, model: ir.Model, report: PassReport) -> None:
+        from onnxcompress.metrics import model_metrics
+        from onnxcompress.model import infer_shapes
+
+        cfg = self.cfg
+        lowrank = cfg.subspace == "lowrank"
+        teacher = clone_model(model)
+        infer_shapes(model)
+        bytes_before = len(model_to_bytes(model))
+        macs_before = model_metrics(model).macs
+        layers = self._candidates(model, report, lowrank)
+        if not layers:
+            report.decline("<model>", "no layer to compress (see the declined nodes)")
+            return
+        if lowrank:
+            self._allocate_ranks(model, layers, report, macs_before)
+            layers = [layer for layer in layers if layer.rank <= layer.break_even]
+        else:
+            self._allocate_sparsity(model, layers)
+            layers = [layer for layer in layers if layer.target_zeros > 0]
+        if not layers:
+            report.decline("<model>", "the global target leaves every candidate layer dense")
+            return
+        train, val = self._datasets(model)
+        scorer = _Scorer(teacher, val, cfg.device)
+        reference = scorer.teacher_score
+        self._rank(model, layers, scorer, lowrank)
+        stages = _split_stages(layers, cfg.stages, lowrank)
+        report.summary.update(
+            {
+                "subspace": cfg.subspace,
+                "validation": val.name,
+                "validation_images": len(val),
+                "reference_top1": reference,
+                "ranking": [layer.node for layer in layers],
+            }
+        )
+        accepted_module, history, stopped = self._train_stages(
+            model, teacher, train, scorer, stages, lowrank, reference
+        )
+        report.summary["stages"] = history
+        if stopped is not None:
+            report.summary["stopped"] = stopped
+        if accepted_module is None:
+            report.decline(
+                "<model>",
+                f"no stage stayed within max_drop={cfg.max_drop} points of validation top-1, "
+                "even backed off; the model is left as it was (raise max_drop or the training "
+                "budget)",
+            )
+            self._report_layers(report, layers, {})
+            return
+        from onnxcompress.torch_bridge.writeback import write_back
+
+        write_back(model, accepted_module)
+        report.modified = True
+        for layer in layers:
+            layer.zeros = int(np.count_nonzero(_weight(model, layer) == 0))
+        storage: dict[str, dict[str, Any]] = {}
+        if lowrank:
+            for layer in layers:
+                if layer.accepted:
+                    factorize(
+                        model.graph, model.graph.node(layer.node), layer.count_at(layer.level)
+                    )
+            infer_shapes(model)
+        elif cfg.compact:
+            storage = self._store(model, layers)
+        self._report_layers(report, layers, storage)
+        after = model_metrics(model)
+        collapsed = [layer for layer in layers if layer.accepted]
+        elements = sum(layer.elements for layer in layers)
+        zeros = sum(layer.count_at(layer.level) for layer in collapsed)
+        report.summary.update(
+            {
+                "collapsed_layers": len(collapsed),
+                "dense_layers": len(layers) - len(collapsed),
+                "file_bytes_before": bytes_before,
+                "file_bytes_after": len(model_to_bytes(model)),
+                "macs_before": macs_before,
+                "macs_after": after.macs,
+                "final_top1": history[-1]["accepted_top1"] if history else None,
+                "attempts": len(history),
+                "accepted_attempts": sum(1 for record in history if record["accepted"]),
+            }
+        )
+        if not lowrank:
+            report.summary["candidate_sparsity"] = round(zeros / max(elements, 1), 6)
+        report.summary["file_ratio"] = round(
+            report.summary["file_bytes_before"] / max(report.summary["file_bytes_after"], 1), 3
+        )
+
+    # -- candidates and targets --------------------------------------------------------------
+
+    def _candidates(self, model: ir.Model, report: PassReport, lowrank: bool) -> list[Layer]:
+        graph = model.graph
+        layers: list[Layer] = []
+        for index, node in enumerate(list(graph)):
+            if node.op_type not in SPARSE_OPS or node.domain not in ("", "ai.onnx"):
+                continue
+            label = node.name or f"{node.op_type}_{index}"
+            if not node.name:
+                node.name = label
+            pattern = next((p for p in self.cfg.exclude if fnmatch.fnmatchcase(label, p)), None)
+            if pattern is not None:
+                report.decline(label, f"excluded by the user (exclude={pattern})")
+                continue
+            weight = node.inputs[1] if len(node.inputs) > 1 else None
+            if weight is None or weight.const_value is None:
+                report.decline(label, "its weight is computed, not an initializer")
+                continue
+            if weight.name in {v.name for v in graph.inputs}:
+                report.decline(label, "its weight is also a graph input (the user may feed it)")
+                continue
+            if not weight.const_value.dtype.is_floating_point():
+                report.decline(label, f"its weight is {weight.const_value.dtype}, not float")
+                continue
+            if lowrank:
+                reason = factorizable_reason(node)
+                if reason is not None:
+                    report.decline(label, reason)
+                    continue
+            elif len(weight.const_value.shape) < 2:
+                report.decline(label, "its weight is a vector")
+                continue
+            value = private_initializer(graph, node, 1)
+            assert value.name is not None and value.const_value is not None
+            shape = tuple(int(d) for d in value.const_value.shape.numpy())
+            layer = Layer(label, node.op_type, value.name, shape)
+            if node.op_type == "Gemm":
+                attr = node.attributes.get("transB")
+                layer.trans_b = attr is not None and attr.as_int() != 0
+            layers.append(layer)
+        return layers
+
+    def _allocate_sparsity(self, model: ir.Model, layers: list[Layer]) -> None:
+        """One global magnitude threshold; each layer's zeros below it are its target."""
+        cfg = self.cfg
+        magnitudes = [np.abs(_weight(model, layer)).reshape(-1) for layer in layers]
+        everything = np.sort(np.concatenate(magnitudes))
+        count = round(cfg.sparsity * everything.size)
+        threshold = everything[count - 1] if count > 0 else -np.inf
+        for layer, mags in zip(layers, magnitudes, strict=True):
+            below = int(np.count_nonzero(mags <= threshold))
+            cap = math.floor(cfg.max_layer_sparsity * mags.size)
+            layer.target_zeros = min(below, cap)
+
+    def _allocate_ranks(
+        self, model: ir.Model, layers: list[Layer], report: PassReport, macs_before: int
+    ) -> None:
+        """Ranks from one spectral-energy threshold (budget) or a per-layer energy."""
+        from onnxcompress.lowrank import energy_rank
+        from onnxcompress.metrics import node_macs
+
+        cfg = self.cfg
+        graph = model.graph
+        spectra: list[np.ndarray] = []
+        for layer in layers:
+            node = graph.node(layer.node)
+            matrix = weight_matrix(node, _weight(model, layer))
+            singular = np.linalg.svd(matrix.astype(np.float64), compute_uv=False)
+            spectra.append(singular)
+            layer.full_rank = int(singular.size)
+            layer.macs = node_macs(node)
+            dense_cost = rank_cost(node, layer.shape, None)
+            layer.positions = max(1, layer.macs // max(dense_cost, 1))
+            layer.break_even = break_even_rank(node, layer.shape)
+            layer.rank_cost = rank_cost(node, layer.shape, 1)
+
+        def apply(ranks: Sequence[int]) -> int:
+            saved = 0
+            for layer, rank in zip(layers, ranks, strict=True):
+                if rank <= layer.break_even:
+                    layer.rank = rank
+                    layer.target_macs = rank * layer.rank_cost * layer.positions
+                else:
+                    layer.rank, layer.target_macs = layer.full_rank, layer.macs
+                saved += layer.macs - layer.target_macs
+            return macs_before - saved
+
+        if cfg.energy is not None:
+            apply([energy_rank(s, cfg.energy) for s in spectra])
+            return
+        assert cfg.target_macs is not None
+        goal = cfg.target_macs * macs_before
+        shares = [s**2 / max(float((s**2).sum()), 1e-30) for s in spectra]
+
+        def ranks_at(log_threshold: float) -> list[int]:
+            threshold = math.exp(log_threshold)
+            return [max(1, int(np.count_nonzero(share >= threshold))) for share in shares]
+
+        low, high = math.log(1e-12), 0.0
+        if apply(ranks_at(high)) > goal:
+            report.summary["budget_note"] = (
+                f"target_macs={cfg.target_macs} is out of reach by factorization alone; every "
+                "candidate layer goes to rank 1"
+            )
+            return
+        for _ in range(THRESHOLD_STEPS):
+            middle = 0.5 * (low + high)
+            if apply(ranks_at(middle)) > goal:
+                low = middle
+            else:
+                high = middle
+        apply(ranks_at(high))
+
+    # -- data, ranking, stages ---------------------------------------------------------------
+
+    def _datasets(self, model: ir.Model) -> tuple[Dataset, Dataset]:
+        from onnxcompress.data import Dataset
+        from onnxcompress.evaluate import dataset_for_model
+
+        context = self.context
+        assert context.calibration is not None
+        calibration = Dataset(
+            np.ascontiguousarray(context.calibration, dtype=np.float32),
+            None if context.calibration_labels is None else context.calibration_labels,
+            "calibration data",
+        )
+        train = (
+            dataset_for_model(model, context.train_spec)
+            if context.train_spec is not None
+            else calibration
+        )
+        val = (
+            dataset_for_model(model, context.validation_spec)
+            if context.validation_spec is not None
+            else calibration
+        )
+        if len(train) == 0 or len(val) == 0:
+            raise DataError(f"{self.name}: the training or validation data holds no images")
+        return train, val
+
+    def _rank(self, model: ir.Model, layers: list[Layer], scorer: _Scorer, lowrank: bool) -> None:
+        """Sort ``layers`` in place, least significant first (the paper's rule, refined)."""
+        if self.cfg.sensitivity:
+            module = scorer.module_of(model)
+            limit = self.cfg.sensitivity_samples
+            projector = _Projector([], {}, layers, 1, lowrank)
+            base = scorer.score(module, limit)
+            for layer in layers:
+                param = module.param_for(layer.weight)
+                saved = param.data.clone()
+                projector.project(module, layer, 1.0)
+                layer.sensitivity = round(base - scorer.score(module, limit), 4)
+                param.data.copy_(saved)
+        layers.sort(
+            key=lambda layer: (
+                layer.sensitivity if layer.sensitivity is not None else 0.0,
+                -layer.compression,
+            )
+        )
+        for position, layer in enumerate(layers):
+            layer.significance = position
+
+    def _train_stages(
+        self,
+        model: ir.Model,
+        teacher: ir.Model,
+        train: Dataset,
+        scorer: _Scorer,
+        stages: list[list[Layer]],
+        lowrank: bool,
+        reference: float,
+    ) -> tuple[OnnxModule | None, list[dict[str, Any]], str | None]:
+        """Collapse the stages in order, backing off on rejection; the last accepted model wins.
+
+        Returns the accepted student (None when nothing was accepted), one record per attempt,
+        and why the run stopped early (None when every stage ran).
+        """
+        import torch
+
+        from onnxcompress.torch_bridge.train import finetune
+        from onnxcompress.torch_bridge.writeback import write_back
+
+        cfg = self.cfg
+        clock = time.perf_counter()
+        per_epoch = min(len(train), cfg.epoch_samples or len(train))
+        steps = max(1, per_epoch // cfg.batch_size) * cfg.epochs_per_stage
+        every = [layer for stage in stages for layer in stage]
+        accepted_module: OnnxModule | None = None
+        accepted_top1 = reference
+        student = model
+        history: list[dict[str, Any]] = []
+        attempts = 0
+        scoring = 0.0
+        for number, stage in enumerate(stages, start=1):
+            for layer in stage:
+                layer.stage = number
+            increment = 1.0
+            for retry in range(cfg.retries + 1):
+                budget: float | None = None
+                if cfg.time_budget_s is not None:
+                    # What is left, shared by the stages left (retries eat into later stages),
+                    # less the scoring that follows the training.
+                    left = cfg.time_budget_s - (time.perf_counter() - clock)
+                    budget = left / (len(stages) - number + 1) - scoring
+                    if budget < MIN_ATTEMPT_SECONDS:
+                        note = (
+                            f"time_budget_s={cfg.time_budget_s} spent before stage {number} "
+                            f"(attempt {retry + 1})"
+                        )
+                        logger.info("lct: %s", note)
+                        return accepted_module, history, note
+                goal = {layer.node: min(1.0, layer.level + increment) for layer in stage}
+                fixed = [layer for layer in every if layer.level > 0 and layer.node not in goal]
+                attempts += 1
+                config = cfg.finetune_config(budget)
+                # Each attempt draws its own images and augmentations (epoch_samples subsets).
+                config.seed = self.context.seed * 1009 + attempts
+                ramp_seconds = cfg.ramp * budget if budget is not None else None
+                projector = _Projector(
+                    fixed, goal, stage, int(cfg.ramp * steps), lowrank, ramp_seconds
+                )
+                # Every attempt starts from the last accepted weights.
+                result = finetune(
+                    student,
+                    teacher,
+                    train,
+                    None,
+                    config,
+                    progress=self.context.progress,
+                    after_step=projector,
+                )
+                with torch.no_grad():
+                    projector.finish(result.module)
+                write_back(result.model, result.module)
+                tic = time.perf_counter()
+                top1 = scorer.score(result.module)
+                scoring = time.perf_counter() - tic
+                ok = top1 >= reference - cfg.max_drop
+                logger.info(
+                    "lct stage %d/%d attempt %d (%d layers, increment %.3g): top-1 %.2f vs "
+                    "%.2f -> %s",
+                    number,
+                    len(stages),
+                    retry + 1,
+                    len(stage),
+                    increment,
+                    top1,
+                    reference,
+                    "kept" if ok else "rejected",
+                )
+                if ok:
+                    for layer in stage:
+                        layer.level = goal[layer.node]
+                    accepted_module, student, accepted_top1 = result.module, result.model, top1
+                history.append(
+                    {
+                        "stage": number,
+                        "attempt": retry + 1,
+                        "increment": increment,
+                        "layers": [layer.node for layer in stage],
+                        "top1": top1,
+                        "reference_top1": reference,
+                        "accepted": ok,
+                        "accepted_top1": accepted_top1,
+                        "steps": projector.steps,
+                        "seconds": round(result.seconds, 1),
+                    }
+                )
+                if ok:
+                    break
+                increment /= 2.0
+        return accepted_module, history, None
+
+    # -- output ------------------------------------------------------------------------------
+
+    def _store(self, model: ir.Model, layers: list[Layer]) -> dict[str, dict[str, Any]]:
+        from onnxcompress.sparse_storage import store_sparse
+
+        names = [layer.weight for layer in layers if layer.accepted]
+        records = store_sparse(model, names)
+        return {record.name: record.as_dict() for record in records}
+
+    def _report_layers(
+        self, report: PassReport, layers: list[Layer], storage: dict[str, dict[str, Any]]
+    ) -> None:
+        lowrank = self.cfg.subspace == "lowrank"
+        for layer in sorted(layers, key=lambda item: item.significance):
+            row: dict[str, Any] = {
+                "node": layer.node,
+                "op": layer.op,
+                "weight": layer.weight,
+                "elements": layer.elements,
+                "significance": layer.significance,
+                "sensitivity": layer.sensitivity,
+                "stage": layer.stage,
+                "collapsed": layer.accepted,
+                "level": layer.level,
+            }
+            if lowrank:
+                row.update(
+                    {
+                        "full_rank": layer.full_rank,
+                        "target_rank": layer.rank,
+                        "rank": layer.count_at(layer.level),
+                        "macs_before": layer.macs,
+                        "macs_after": layer.macs_at(layer.level),
+                    }
+                )
+            else:
+                row["target_zeros"] = layer.target_zeros
+                row["zeros"] = layer.zeros
+                row["target_sparsity"] = round(layer.target_sparsity, 6)
+                row["sparsity"] = round(layer.zeros / max(layer.elements, 1), 6)
+                stored = storage.get(layer.weight)
+                if stored is not None:
+                    row["encoding"] = stored["encoding"]
+                    row["dense_bytes"] = stored["dense_bytes"]
+                    row["stored_bytes"] = stored["stored_bytes"]
+            report.layers.append(row)
+            if not layer.accepted:
+                report.decline(
+                    layer.node,
+                    "kept dense: significant (its stage "
+                    + ("was rejected, backed off too" if layer.stage else "never ran")
+                    + f" within max_drop={self.cfg.max_drop})",
+                )
+
+
+def _weight(model: ir.Model, layer: Layer) -> np.ndarray:
+    value = model.graph.initializers[layer.weight]
+    assert value.const_value is not None
+    return value.const_value.numpy()
+
+
+def _split_stages(layers: list[Layer], stages: int, lowrank: bool) -> list[list[Layer]]:
+    """Consecutive runs of the ranking, each collapsing a similar share of the total."""
+    amounts = [
+        float(layer.macs - layer.target_macs) if lowrank else float(layer.target_zeros)
+        for layer in layers
+    ]
+    total = sum(amounts) or 1.0
+    groups: list[list[Layer]] = [[] for _ in range(stages)]
+    done = 0.0
+    for layer, amount in zip(layers, amounts, strict=True):
+        # The layer joins the stage its midpoint falls in.
+        index = min(stages - 1, int((done + amount / 2) / total * stages))
+        groups[index].append(layer)
+        done += amount
+    return [group for group in groups if group]
+
+
+class _Scorer:
+    """Top-1 of a torch-bridge module on the validation data (agreement with the teacher when
+    the data has no labels).
+
+    A limited count scores evenly spaced images, not the first ones: data sets are often sorted
+    by class (an image folder is), and the first 500 CIFAR-10 images are all airplanes.
+    """
+
+    def __init__(self, teacher: ir.Model, val: Dataset, device: str | None) -> None:
+        import torch
+
+        from onnxcompress.torch_bridge.module import OnnxModule
+
+        self.val = val
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        teacher_module = OnnxModule(teacher, trainable="none").to(self.device)
+        everything = np.arange(len(val))
+        self.teacher_predictions = self._predict(teacher_module, everything)
+        self.labels = val.y if val.y is not None else self.teacher_predictions
+        self.teacher_score = self._top1(self.teacher_predictions, everything)
+
+    def module_of(self, model: ir.Model) -> OnnxModule:
+        from onnxcompress.torch_bridge.module import OnnxModule
+
+        return OnnxModule(model).to(self.device)
+
+    def subset(self, limit: int | None) -> np.ndarray:
+        total = len(self.val)
+        if limit is None or limit >= total:
+            return np.arange(total)
+        return np.unique(np.linspace(0, total - 1, max(1, limit)).round().astype(np.int64))
+
+    def _predict(self, module: torch.nn.Module, index: np.ndarray) -> np.ndarray:
+        import torch
+
+        module.eval()
+        predictions: list[np.ndarray] = []
+        with torch.no_grad():
+            for start in range(0, index.size, EVAL_BATCH):
+                chunk = index[start : start + EVAL_BATCH]
+                x = torch.from_numpy(np.ascontiguousarray(self.val.x[chunk])).to(self.device)
+                output = module(x)
+                if isinstance(output, (tuple, list)):
+                    output = output[0]
+                predictions.append(output.float().argmax(1).cpu().numpy())
+        return np.concatenate(predictions)
+
+    def _top1(self, predictions: np.ndarray, index: np.ndarray) -> float:
+        truth = np.asarray(self.labels)[index]
+        return round(100.0 * float(np.mean(predictions == truth)), 4)
+
+    def score(self, module: torch.nn.Module, limit: int | None = None) -> float:
+        index = self.subset(limit)
+        return self._top1(self._predict(module, index), index)
+
+
+__all__ = [
+    "LayerwiseCompressiveTraining",
+    "LctConfig",
+    "project_rank",
+    "project_sparse",
+]

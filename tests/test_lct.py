@@ -1,0 +1,566 @@
+"""Tests of the ``lct`` pass, its projections, the compact sparse storage and the factorization."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxcompress.errors import PassConfigError
+from onnxcompress.lowrank import factorizable_reason, factorize, truncate
+from onnxcompress.model import load_model, model_to_bytes, save_model
+from onnxcompress.passes import create_pass
+from onnxcompress.passes.base import PassContext
+from onnxcompress.passes.lct import Layer, project_rank, project_sparse
+from onnxcompress.sparse_storage import (
+    decode_gaps,
+    decode_mask,
+    encode_gaps,
+    encode_mask,
+    encoded_sizes,
+    store_sparse,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+DIGITS_MODEL = ROOT / "models" / "digits_resnet.onnx"
+
+
+def _session(model: ir.Model | onnx.ModelProto, optimize: bool = True) -> ort.InferenceSession:
+    data = model_to_bytes(model) if isinstance(model, ir.Model) else model.SerializeToString()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+
+def _run(model: ir.Model | onnx.ModelProto, x: np.ndarray, optimize: bool = True) -> np.ndarray:
+    session = _session(model, optimize)
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+def _conv_model(
+    weights: dict[str, np.ndarray], opset: int = 17, stride: int = 1, gemm_trans_b: int = 1
+) -> onnx.ModelProto:
+    """x -> Conv(w1, b1, stride) -> Relu -> Conv(w2) -> GlobalAveragePool -> Flatten -> Gemm."""
+    c1, c2, fc = weights["w1"], weights["w2"], weights["fc"]
+    nodes = [
+        helper.make_node(
+            "Conv", ["x", "w1", "b1"], ["h1"], name="conv1", pads=[1, 1, 1, 1], strides=[stride] * 2
+        ),
+        helper.make_node("Relu", ["h1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2"], ["h2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("GlobalAveragePool", ["h2"], ["p"], name="pool"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+        helper.make_node(
+            "Gemm", ["f", "fc", "fcb"], ["y"], name="fc", transB=gemm_trans_b, alpha=0.5, beta=2.0
+        ),
+    ]
+    inits = [
+        numpy_helper.from_array(c1, "w1"),
+        numpy_helper.from_array(weights["b1"], "b1"),
+        numpy_helper.from_array(c2, "w2"),
+        numpy_helper.from_array(fc, "fc"),
+        numpy_helper.from_array(weights["fcb"], "fcb"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "small",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", c1.shape[1], 12, 12])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", weights["fcb"].size])],
+        initializer=inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)
+
+
+def _weights(rng: np.random.Generator, trans_b: int = 1) -> dict[str, np.ndarray]:
+    fc = rng.standard_normal((10, 24)).astype(np.float32)
+    return {
+        "w1": rng.standard_normal((16, 3, 3, 3)).astype(np.float32),
+        "b1": rng.standard_normal(16).astype(np.float32),
+        "w2": rng.standard_normal((24, 16, 3, 3)).astype(np.float32) * 0.1,
+        "fc": fc if trans_b else np.ascontiguousarray(fc.T),
+        "fcb": rng.standard_normal(10).astype(np.float32),
+    }
+
+
+def _prune(array: np.ndarray, sparsity: float, rng: np.random.Generator) -> np.ndarray:
+    out = array.copy()
+    out[rng.random(array.shape) < sparsity] = 0
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Projections
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("zeros", [0, 1, 100, 431, 432])
+def test_sparse_projection_keeps_exactly_the_promised_zeros(zeros: int) -> None:
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(16, 3, 3, 3, generator=generator)
+    before = weight.clone()
+    project_sparse(weight, zeros)
+    assert int((weight == 0).sum()) == zeros
+    kept = before[weight != 0].abs()
+    dropped = before[weight == 0].abs()
+    if zeros and kept.numel():
+        # sigma_l separates the collapsed weights from the kept ones.
+        assert float(dropped.max()) <= float(kept.min())
+    assert torch.equal(weight[weight != 0], before[weight != 0])
+
+
+def test_sparse_projection_counts_ties_exactly() -> None:
+    weight = torch.ones(100)
+    project_sparse(weight, 37)
+    assert int((weight == 0).sum()) == 37
+
+
+@pytest.mark.parametrize(
+    ("op", "shape", "trans_b"),
+    [("Conv", (24, 16, 3, 3), True), ("Gemm", (10, 24), True), ("Gemm", (24, 10), False)],
+)
+@pytest.mark.parametrize("rank", [1, 3, 7])
+def test_rank_projection_gives_exactly_the_rank(
+    op: str, shape: tuple[int, ...], trans_b: bool, rank: int
+) -> None:
+    generator = torch.Generator().manual_seed(1)
+    weight = torch.randn(*shape, generator=generator)
+    full = min(shape[0], int(np.prod(shape[1:])))
+    layer = Layer("n", op, "w", shape, rank=rank, full_rank=full, trans_b=trans_b)
+    original = weight.numpy().copy()
+    project_rank(weight, layer, rank)
+    rows = original.reshape(shape[0], -1) if trans_b else original.T
+    projected = weight.numpy().reshape(shape[0], -1) if trans_b else weight.numpy().T
+    assert np.linalg.matrix_rank(projected, tol=1e-4 * np.abs(projected).max()) == rank
+    # It is the best rank-r approximation (Eckart-Young), the same as numpy's.
+    np.testing.assert_allclose(projected, truncate(rows, rank), rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Compact storage
+# ---------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    size=st.integers(1, 3000),
+    density=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**16),
+)
+def test_encodings_round_trip(size: int, density: float, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    array = rng.standard_normal(size).astype(np.float32)
+    array[rng.random(size) >= density] = 0
+    shape = (size,)
+    bits, values = encode_mask(array)
+    assert np.array_equal(decode_mask(bits, values, shape), array)
+    gaps, gap_values = encode_gaps(array)
+    assert np.array_equal(decode_gaps(gaps, gap_values, shape), array)
+    sizes = encoded_sizes(array)
+    assert sizes["mask"] == bits.nbytes + values.nbytes
+    if np.count_nonzero(array):
+        assert sizes["gaps"] == gaps.nbytes + gap_values.nbytes
+
+
+def test_long_zero_runs_get_fillers() -> None:
+    array = np.zeros(2000, np.float32)
+    array[[0, 700, 1999]] = [1.0, 2.0, 3.0]
+    gaps, values = encode_gaps(array)
+    assert gaps.max() <= 255 and np.array_equal(decode_gaps(gaps, values, (2000,)), array)
+
+
+@pytest.mark.parametrize("encoding", [None, "mask", "gaps"])
+@pytest.mark.parametrize("opset", [11, 17])
+def test_sparse_storage_round_trips_through_save_load_and_ort(
+    tmp_path: Path, encoding: str | None, opset: int
+) -> None:
+    rng = np.random.default_rng(0)
+    weights = _weights(rng)
+    weights["w2"] = _prune(weights["w2"], 0.9, rng)
+    weights["fc"] = _prune(weights["fc"], 0.5, rng)
+    dense = _conv_model(weights, opset=opset)
+    dense_path = tmp_path / "dense.onnx"
+    onnx.save(dense, str(dense_path))
+    model = load_model(dense_path)
+    records = store_sparse(model, ["w2", "w1"], min_saving=0, encoding=encoding)
+    by_name = {r.name: r for r in records}
+    assert by_name["w2"].encoding == (encoding or "gaps")  # 10 % density: gaps are smaller
+    assert by_name["w2"].stored_bytes < by_name["w2"].dense_bytes / 3
+    # A dense tensor never grows: w1 has no zeros.
+    assert by_name["w1"].encoding == "dense"
+    assert "w2" not in model.graph.initializers
+    out_path = save_model(model, tmp_path / "sparse.onnx")
+    assert out_path.stat().st_size < dense_path.stat().st_size - 3 * 24 * 16 * 9 * 0.8
+    onnx.checker.check_model(onnx.load(str(out_path)), full_check=True)
+    x = rng.standard_normal((4, 3, 12, 12)).astype(np.float32)
+    expected = _run(dense, x, optimize=False)
+    reloaded = load_model(out_path)
+    for optimize in (False, True):
+        np.testing.assert_allclose(_run(reloaded, x, optimize), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_sparse_storage_leaves_small_savings_and_graph_inputs_dense() -> None:
+    rng = np.random.default_rng(1)
+    weights = _weights(rng)
+    weights["fc"] = _prune(weights["fc"], 0.5, rng)  # 240 elements: saves < 600 bytes
+    weights["w2"] = _prune(weights["w2"], 0.9, rng)
+    proto = _conv_model(weights)
+    proto.graph.input.append(helper.make_tensor_value_info("w2", TensorProto.FLOAT, [24, 16, 3, 3]))
+    model = ir.serde.deserialize_model(proto)
+    records = {r.name: r for r in store_sparse(model)}
+    assert records["fc"].encoding == "dense" and "decoder" in records["fc"].reason
+    assert "w1" not in records or records["w1"].encoding == "dense"  # no zeros: nothing to gain
+    assert records["w2"].encoding == "dense" and "graph input" in records["w2"].reason
+
+
+def test_old_opsets_keep_weights_dense() -> None:
+    rng = np.random.default_rng(2)
+    weights = _weights(rng)
+    weights["w2"] = _prune(weights["w2"], 0.9, rng)
+    model = ir.serde.deserialize_model(_conv_model(weights, opset=10))
+    records = {r.name: r for r in store_sparse(model)}
+    assert records["w2"].encoding == "dense" and "opset" in records["w2"].reason
+
+
+# ---------------------------------------------------------------------------------------------
+# Low-rank factorization
+# ---------------------------------------------------------------------------------------------
+
+
+def _rank_r(rng: np.random.Generator, shape: tuple[int, ...], rank: int) -> np.ndarray:
+    rows = shape[0]
+    cols = int(np.prod(shape[1:]))
+    left = rng.standard_normal((rows, rank))
+    right = rng.standard_normal((rank, cols))
+    return (left @ right / np.sqrt(cols)).reshape(shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("trans_b", [1, 0])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_factorizing_exactly_low_rank_layers_is_exact(trans_b: int, stride: int) -> None:
+    rng = np.random.default_rng(3)
+    weights = _weights(rng, trans_b)
+    weights["w1"] = _rank_r(rng, (16, 3, 3, 3), 4)
+    weights["w2"] = _rank_r(rng, (24, 16, 3, 3), 5)
+    fc = _rank_r(rng, (10, 24), 3)
+    weights["fc"] = fc if trans_b else np.ascontiguousarray(fc.T)
+    proto = _conv_model(weights, stride=stride, gemm_trans_b=trans_b)
+    model = ir.serde.deserialize_model(proto)
+    for name, rank in (("conv1", 4), ("conv2", 5), ("fc", 3)):
+        first, second = factorize(model.graph, model.graph.node(name), rank)
+        assert first.outputs[0] is second.inputs[0]
+    ops = [node.op_type for node in model.graph]
+    assert ops.count("Conv") == 4 and ops.count("Gemm") == 2
+    # The kxk part maps Cin -> r with the original geometry, the 1x1 part r -> Cout.
+    kxk = model.graph.node("conv2/lowrank_kxk")
+    assert kxk.inputs[1].const_value.shape == (5, 16, 3, 3)
+    assert model.graph.node("conv2/lowrank_1x1").inputs[1].const_value.shape == (24, 5, 1, 1)
+    assert model.graph.outputs[0].name == "y"
+    onnx.checker.check_model(ir.serde.serialize_model(model), full_check=True)
+    x = rng.standard_normal((3, 3, 12, 12)).astype(np.float32)
+    np.testing.assert_allclose(_run(model, x), _run(proto, x), rtol=1e-4, atol=1e-5)
+
+
+def test_factorizing_below_the_rank_is_lossy_and_grouped_convs_are_refused() -> None:
+    rng = np.random.default_rng(4)
+    weights = _weights(rng)
+    proto = _conv_model(weights)
+    model = ir.serde.deserialize_model(proto)
+    factorize(model.graph, model.graph.node("conv2"), 2)
+    x = rng.standard_normal((2, 3, 12, 12)).astype(np.float32)
+    assert not np.allclose(_run(model, x), _run(proto, x), rtol=1e-3)
+    grouped = ir.serde.deserialize_model(proto)
+    node = grouped.graph.node("conv2")
+    node.attributes["group"] = ir.AttrInt64("group", 2)
+    assert "group" in (factorizable_reason(node) or "")
+    with pytest.raises(ValueError, match="group"):
+        factorize(grouped.graph, node, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# The pass
+# ---------------------------------------------------------------------------------------------
+
+
+def _digits_context() -> PassContext:
+    from onnxcompress.evaluate import dataset_for_model
+
+    data = dataset_for_model(DIGITS_MODEL, "digits[:600]")
+    return PassContext(calibration=data.x, calibration_labels=data.y, seed=0)
+
+
+FAST = {"stages": 2, "epoch_samples": 256, "max_drop": 100.0}
+
+
+def test_sparse_mode_collapses_layers_and_shrinks_the_file() -> None:
+    torch.set_num_threads(1)
+    model = load_model(DIGITS_MODEL)
+    original = load_model(DIGITS_MODEL)
+    lct = create_pass("lct", {**FAST, "sparsity": 0.8}, _digits_context())
+    result = lct(model)
+    report = lct.report
+    assert result.modified and report.modified
+    summary = report.summary
+    assert summary["file_bytes_after"] < summary["file_bytes_before"] / 2.5
+    layers = {row["node"]: row for row in report.layers}
+    assert all(row["collapsed"] for row in layers.values())  # max_drop=100 accepts all
+    # The ranking is the paper's rule: sparser under the global threshold = less significant.
+    ranked = sorted(layers.values(), key=lambda row: row["significance"])
+    targets = [row["target_sparsity"] for row in ranked]
+    assert targets == sorted(targets, reverse=True)
+    assert summary["ranking"] == [row["node"] for row in ranked]
+    # Exactly the promised zeros in every collapsed layer.
+    for row in ranked:
+        assert row["zeros"] == row["target_zeros"] > 0
+    zeros = sum(row["target_sparsity"] * row["elements"] for row in ranked)
+    assert zeros / sum(row["elements"] for row in ranked) == pytest.approx(0.8, abs=0.01)
+    x = _digits_context().calibration
+    assert x is not None
+    y = _run(model, x[:64])
+    teacher = _run(original, x[:64])
+    assert y.shape == teacher.shape and np.isfinite(y).all()
+    onnx.checker.check_model(ir.serde.serialize_model(model), full_check=True)
+
+
+def test_lowrank_mode_factorizes_and_cuts_macs() -> None:
+    from onnxcompress.metrics import model_metrics
+
+    torch.set_num_threads(1)
+    model = load_model(DIGITS_MODEL)
+    before = model_metrics(load_model(DIGITS_MODEL)).macs
+    lct = create_pass("lct", {**FAST, "subspace": "lowrank", "target_macs": 0.5}, _digits_context())
+    lct(model)
+    after = model_metrics(model).macs
+    assert after <= 0.52 * before
+    names = [node.name for node in model.graph]
+    collapsed = [row for row in lct.report.layers if row["collapsed"]]
+    assert collapsed
+    for row in collapsed:
+        assert row["rank"] < row["full_rank"]
+        assert f"{row['node']}/lowrank_kxk" in names or f"{row['node']}/lowrank_in" in names
+    x = _digits_context().calibration
+    assert x is not None
+    assert np.isfinite(_run(model, x[:32])).all()
+
+
+def test_without_retries_a_rejected_stage_leaves_its_layers_dense() -> None:
+    torch.set_num_threads(1)
+    model = load_model(DIGITS_MODEL)
+    options = {"stages": 2, "epoch_samples": 64, "max_drop": 0.0, "sparsity": 0.99}
+    options.update({"max_layer_sparsity": 0.99, "retries": 0})
+    lct = create_pass("lct", options, _digits_context())
+    lct(model)
+    stages = lct.report.summary["stages"]
+    # One attempt per stage, and the run goes on after a rejection.
+    assert [record["attempt"] for record in stages] == [1, 1]
+    assert not all(record["accepted"] for record in stages)
+    dense = [row for row in lct.report.layers if not row["collapsed"]]
+    assert dense and all(row["zeros"] == 0 and row["level"] == 0 for row in dense)
+    declined = {d.node for d in lct.report.declined}
+    assert {row["node"] for row in dense} <= declined
+
+
+def _held_out_context() -> PassContext:
+    context = _digits_context()
+    context.validation_spec = "digits[600:1000]"
+    return context
+
+
+def _top1(model: ir.Model, spec: str) -> float:
+    from onnxcompress.evaluate import dataset_for_model
+
+    data = dataset_for_model(DIGITS_MODEL, spec)
+    assert data.y is not None
+    return 100.0 * float(np.mean(_run(model, data.x).argmax(1) == data.y))
+
+
+# A target far beyond what 64 images of training can recover: the full increment breaks
+# max_drop, so only backed-off increments can be accepted.
+BACK_OFF = {"stages": 2, "epoch_samples": 64, "max_drop": 1.0, "retries": 3}
+
+
+def test_a_rejected_stage_backs_off_and_keeps_the_largest_accepted_compression(
+    tmp_path: Path,
+) -> None:
+    torch.set_num_threads(1)
+    model = load_model(DIGITS_MODEL)
+    teacher = load_model(DIGITS_MODEL)
+    options = {**BACK_OFF, "sparsity": 0.99, "max_layer_sparsity": 0.99}
+    lct = create_pass("lct", options, _held_out_context())
+    lct(model)
+    summary = lct.report.summary
+    records = summary["stages"]
+    reference = summary["reference_top1"]
+    # Stage 1's full increment is rejected; a retry halves the increment each time.
+    first = [record for record in records if record["stage"] == 1]
+    assert not first[0]["accepted"] and first[0]["increment"] == 1.0
+    assert [record["increment"] for record in first] == [0.5**i for i in range(len(first))]
+    accepted = [record for record in records if record["accepted"]]
+    assert accepted, "no backed-off increment was accepted"
+    assert all(record["top1"] >= reference - 1.0 for record in accepted)
+    assert all(record["attempt"] <= 4 for record in records)
+    # Partial levels: every collapsed layer holds exactly the zeros of its accepted level.
+    collapsed = [row for row in lct.report.layers if row["collapsed"]]
+    assert collapsed and all(0 < row["level"] < 1 for row in collapsed)
+    for row in collapsed:
+        assert row["zeros"] == round(row["level"] * row["target_zeros"]) > 0
+    # The partially compressed model is what is written: smaller file, within max_drop on the
+    # held-out images through ONNX Runtime (a sliver of slack for torch/ORT rounding).
+    assert summary["file_bytes_after"] < summary["file_bytes_before"]
+    saved = save_model(model, tmp_path / "partial.onnx")
+    assert saved.stat().st_size < len(model_to_bytes(teacher))
+    restored = load_model(saved)
+    assert _top1(restored, "digits[600:1000]") >= _top1(teacher, "digits[600:1000]") - 1.0 - 0.5
+
+
+def test_lowrank_back_off_cuts_part_of_the_way_and_still_saves_macs() -> None:
+    from onnxcompress.metrics import model_metrics
+
+    torch.set_num_threads(1)
+    model = load_model(DIGITS_MODEL)
+    before = model_metrics(model).macs
+    options = {**BACK_OFF, "subspace": "lowrank", "target_macs": 0.2}
+    lct = create_pass("lct", options, _held_out_context())
+    lct(model)
+    summary = lct.report.summary
+    reference = summary["reference_top1"]
+    assert summary["stages"][0]["increment"] == 1.0 and not summary["stages"][0]["accepted"]
+    assert all(r["top1"] >= reference - 1.0 for r in summary["stages"] if r["accepted"])
+    collapsed = [row for row in lct.report.layers if row["collapsed"]]
+    assert collapsed
+    for row in collapsed:
+        # A backed-off rank sits between the target and the full rank, and is factorized.
+        assert row["target_rank"] <= row["rank"] < row["full_rank"]
+        assert row["macs_after"] < row["macs_before"]
+    assert any(row["level"] < 1 for row in collapsed)
+    after = model_metrics(model).macs
+    assert after < before
+    assert after == before - sum(row["macs_before"] - row["macs_after"] for row in collapsed)
+    x = _digits_context().calibration
+    assert x is not None
+    assert np.isfinite(_run(model, x[:32])).all()
+
+
+def test_the_time_budget_holds_across_stages_and_retries() -> None:
+    torch.set_num_threads(1)
+    model = load_model(DIGITS_MODEL)
+    budget = 8.0
+    options = {"stages": 4, "retries": 2, "max_drop": 0.0, "sparsity": 0.99}
+    options.update({"max_layer_sparsity": 0.99, "time_budget_s": budget, "epochs_per_stage": 50})
+    lct = create_pass("lct", options, _digits_context())
+    tic = time.perf_counter()
+    lct(model)
+    seconds = time.perf_counter() - tic
+    records = lct.report.summary["stages"]
+    assert len(records) >= 2
+    # 50 epochs per stage would take minutes: the budget cut every attempt short.
+    assert sum(record["seconds"] for record in records) <= budget + 1.0
+    assert seconds < budget + 15.0  # + ranking, scoring and writing
+
+
+def test_sensitivity_refines_the_ranking() -> None:
+    torch.set_num_threads(1)
+    model = load_model(DIGITS_MODEL)
+    options = {**FAST, "sensitivity": True, "sensitivity_samples": 200, "stages": 1}
+    lct = create_pass("lct", options, _digits_context())
+    lct(model)
+    ranked = sorted(lct.report.layers, key=lambda row: row["significance"])
+    drops = [row["sensitivity"] for row in ranked]
+    assert all(d is not None for d in drops) and drops == sorted(drops)
+
+
+def test_after_step_hook_runs_after_every_optimizer_step() -> None:
+    from onnxcompress.torch_bridge.train import FinetuneConfig, finetune
+
+    context = _digits_context()
+    from onnxcompress.data import Dataset
+
+    assert context.calibration is not None
+    train = Dataset(context.calibration[:256], context.calibration_labels[:256], "digits")
+    calls: list[int] = []
+
+    def zero_fc(module) -> None:
+        calls.append(1)
+        module.param_for("fc.weight").data.zero_()
+
+    config = FinetuneConfig(epochs=1, batch_size=64, augment=False)
+    result = finetune(load_model(DIGITS_MODEL), None, train, None, config, False, zero_fc)
+    assert len(calls) == 4
+    fc = result.model.graph.initializers["fc.weight"].const_value
+    assert fc is not None and not fc.numpy().any()
+
+
+@pytest.mark.parametrize(
+    ("options", "fragment"),
+    [
+        ({"subspace": "pruned"}, "subspace"),
+        ({"sparsity": 1.0}, "sparsity"),
+        ({"sparsity": 0}, "sparsity"),
+        ({"subspace": "lowrank", "target_macs": 0.5, "energy": 0.9}, "not both"),
+        ({"subspace": "lowrank", "target_macs": 1.5}, "target_macs"),
+        ({"max_drop": -1}, "max_drop"),
+        ({"stages": 0}, "stages"),
+        ({"retries": -1}, "retries"),
+        ({"ramp": 2}, "ramp"),
+        ({"lr": 0}, "lr"),
+        ({"colour": "red"}, "no option"),
+    ],
+)
+def test_bad_options(options: dict, fragment: str) -> None:
+    with pytest.raises(PassConfigError, match=fragment):
+        create_pass("lct", options)
+
+
+def test_without_data_is_a_user_error() -> None:
+    with pytest.raises(PassConfigError, match="needs data"):
+        create_pass("lct", {})(load_model(DIGITS_MODEL))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("subspace", ["sparse", "lowrank"])
+def test_resnet18_from_the_zoo(tmp_path: Path, subspace: str) -> None:
+    from zoo import export_torchvision
+
+    from onnxcompress.model import load_canonical
+
+    torch.set_num_threads(2)
+    path = export_torchvision("resnet18", size=64)
+    model, _ = load_canonical(path)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((96, 3, 64, 64)).astype(np.float32)
+    context = PassContext(calibration=x, seed=0)
+    options = {"stages": 2, "epoch_samples": 32, "batch_size": 16, "subspace": subspace}
+    options["max_drop"] = 100.0
+    lct = create_pass("lct", options, context)
+    lct(model)
+    assert lct.report.modified
+    saved = save_model(model, tmp_path / "out.onnx")
+    onnx.checker.check_model(onnx.load(str(saved)), full_check=True)
+    y = _run(load_model(saved), x[:8])
+    assert y.shape == (8, 1000) and np.isfinite(y).all()
+    if subspace == "sparse":
+        assert saved.stat().st_size < path.stat().st_size / 4
+
+
+def test_limited_scoring_spreads_over_class_sorted_data() -> None:
+    from onnxcompress.data import Dataset
+    from onnxcompress.passes.lct import _Scorer
+
+    context = _digits_context()
+    assert context.calibration is not None and context.calibration_labels is not None
+    order = np.argsort(context.calibration_labels, kind="stable")
+    data = Dataset(context.calibration[order], context.calibration_labels[order], "sorted")
+    scorer = _Scorer(load_model(DIGITS_MODEL), data, "cpu")
+    index = scorer.subset(50)
+    assert index.size == 50 and len(set(data.y[index].tolist())) == 10
+    assert scorer.score(_Scorer.module_of(scorer, load_model(DIGITS_MODEL))) == scorer.teacher_score
