@@ -30,6 +30,7 @@ import onnx_ir as ir
 from onnxcompress.allocation import GroupPath, allocate
 from onnxcompress.channels import ChannelAnalysis, ChannelGroup, WeightSlice, analyze_channels
 from onnxcompress.errors import PassConfigError
+from onnxcompress.model import drop_resident_external_pages
 from onnxcompress.passes.base import CompressionPass, PassConfig, PassReport, check_fraction
 from onnxcompress.replaceability import (
     Compensation,
@@ -170,6 +171,9 @@ class LinearlyReplaceableFilters(CompressionPass):
                 if count:
                     residual = self._remove(model, fit, count)
                     errors.setdefault(fit.group.id, []).extend(residual.tolist())
+                    # Weights read from a memory-mapped external file stay resident until let
+                    # go: a 1 GB model would otherwise hold every old layer beside the new ones.
+                    drop_resident_external_pages(model)
             current = measure(model_metrics(model))
             logger.info(
                 "%s round %d: %s now %d (target %s)",
@@ -282,7 +286,10 @@ class LinearlyReplaceableFilters(CompressionPass):
         if intercept:
             all_views = self._activation_views(model, groups)
         else:
-            all_views = {g.id: self._weight_views(g) for g in groups}
+            all_views = {}
+            for group in groups:
+                all_views[group.id] = self._weight_views(group)
+                drop_resident_external_pages(model)  # see run(): mapped weights, let go
         fits = []
         for group in groups:
             views = all_views[group.id]
