@@ -60,7 +60,9 @@ def kill_when(command: list[str], marker: str, delay: float, cwd: Path) -> str:
 
 @pytest.mark.parametrize(
     ("marker", "delay"),
-    [("running canonicalize", 0.0), ("running lrf", 0.3), ("  lrf:", 0.0)],
+    # Killed the moment the marker shows: on a quiet machine the demo model's whole lrf step,
+    # verification and save take well under a second, so any delay here races the finish.
+    [("running canonicalize", 0.0), ("running lrf", 0.0), ("  lrf:", 0.0)],
     ids=["canonicalize", "mid-lrf", "before-save"],
 )
 def test_killed_compress_leaves_no_output_and_the_input_intact(
@@ -76,8 +78,16 @@ def test_killed_compress_leaves_no_output_and_the_input_intact(
     kill_when(command, marker, delay, tmp_path)
     assert source.read_bytes() == before
     assert sorted(p.name for p in source.parent.iterdir()) == ["model.onnx"]
-    # no output, and no half-written temporary file beside where it would have gone
-    assert list(out_dir.iterdir()) == []
+    # No half-written temporary file beside where the output would have gone, ever.
+    left = sorted(p.name for p in out_dir.iterdir())
+    if marker == "running canonicalize":
+        assert left == []  # killed long before any write: nothing at all
+    else:
+        # The later kills can lose the race to a finish well under a second away; then the
+        # atomic rename has happened and the file must be the whole, loadable model.
+        assert left in ([], ["small.onnx"]), left
+        if left:
+            load_model(out_dir / "small.onnx")
 
 
 def finetune_command(student: Path, out: Path, checkpoints: Path, *extra: str) -> list[str]:
