@@ -12,13 +12,16 @@ import logging
 import time
 import typing
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import InPlacePass, PassResult
 
 from onnxcompress.errors import PassConfigError
+
+if TYPE_CHECKING:
+    from onnxcompress.data import Dataset
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +97,26 @@ class PassContext:
     seed: int = 0
     progress: bool = False
     extras: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def calibration_set(self, name: str = "calibration data") -> Dataset:
+        """The calibration batch (and its labels, when known) as a Dataset."""
+        from onnxcompress.data import Dataset
+
+        assert self.calibration is not None
+        return Dataset(
+            np.ascontiguousarray(self.calibration, dtype=np.float32),
+            self.calibration_labels,
+            name,
+        )
+
+    @staticmethod
+    def load(model: ir.Model, spec: str | None) -> Dataset | None:
+        """The dataset ``spec`` names, preprocessed for ``model``; None without a spec."""
+        if spec is None:
+            return None
+        from onnxcompress.evaluate import dataset_for_model
+
+        return dataset_for_model(model, spec)
 
 
 @dataclasses.dataclass

@@ -693,18 +693,13 @@ class CheapConvolutions(CompressionPass):
         replaced_outputs: Sequence[str],
         report: PassReport,
     ) -> None:
-        from onnxcompress.evaluate import dataset_for_model
         from onnxcompress.torch_bridge.train import FinetuneConfig, finetune
         from onnxcompress.torch_bridge.writeback import write_back
 
         cfg, context = self.cfg, self.context
-        assert context.train_spec is not None
-        train = dataset_for_model(model, context.train_spec)
-        val = (
-            dataset_for_model(model, context.validation_spec)
-            if context.validation_spec is not None
-            else None
-        )
+        train = context.load(model, context.train_spec)
+        assert train is not None
+        val = context.load(model, context.validation_spec)
         trainable: str | tuple[str, ...] = "all"
         if fixed_nodes:
             fixed = set(fixed_nodes)

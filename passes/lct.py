@@ -582,26 +582,12 @@ class LayerwiseCompressiveTraining(CompressionPass):
     # -- data, ranking, stages ---------------------------------------------------------------
 
     def _datasets(self, model: ir.Model) -> tuple[Dataset, Dataset]:
-        from onnxcompress.data import Dataset
-        from onnxcompress.evaluate import dataset_for_model
-
         context = self.context
-        assert context.calibration is not None
-        calibration = Dataset(
-            np.ascontiguousarray(context.calibration, dtype=np.float32),
-            None if context.calibration_labels is None else context.calibration_labels,
-            "calibration data",
-        )
-        train = (
-            dataset_for_model(model, context.train_spec)
-            if context.train_spec is not None
-            else calibration
-        )
-        val = (
-            dataset_for_model(model, context.validation_spec)
-            if context.validation_spec is not None
-            else calibration
-        )
+        calibration = context.calibration_set()
+        train = context.load(model, context.train_spec)
+        val = context.load(model, context.validation_spec)
+        train = calibration if train is None else train
+        val = calibration if val is None else val
         if len(train) == 0 or len(val) == 0:
             raise DataError(f"{self.name}: the training or validation data holds no images")
         return train, val

@@ -235,7 +235,7 @@ class IncrementalResection(CompressionPass):
         # when layers are counted) only costs accuracy.
         order = [row["key"] for row in ranking if self._useful(row)]
 
-        train, val = self._load_data(teacher, x)
+        train, val = self._load_data(teacher)
         reference_top1 = self._top1(teacher, val, teacher)
         report.summary["validation"] = val.name
         report.summary["top1_before"] = reference_top1
@@ -432,28 +432,16 @@ class IncrementalResection(CompressionPass):
 
     # -- data and accuracy -------------------------------------------------------------------
 
-    def _load_data(self, teacher: ir.Model, x: np.ndarray) -> tuple[Dataset | None, Dataset]:
-        from onnxcompress.data import Dataset
-        from onnxcompress.evaluate import dataset_for_model
-
+    def _load_data(self, teacher: ir.Model) -> tuple[Dataset | None, Dataset]:
         context = self.context
-        calibration = Dataset(
-            np.ascontiguousarray(x, dtype=np.float32),
-            context.calibration_labels,
-            "calibration batch",
-        )
-        val = (
-            dataset_for_model(teacher, context.validation_spec)
-            if context.validation_spec
-            else calibration
-        )
+        calibration = context.calibration_set("calibration batch")
+        # An empty spec string counts as none, as it always did here.
+        val = context.load(teacher, context.validation_spec or None)
+        val = calibration if val is None else val
         train: Dataset | None = None
         if self.cfg.trains:
-            train = (
-                dataset_for_model(teacher, context.train_spec)
-                if context.train_spec
-                else calibration
-            )
+            train = context.load(teacher, context.train_spec or None)
+            train = calibration if train is None else train
         return train, val
 
     @staticmethod
