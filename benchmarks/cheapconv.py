@@ -39,6 +39,7 @@ from harness import (
     DEFAULT_RESULTS,
     DEFAULT_SHARED,
     cifar10_spec,
+    cifar10_train_spec,
     command_line,
     load_text,
     machine_state,
@@ -47,7 +48,7 @@ from harness import (
     setup_logging,
     write_results,
 )
-from recovery import plan_epochs, probe_throughput, train_spec
+from recovery import _broadcast, _rank, plan_epochs, probe_throughput
 
 from onnxcompress.bench import benchmark
 from onnxcompress.evaluate import accuracy, dataset_for_model
@@ -72,18 +73,6 @@ KIND_OPTIONS: dict[str, dict[str, Any]] = {
 
 def conv_macs(model: Any) -> int:
     return sum(layer.macs for layer in model_metrics(model).layers if layer.op == "Conv")
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _broadcast(value: Any) -> Any:
-    if not dist.is_initialized():
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     tic = time.perf_counter()
     teacher_model = load_model(teacher_path)
     validation = dataset_for_model(teacher_model, cifar10_spec(args.shared, "0:500"))
-    train = dataset_for_model(teacher_model, train_spec(args.shared))
+    train = dataset_for_model(teacher_model, cifar10_train_spec(args.shared))
     timings["load_train_s"] = time.perf_counter() - tic
     say(f"training split: {len(train)} images in {timings['load_train_s']:.0f} s")
 

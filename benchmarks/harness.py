@@ -35,6 +35,13 @@ def cifar10_spec(shared: Path, per_class: str) -> str:
     return f"folder:{archive}/cifar10-jpeg/test?per_class={per_class}&{CIFAR_NORMALIZE}"
 
 
+def cifar10_train_spec(shared: Path, per_class: str | None = None) -> str:
+    """Dataset spec of the CIFAR-10 JPEG training split (``per_class``: a slice of each class)."""
+    archive = shared / "data" / "cifar10-jpeg.tar.gz"
+    select = f"per_class={per_class}&" if per_class else ""
+    return f"folder:{archive}/cifar10-jpeg/train?{select}{CIFAR_NORMALIZE}"
+
+
 def resnet20_path(shared: Path) -> Path:
     return shared / "models" / "resnet20_cifar10.onnx"
 

@@ -28,10 +28,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import (
-    CIFAR_NORMALIZE,
     DEFAULT_RESULTS,
     DEFAULT_SHARED,
     cifar10_spec,
+    cifar10_train_spec,
     command_line,
     load_text,
     machine_state,
@@ -67,11 +67,6 @@ HISTORY = (
 )
 # Per mode, kept back from its training budget: ranking, stage scoring, saving, evaluation.
 RESERVE_SECONDS = 120.0
-
-
-def train_spec(shared: Path) -> str:
-    archive = shared / "data" / "cifar10-jpeg.tar.gz"
-    return f"folder:{archive}/cifar10-jpeg/train?{CIFAR_NORMALIZE}"
 
 
 @dataclasses.dataclass
@@ -159,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     teacher_metrics = model_metrics(canonical)
     load_seconds = time.perf_counter() - tic
     print(f"teacher: top-1 {teacher_top1:.2f}% on the evaluation half ({load_seconds:.0f} s)")
-    spec = train_spec(args.shared)
+    spec = cifar10_train_spec(args.shared)
     if args.train_images is not None:
         spec += f"&per_class=0:{max(1, args.train_images // 10)}"
 

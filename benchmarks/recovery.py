@@ -33,10 +33,10 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import (
-    CIFAR_NORMALIZE,
     DEFAULT_RESULTS,
     DEFAULT_SHARED,
     cifar10_spec,
+    cifar10_train_spec,
     command_line,
     load_text,
     machine_state,
@@ -62,11 +62,6 @@ RESERVE_SECONDS = 90.0
 PROBE_IMAGES = 640
 # Where ResNet-20's three stages end (same names in the teacher and in lrf's output).
 STAGE_OUTPUTS = tuple(f"/layer{i}/layer{i}.2/Relu_1_output_0" for i in (1, 2, 3))
-
-
-def train_spec(shared: Path) -> str:
-    archive = shared / "data" / "cifar10-jpeg.tar.gz"
-    return f"folder:{archive}/cifar10-jpeg/train?{CIFAR_NORMALIZE}"
 
 
 def probe_throughput(
@@ -191,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tic = time.perf_counter()
     validation = dataset_for_model(teacher, cifar10_spec(args.shared, "0:500"))
-    train = dataset_for_model(teacher, train_spec(args.shared))
+    train = dataset_for_model(teacher, cifar10_train_spec(args.shared))
     timings["load_train_s"] = time.perf_counter() - tic
     say(f"training split: {len(train)} images in {timings['load_train_s']:.0f} s")
 

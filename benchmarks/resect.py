@@ -28,10 +28,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import (
-    CIFAR_NORMALIZE,
     DEFAULT_RESULTS,
     DEFAULT_SHARED,
     cifar10_spec,
+    cifar10_train_spec,
     command_line,
     load_text,
     machine_state,
@@ -50,11 +50,6 @@ BUDGET_MINUTES = 30.0
 # Kept back from the training budget for the final evaluation, the latency runs and writing.
 RESERVE_SECONDS = 150.0
 BLOCKS = 9
-
-
-def train_spec(shared: Path) -> str:
-    archive = shared / "data" / "cifar10-jpeg.tar.gz"
-    return f"folder:{archive}/cifar10-jpeg/train?{CIFAR_NORMALIZE}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     calib_part, eval_part = ("0:20", "500:520") if args.quick else ("0:500", "500:1000")
     calibration = dataset_for_model(teacher, cifar10_spec(args.shared, calib_part))
     evaluation = dataset_for_model(teacher, cifar10_spec(args.shared, eval_part))
-    train = train_spec(args.shared)
+    train = cifar10_train_spec(args.shared)
     if args.quick:
         train = train.replace("/train?", "/train?per_class=0:50&")
     timings["load_eval_s"] = time.perf_counter() - tic

@@ -22,11 +22,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import (
-    CIFAR_NORMALIZE,
     DEFAULT_RESULTS,
     DEFAULT_SHARED,
     REPO_ROOT,
     cifar10_spec,
+    cifar10_train_spec,
     load_text,
     machine_state,
     resnet20_path,
@@ -92,12 +92,6 @@ def shown(path: Path) -> str:
         return str(path)
 
 
-def train_spec(shared: Path, per_class: str | None) -> str:
-    archive = shared / "data" / "cifar10-jpeg.tar.gz"
-    select = f"per_class={per_class}&" if per_class else ""
-    return f"folder:{archive}/cifar10-jpeg/train?{select}{CIFAR_NORMALIZE}"
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shared", type=Path, default=DEFAULT_SHARED)
@@ -117,7 +111,7 @@ def main() -> int:
     header = RECIPE_HEADER.format(
         calibration=cifar10_spec(args.shared, "0:20" if quick else "0:100"),
         calibration_size=200 if quick else 1000,
-        train=train_spec(args.shared, "0:30" if quick else None),
+        train=cifar10_train_spec(args.shared, "0:30" if quick else None),
         # Budget decisions (max_drop) are taken on the calibration half, on files the lrf fits
         # never saw; the evaluation half is kept for the final number only (data/README.md).
         validation=cifar10_spec(args.shared, "100:130" if quick else "100:500"),
