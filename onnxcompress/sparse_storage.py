@@ -20,6 +20,12 @@ Two encodings; each tensor gets the smaller one:
     The non-zero values and the uint8 distance of each from the previous one (a zero-valued
     filler entry every 255 elements of a longer run). Decoded by ``CumSum`` of the gaps
     (positions) and ``ScatterND`` into zeros: ``5 * nnz`` bytes; better below 1/8 density.
+
+``values="float16"`` (opt-in, lossy) stores the non-zero float32 values as float16 and casts
+them back in the graph, halving the bytes per value: each weight is rounded to 11 significant
+bits (relative error at most 2**-11). A tensor with too few zeros for either encoding is then
+stored ``dense16``: the whole tensor as float16 plus one Cast. The decoded weights equal the
+float16 rounding of the originals exactly, so accuracy must be measured on the stored model.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from onnxcompress.model import fresh_name
 logger = logging.getLogger(__name__)
 
 ENCODINGS = ("mask", "gaps")
+VALUE_TYPES = ("float32", "float16")
 MIN_OPSET = 11  # BitShift, CumSum, ScatterND
 MAX_GAP = 255
 # Rough serialized size of one decoding subgraph (nodes, small constants, names): a tensor is
@@ -54,7 +61,8 @@ class StoredTensor:
         shape: its shape.
         elements: its element count.
         nonzeros: its non-zero elements.
-        encoding: ``mask``, ``gaps`` or ``dense`` (left as it was).
+        encoding: ``mask``, ``gaps``, ``dense16`` (float16 values only) or ``dense`` (left as
+            it was).
         dense_bytes: raw bytes of the dense tensor.
         stored_bytes: raw bytes of the tensors that replace it (equal to ``dense_bytes`` when
             left dense).
@@ -123,19 +131,26 @@ def decode_gaps(gaps: np.ndarray, values: np.ndarray, shape: tuple[int, ...]) ->
     return dense.reshape(shape)
 
 
-def encoded_sizes(array: np.ndarray) -> dict[str, int]:
-    """Raw bytes of ``array`` under each encoding (and ``dense``)."""
+def encoded_sizes(array: np.ndarray, value_bytes: int | None = None) -> dict[str, int]:
+    """Raw bytes of ``array`` under each encoding (and ``dense``).
+
+    Args:
+        value_bytes: bytes per stored value (2 for float16 values); None: the array's own.
+    """
     flat = np.asarray(array).reshape(-1)
-    item = flat.dtype.itemsize
+    item = flat.dtype.itemsize if value_bytes is None else value_bytes
     nonzero = np.flatnonzero(flat)
     steps = np.diff(nonzero, prepend=0)
     fillers = int(np.maximum(0, (steps - 1) // MAX_GAP).sum())
-    return {
-        "dense": flat.size * item,
+    sizes = {
+        "dense": flat.size * flat.dtype.itemsize,
         "mask": (flat.size + 7) // 8 + (nonzero.size + 1) * item,
         # ScatterND of nothing is left out: an all-zero tensor takes the mask.
         "gaps": (nonzero.size + fillers) * (1 + item) if nonzero.size else flat.size * item,
     }
+    if item < flat.dtype.itemsize:
+        sizes["dense16"] = flat.size * item
+    return sizes
 
 
 def _opset(model: ir.Model) -> int:
@@ -149,10 +164,21 @@ def _opset(model: ir.Model) -> int:
 class _Builder:
     """Adds initializers and nodes for one graph; small constants are shared."""
 
-    def __init__(self, graph: ir.Graph) -> None:
+    def __init__(self, graph: ir.Graph, narrow: bool = False) -> None:
+        """Args:
+        narrow: store float32 values as float16, cast back to float32 in the graph.
+        """
         self.graph = graph
+        self.narrow = narrow
         self.nodes: list[ir.Node] = []
         self._shared: dict[str, ir.Value] = {}
+
+    def values(self, name: str, values: np.ndarray) -> ir.Value:
+        """The stored values, narrowed to float16 and cast back when asked."""
+        if not self.narrow or values.dtype != np.float32:
+            return self.constant(name, values)
+        stored = self.constant(name, values.astype(np.float16))
+        return self.op("Cast", [stored], to=int(ir.DataType.FLOAT))
 
     def constant(self, base: str, array: np.ndarray) -> ir.Value:
         name = fresh_name(self.graph, base)
@@ -175,7 +201,7 @@ class _Builder:
     def decode_mask(self, name: str, array: np.ndarray) -> ir.Value:
         bits, values = encode_mask(array)
         packed = self.constant(f"{name}.mask", bits)
-        stored = self.constant(f"{name}.values", values)
+        stored = self.values(f"{name}.values", values)
         count = self.constant(f"{name}.count", np.array([array.size], np.int64))
         column = self.op("Reshape", [packed, self.shared("column", np.array([-1, 1], np.int64))])
         # (b << (7 - k)) >> 7 is bit k of b in uint8 arithmetic; BitwiseAnd needs opset 18.
@@ -198,7 +224,7 @@ class _Builder:
     def decode_gaps(self, name: str, array: np.ndarray) -> ir.Value:
         gaps, values = encode_gaps(array)
         stored_gaps = self.constant(f"{name}.gaps", gaps)
-        stored = self.constant(f"{name}.values", values)
+        stored = self.values(f"{name}.values", values)
         count = self.constant(f"{name}.count", np.array([array.size], np.int64))
         wide = self.op("Cast", [stored_gaps], to=int(ir.DataType.INT64))
         positions = self.op("CumSum", [wide, self.shared("axis", np.array(0, np.int64))])
@@ -207,6 +233,9 @@ class _Builder:
         zeros = self.op("ConstantOfShape", [count], value=zero)
         dense = self.op("ScatterND", [zeros, column, stored])
         return self._reshape(dense, array.shape)
+
+    def decode_dense16(self, name: str, array: np.ndarray) -> ir.Value:
+        return self.values(f"{name}.values", array)
 
     def _reshape(self, flat: ir.Value, shape: tuple[int, ...]) -> ir.Value:
         key = "shape_" + "x".join(str(d) for d in shape)
@@ -219,6 +248,7 @@ def store_sparse(
     *,
     min_saving: int = DECODER_BYTES,
     encoding: str | None = None,
+    values: str = "float32",
 ) -> list[StoredTensor]:
     """Replace mostly-zero float initializers of the main graph by compact encodings.
 
@@ -229,20 +259,29 @@ def store_sparse(
         names: initializers to consider; None: every float initializer with zeros.
         min_saving: store compactly only when that saves more than this many bytes.
         encoding: force ``mask`` or ``gaps``; None picks the smaller per tensor.
+        values: ``float32`` keeps the values exactly; ``float16`` stores float32 values as
+            float16 (lossy, see the module docstring), and may store a tensor ``dense16``.
 
     Returns:
         One record per considered initializer (``encoding="dense"`` with a reason when left).
 
     Raises:
-        ValueError: an unknown ``encoding``.
+        ValueError: an unknown ``encoding`` or ``values``.
     """
     if encoding is not None and encoding not in ENCODINGS:
         raise ValueError(f"encoding={encoding!r} is not one of {', '.join(ENCODINGS)}")
+    if values not in VALUE_TYPES:
+        raise ValueError(f"values={values!r} is not one of {', '.join(VALUE_TYPES)}")
     graph = model.graph
     wanted = list(graph.initializers) if names is None else list(names)
     opset = _opset(model)
     graph_inputs = {v.name for v in graph.inputs}
-    builder = _Builder(graph)
+    builder = _Builder(graph, narrow=values == "float16")
+    decoders = {
+        "mask": builder.decode_mask,
+        "gaps": builder.decode_gaps,
+        "dense16": builder.decode_dense16,
+    }
     records: list[StoredTensor] = []
     replaced: list[tuple[ir.Value, ir.Value]] = []
     for name in wanted:
@@ -253,14 +292,16 @@ def store_sparse(
         if not tensor.dtype.is_floating_point():
             continue
         array = tensor.numpy()
-        sizes = encoded_sizes(array)
+        narrow = builder.narrow and array.dtype == np.float32
+        sizes = encoded_sizes(array, 2 if narrow else None)
         nonzeros = int(np.count_nonzero(array))
         record = StoredTensor(
             name, tuple(array.shape), int(array.size), nonzeros, "dense", sizes["dense"],
             sizes["dense"],
         )  # fmt: skip
         records.append(record)
-        choice = encoding or min(ENCODINGS, key=lambda key: sizes[key])
+        choices = [key for key in sizes if key != "dense"]
+        choice = encoding or min(choices, key=lambda key: sizes[key])
         if opset < MIN_OPSET:
             record.reason = f"opset {opset} < {MIN_OPSET} lacks the decoding ops"
         elif name in graph_inputs:
@@ -276,7 +317,7 @@ def store_sparse(
             )
         if record.reason:
             continue
-        decoded = (builder.decode_mask if choice == "mask" else builder.decode_gaps)(name, array)
+        decoded = decoders[choice](name, array)
         record.encoding, record.stored_bytes = choice, sizes[choice]
         replaced.append((value, decoded))
     if builder.nodes:
@@ -300,6 +341,7 @@ def store_sparse(
 
 __all__ = [
     "ENCODINGS",
+    "VALUE_TYPES",
     "StoredTensor",
     "decode_gaps",
     "decode_mask",

@@ -6,11 +6,13 @@ sparser is less significant. The layers are then collapsed stage by stage in tha
 projected SGD: after every optimizer step the weights below each layer's threshold ``sigma_l``
 are set to zero, ``sigma_l`` growing from 0 to its target over the stage, while the model
 distills from the original. A stage is kept only if validation top-1 stays within ``max_drop``
-of the original; a stage that breaks it is retried from the last accepted weights with half its
-increment (a bounded number of times), and the run goes on with the next stage, so compression
-grows while accuracy holds and the most compressed accepted model is the result; the significant
-layers, whose stages are all rejected, stay dense. The collapsed weights are stored compactly
-(``onnxcompress.sparse_storage``), so the file really shrinks.
+(plus a ``slack`` that the final fine-tune is expected to win back) of the original; a stage that
+breaks it is retried from the last accepted weights with half its increment (a bounded number of
+times), and the run goes on with the next stage, so compression grows while accuracy holds; the
+significant layers, whose stages are all rejected, stay dense. A final fine-tune at the accepted
+constraints (``final_share`` of the time) recovers what the short stages could not; if it still
+misses ``max_drop``, the result is the last stage that met it by itself. The collapsed weights
+are stored compactly (``onnxcompress.sparse_storage``), so the file really shrinks.
 
 ``subspace=lowrank`` (beyond the paper) ranks and trains the same way, but the projection is a
 truncated SVD to rank ``r_l`` (ranks from a global spectral-energy threshold that meets
@@ -75,7 +77,11 @@ class LctConfig(PassConfig):
             ranks by one spectral-energy threshold); the default when ``energy`` is not given.
         energy: lowrank: instead of a budget, keep this fraction of each layer's squared
             singular values.
-        max_drop: validation top-1 (points) a stage may lose against the original.
+        max_drop: validation top-1 (points) the result may lose against the original.
+        slack: a stage is kept while it is within ``max_drop + slack`` points; the final
+            fine-tune must bring the model back within ``max_drop`` (else the last stage that
+            was within it by itself is the result). Stages score right after a short fine-tune,
+            which under-rates what a longer one recovers.
         sensitivity: refine the ranking by measuring each layer alone at its target on the
             validation data (accuracy drop; ties keep the paper's order).
         sensitivity_samples: validation images used for that measurement.
@@ -90,9 +96,21 @@ class LctConfig(PassConfig):
             (``onnxcompress.torch_bridge.train.FinetuneConfig``). The learning rate is lower
             than a recovery fine-tune's because every stage starts from a trained model (at
             0.01, the first one-epoch stage on ResNet-20 CIFAR-10 ended 2.6 points down).
+        final_share: share of ``time_budget_s`` kept for the final fine-tune (0: none).
+        final_epochs: epochs of the final fine-tune without a time budget (0: none).
+        final_lr: learning rate of the final fine-tune (a full cosine cycle).
         time_budget_s: wall time for all the training and stage scoring; each attempt gets
-            what is left divided by the stages left, so retries shorten later stages.
+            what is left (less the final share) divided by the stages left, so retries shorten
+            later stages.
         compact: sparse: store the collapsed weights compactly (mask or gap encoding).
+        values: sparse: ``float32`` stores the kept values exactly; ``float16`` (opt-in,
+            lossy: 11 significant bits) halves their bytes and stores the collapsed layers
+            that stay too dense for a mask as float16 too.
+        min_saving: lowrank: a layer is factorized only when that saves at least this
+            fraction of its MACs (two small convolutions cost more than their MACs say); a
+            layer cut less keeps its low-rank weights in one dense layer (same outputs).
+        round_to: lowrank: ranks are multiples of this (the channel block of the CPU kernels;
+            16 on AVX-512, 8 on AVX2), unless the full rank is smaller.
         exclude: node-name patterns (fnmatch, ``;``-separated on the command line) that stay
             dense.
         device: torch device for training (None: a GPU when visible).
@@ -109,6 +127,7 @@ class LctConfig(PassConfig):
     target_macs: float | None = None
     energy: float | None = None
     max_drop: float = 1.0
+    slack: float = 1.0
     sensitivity: bool = False
     sensitivity_samples: int = 1000
     stages: int = 8
@@ -121,8 +140,14 @@ class LctConfig(PassConfig):
     temperature: float = 4.0
     alpha: float = 0.9
     weight_decay: float = 5e-4
+    final_share: float = 0.3
+    final_epochs: int = 1
+    final_lr: float = 0.01
     time_budget_s: float | None = None
     compact: bool = True
+    values: str = "float32"
+    min_saving: float = 0.25
+    round_to: int = 8
     exclude: tuple[str, ...] = ()
     device: str | None = None
 
@@ -145,6 +170,22 @@ class LctConfig(PassConfig):
         check_fraction("energy", self.energy, allow_one=False)
         if not (self.max_drop >= 0.0 and math.isfinite(self.max_drop)):
             raise PassConfigError(f"max_drop={self.max_drop} must be >= 0 (top-1 points)")
+        if not (self.slack >= 0.0 and math.isfinite(self.slack)):
+            raise PassConfigError(f"slack={self.slack} must be >= 0 (top-1 points)")
+        if not 0.0 <= self.final_share < 1.0:
+            raise PassConfigError(f"final_share={self.final_share} is out of range: give [0, 1)")
+        if self.final_epochs < 0:
+            raise PassConfigError(f"final_epochs={self.final_epochs} must be >= 0")
+        if not self.final_lr > 0:
+            raise PassConfigError(f"final_lr={self.final_lr} must be positive")
+        from onnxcompress.sparse_storage import VALUE_TYPES
+
+        if self.values not in VALUE_TYPES:
+            raise PassConfigError(f"values={self.values!r} is not one of {', '.join(VALUE_TYPES)}")
+        if not 0.0 <= self.min_saving < 1.0:
+            raise PassConfigError(f"min_saving={self.min_saving} is out of range: give [0, 1)")
+        if self.round_to < 1:
+            raise PassConfigError(f"round_to={self.round_to} must be >= 1")
         if self.stages < 1 or self.epochs_per_stage < 1 or self.sensitivity_samples < 1:
             raise PassConfigError("stages, epochs_per_stage and sensitivity_samples must be >= 1")
         if self.retries < 0:
@@ -158,12 +199,17 @@ class LctConfig(PassConfig):
         # The fine-tuning options are checked by FinetuneConfig itself, with its messages.
         self.finetune_config(None)
 
-    def finetune_config(self, stage_budget: float | None) -> Any:
+    def finetune_config(self, stage_budget: float | None, final: bool = False) -> Any:
+        """The fine-tuning of one stage attempt, or of the final phase."""
         from onnxcompress.torch_bridge.train import FinetuneConfig
 
+        epochs = self.epochs_per_stage
+        if final:
+            # Under a time budget the clock ends the final run (the cosine follows the clock).
+            epochs = 10_000 if stage_budget is not None else max(1, self.final_epochs)
         return FinetuneConfig(
-            epochs=self.epochs_per_stage,
-            lr=self.lr,
+            epochs=epochs,
+            lr=self.final_lr if final else self.lr,
             batch_size=self.batch_size,
             temperature=self.temperature,
             alpha=self.alpha,
@@ -193,7 +239,9 @@ class Layer:
             back-offs leave a layer part of the way.
         zeros: sparse: zeros measured in the written weight.
         trans_b: Gemm: whether the weight is stored (N, K).
-        break_even: lowrank: the largest rank that still saves MACs (0: none).
+        break_even: lowrank: the largest rank (a multiple of ``multiple``) that saves at least
+            ``min_saving`` of the layer's MACs once factorized (0: none).
+        multiple: lowrank: ranks below the full rank are multiples of this.
         rank_cost / positions: lowrank: MACs per rank and output position, and the positions.
     """
 
@@ -215,6 +263,7 @@ class Layer:
     break_even: int = 0
     rank_cost: int = 0
     positions: int = 1
+    multiple: int = 1
 
     @property
     def elements(self) -> int:
@@ -241,7 +290,10 @@ class Layer:
             if level <= 0.0:
                 return self.full_rank
             top = max(self.rank, min(self.break_even, self.full_rank))
-            return top - round(level * (top - self.rank))
+            rank = top - round(level * (top - self.rank))
+            # Up to the block multiple: a backed-off level cuts less, never more, and stays at
+            # or below ``top`` (itself a multiple, as is the target).
+            return min(top, -(-rank // self.multiple) * self.multiple)
         return round(level * self.target_zeros)
 
     def macs_at(self, level: float) -> int:
@@ -389,7 +441,7 @@ class LayerwiseCompressiveTraining(CompressionPass):
             return
         if lowrank:
             self._allocate_ranks(model, layers, report, macs_before)
-            layers = [layer for layer in layers if layer.rank <= layer.break_even]
+            layers = [layer for layer in layers if 0 < layer.rank <= layer.break_even]
         else:
             self._allocate_sparsity(model, layers)
             layers = [layer for layer in layers if layer.target_zeros > 0]
@@ -410,13 +462,13 @@ class LayerwiseCompressiveTraining(CompressionPass):
                 "ranking": [layer.node for layer in layers],
             }
         )
-        accepted_module, history, stopped = self._train_stages(
+        accepted, history, stopped = self._train_stages(
             model, teacher, train, scorer, stages, lowrank, reference
         )
         report.summary["stages"] = history
         if stopped is not None:
             report.summary["stopped"] = stopped
-        if accepted_module is None:
+        if accepted is None:
             report.decline(
                 "<model>",
                 f"no stage stayed within max_drop={cfg.max_drop} points of validation top-1, "
@@ -427,7 +479,7 @@ class LayerwiseCompressiveTraining(CompressionPass):
             return
         from onnxcompress.torch_bridge.writeback import write_back
 
-        write_back(model, accepted_module)
+        write_back(model, accepted.module)
         report.modified = True
         for layer in layers:
             layer.zeros = int(np.count_nonzero(_weight(model, layer) == 0))
@@ -454,7 +506,7 @@ class LayerwiseCompressiveTraining(CompressionPass):
                 "file_bytes_after": len(model_to_bytes(model)),
                 "macs_before": macs_before,
                 "macs_after": after.macs,
-                "final_top1": history[-1]["accepted_top1"] if history else None,
+                "final_top1": accepted.top1,
                 "attempts": len(history),
                 "accepted_attempts": sum(1 for record in history if record["accepted"]),
             }
@@ -539,8 +591,14 @@ class LayerwiseCompressiveTraining(CompressionPass):
             layer.macs = node_macs(node)
             dense_cost = rank_cost(node, layer.shape, None)
             layer.positions = max(1, layer.macs // max(dense_cost, 1))
-            layer.break_even = break_even_rank(node, layer.shape)
             layer.rank_cost = rank_cost(node, layer.shape, 1)
+            layer.multiple = cfg.round_to if layer.full_rank > cfg.round_to else 1
+            # The largest rank worth factorizing: it saves at least min_saving of the MACs.
+            worth = math.floor(
+                (1.0 - cfg.min_saving) * layer.macs / max(layer.rank_cost * layer.positions, 1)
+            )
+            limit = min(break_even_rank(node, layer.shape), worth)
+            layer.break_even = max(0, limit - limit % layer.multiple)
 
         def apply(ranks: Sequence[int]) -> int:
             saved = 0
@@ -554,7 +612,12 @@ class LayerwiseCompressiveTraining(CompressionPass):
             return macs_before - saved
 
         if cfg.energy is not None:
-            apply([energy_rank(s, cfg.energy) for s in spectra])
+            apply(
+                [
+                    _round_rank(energy_rank(s, cfg.energy), layer)
+                    for s, layer in zip(spectra, layers, strict=True)
+                ]
+            )
             return
         assert cfg.target_macs is not None
         goal = cfg.target_macs * macs_before
@@ -562,7 +625,8 @@ class LayerwiseCompressiveTraining(CompressionPass):
 
         def ranks_at(log_threshold: float) -> list[int]:
             threshold = math.exp(log_threshold)
-            return [max(1, int(np.count_nonzero(share >= threshold))) for share in shares]
+            counts = [max(1, int(np.count_nonzero(share >= threshold))) for share in shares]
+            return [_round_rank(c, layer) for c, layer in zip(counts, layers, strict=True)]
 
         low, high = math.log(1e-12), 0.0
         if apply(ranks_at(high)) > goal:
@@ -623,27 +687,28 @@ class LayerwiseCompressiveTraining(CompressionPass):
         stages: list[list[Layer]],
         lowrank: bool,
         reference: float,
-    ) -> tuple[OnnxModule | None, list[dict[str, Any]], str | None]:
-        """Collapse the stages in order, backing off on rejection; the last accepted model wins.
+    ) -> tuple[_Accepted | None, list[dict[str, Any]], str | None]:
+        """Collapse the stages in order, backing off on rejection, then fine-tune at the end.
 
-        Returns the accepted student (None when nothing was accepted), one record per attempt,
-        and why the run stopped early (None when every stage ran).
+        Returns the accepted student (None when nothing met the budget), one record per
+        attempt (the final fine-tune's has ``stage="final"``), and why the stages stopped early
+        (None when every stage ran).
         """
-        import torch
-
-        from onnxcompress.torch_bridge.train import finetune
-        from onnxcompress.torch_bridge.writeback import write_back
-
         cfg = self.cfg
         clock = time.perf_counter()
+        # The stages' share of the budget; the final fine-tune gets what they leave.
+        stage_time = None
+        if cfg.time_budget_s is not None:
+            stage_time = cfg.time_budget_s * (1.0 - cfg.final_share)
         per_epoch = min(len(train), cfg.epoch_samples or len(train))
         steps = max(1, per_epoch // cfg.batch_size) * cfg.epochs_per_stage
         every = [layer for stage in stages for layer in stage]
-        accepted_module: OnnxModule | None = None
-        accepted_top1 = reference
+        accepted: _Accepted | None = None
+        # The last accepted model that was within max_drop by itself: the fallback.
+        within: _Accepted | None = None
         student = model
         history: list[dict[str, Any]] = []
-        attempts = 0
+        stopped: str | None = None
         scoring = 0.0
         for number, stage in enumerate(stages, start=1):
             for layer in stage:
@@ -651,45 +716,29 @@ class LayerwiseCompressiveTraining(CompressionPass):
             increment = 1.0
             for retry in range(cfg.retries + 1):
                 budget: float | None = None
-                if cfg.time_budget_s is not None:
+                if stage_time is not None:
                     # What is left, shared by the stages left (retries eat into later stages),
                     # less the scoring that follows the training.
-                    left = cfg.time_budget_s - (time.perf_counter() - clock)
+                    left = stage_time - (time.perf_counter() - clock)
                     budget = left / (len(stages) - number + 1) - scoring
                     if budget < MIN_ATTEMPT_SECONDS:
-                        note = (
-                            f"time_budget_s={cfg.time_budget_s} spent before stage {number} "
-                            f"(attempt {retry + 1})"
+                        stopped = (
+                            f"the stages' share of time_budget_s={cfg.time_budget_s} was spent "
+                            f"before stage {number} (attempt {retry + 1})"
                         )
-                        logger.info("lct: %s", note)
-                        return accepted_module, history, note
+                        break
                 goal = {layer.node: min(1.0, layer.level + increment) for layer in stage}
                 fixed = [layer for layer in every if layer.level > 0 and layer.node not in goal]
-                attempts += 1
                 config = cfg.finetune_config(budget)
-                # Each attempt draws its own images and augmentations (epoch_samples subsets).
-                config.seed = self.context.seed * 1009 + attempts
                 ramp_seconds = cfg.ramp * budget if budget is not None else None
                 projector = _Projector(
                     fixed, goal, stage, int(cfg.ramp * steps), lowrank, ramp_seconds
                 )
-                # Every attempt starts from the last accepted weights.
-                result = finetune(
-                    student,
-                    teacher,
-                    train,
-                    None,
-                    config,
-                    progress=self.context.progress,
-                    after_step=projector,
+                result, top1, seconds = self._attempt(
+                    student, teacher, train, scorer, config, projector, len(history) + 1
                 )
-                with torch.no_grad():
-                    projector.finish(result.module)
-                write_back(result.model, result.module)
-                tic = time.perf_counter()
-                top1 = scorer.score(result.module)
-                scoring = time.perf_counter() - tic
-                ok = top1 >= reference - cfg.max_drop
+                scoring = seconds
+                ok = top1 >= reference - cfg.max_drop - cfg.slack
                 logger.info(
                     "lct stage %d/%d attempt %d (%d layers, increment %.3g): top-1 %.2f vs "
                     "%.2f -> %s",
@@ -705,7 +754,10 @@ class LayerwiseCompressiveTraining(CompressionPass):
                 if ok:
                     for layer in stage:
                         layer.level = goal[layer.node]
-                    accepted_module, student, accepted_top1 = result.module, result.model, top1
+                    accepted = _Accepted(result.module, result.model, top1, every)
+                    student = result.model
+                    if top1 >= reference - cfg.max_drop:
+                        within = accepted
                 history.append(
                     {
                         "stage": number,
@@ -715,7 +767,7 @@ class LayerwiseCompressiveTraining(CompressionPass):
                         "top1": top1,
                         "reference_top1": reference,
                         "accepted": ok,
-                        "accepted_top1": accepted_top1,
+                        "accepted_top1": accepted.top1 if accepted else reference,
                         "steps": projector.steps,
                         "seconds": round(result.seconds, 1),
                     }
@@ -723,7 +775,112 @@ class LayerwiseCompressiveTraining(CompressionPass):
                 if ok:
                     break
                 increment /= 2.0
-        return accepted_module, history, None
+            if stopped is not None:
+                logger.info("lct: %s", stopped)
+                break
+        if accepted is not None:
+            accepted = self._final(
+                accepted, teacher, train, scorer, every, lowrank, reference, clock, history
+            )
+        if accepted is None or accepted.top1 < reference - cfg.max_drop:
+            # Nothing after the last model within budget held up: fall back to it.
+            accepted = within
+            if within is not None:
+                within.restore(every)
+            else:
+                for layer in every:
+                    layer.level = 0.0
+        return accepted, history, stopped
+
+    def _attempt(
+        self,
+        student: ir.Model,
+        teacher: ir.Model,
+        train: Dataset,
+        scorer: _Scorer,
+        config: Any,
+        projector: _Projector,
+        number: int,
+    ) -> tuple[Any, float, float]:
+        """One projected fine-tune from ``student``: (result, validation top-1, scoring s)."""
+        import torch
+
+        from onnxcompress.torch_bridge.train import finetune
+        from onnxcompress.torch_bridge.writeback import write_back
+
+        # Each attempt draws its own images and augmentations (epoch_samples subsets).
+        config.seed = self.context.seed * 1009 + number
+        result = finetune(
+            student,
+            teacher,
+            train,
+            None,
+            config,
+            progress=self.context.progress,
+            after_step=projector,
+        )
+        with torch.no_grad():
+            projector.finish(result.module)
+        write_back(result.model, result.module)
+        tic = time.perf_counter()
+        top1 = scorer.score(result.module)
+        return result, top1, time.perf_counter() - tic
+
+    def _final(
+        self,
+        accepted: _Accepted,
+        teacher: ir.Model,
+        train: Dataset,
+        scorer: _Scorer,
+        every: list[Layer],
+        lowrank: bool,
+        reference: float,
+        clock: float,
+        history: list[dict[str, Any]],
+    ) -> _Accepted:
+        """Fine-tune the accepted model at its constraints; the better of before and after."""
+        cfg = self.cfg
+        budget: float | None = None
+        if cfg.time_budget_s is not None:
+            if cfg.final_share <= 0.0:
+                return accepted
+            # Keep back one scoring pass (about what the last stage's took).
+            budget = cfg.time_budget_s - (time.perf_counter() - clock) - 30.0
+            if budget < MIN_ATTEMPT_SECONDS:
+                return accepted
+        elif cfg.final_epochs == 0:
+            return accepted
+        held = [layer for layer in every if layer.level > 0]
+        projector = _Projector(held, {}, every, 1, lowrank)
+        config = cfg.finetune_config(budget, final=True)
+        result, top1, _ = self._attempt(
+            accepted.model, teacher, train, scorer, config, projector, len(history) + 1
+        )
+        better = top1 >= accepted.top1
+        logger.info(
+            "lct final fine-tune: top-1 %.2f (before %.2f, reference %.2f) -> %s",
+            top1,
+            accepted.top1,
+            reference,
+            "kept" if better else "the model before it is kept",
+        )
+        history.append(
+            {
+                "stage": "final",
+                "attempt": 1,
+                "increment": 0.0,
+                "layers": [layer.node for layer in held],
+                "top1": top1,
+                "reference_top1": reference,
+                "accepted": better,
+                "accepted_top1": max(top1, accepted.top1),
+                "steps": projector.steps,
+                "seconds": round(result.seconds, 1),
+            }
+        )
+        if not better:
+            return accepted
+        return _Accepted(result.module, result.model, top1, every)
 
     # -- output ------------------------------------------------------------------------------
 
@@ -731,7 +888,7 @@ class LayerwiseCompressiveTraining(CompressionPass):
         from onnxcompress.sparse_storage import store_sparse
 
         names = [layer.weight for layer in layers if layer.accepted]
-        records = store_sparse(model, names)
+        records = store_sparse(model, names, values=self.cfg.values)
         return {record.name: record.as_dict() for record in records}
 
     def _report_layers(
@@ -780,10 +937,33 @@ class LayerwiseCompressiveTraining(CompressionPass):
                 )
 
 
+def _round_rank(rank: int, layer: Layer) -> int:
+    """``rank`` to the nearest multiple of the layer's block (at least one block)."""
+    if layer.multiple <= 1 or rank >= layer.full_rank:
+        return rank
+    rounded = max(layer.multiple, layer.multiple * round(rank / layer.multiple))
+    return min(rounded, layer.full_rank)
+
+
 def _weight(model: ir.Model, layer: Layer) -> np.ndarray:
     value = model.graph.initializers[layer.weight]
     assert value.const_value is not None
     return value.const_value.numpy()
+
+
+class _Accepted:
+    """An accepted student, its validation top-1 and every layer's level when it was accepted."""
+
+    def __init__(
+        self, module: OnnxModule, model: ir.Model, top1: float, layers: Sequence[Layer]
+    ) -> None:
+        self.module, self.model, self.top1 = module, model, top1
+        self.levels: dict[str, float] = {layer.node: layer.level for layer in layers}
+
+    def restore(self, layers: Sequence[Layer]) -> None:
+        """Put every layer back at the level it had in this model."""
+        for layer in layers:
+            layer.level = self.levels.get(layer.node, 0.0)
 
 
 def _split_stages(layers: list[Layer], stages: int, lowrank: bool) -> list[list[Layer]]:

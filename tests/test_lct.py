@@ -223,6 +223,39 @@ def test_sparse_storage_leaves_small_savings_and_graph_inputs_dense() -> None:
     assert records["w2"].encoding == "dense" and "graph input" in records["w2"].reason
 
 
+def test_float16_values_halve_the_bytes_and_decode_to_the_float16_rounding(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    weights = _weights(rng)
+    weights["w2"] = _prune(weights["w2"], 0.6, rng)  # 40 % density: the mask encoding
+    dense = _conv_model(weights)
+    exact = ir.serde.deserialize_model(dense)
+    narrow = ir.serde.deserialize_model(dense)
+    exact_records = {r.name: r for r in store_sparse(exact, ["w1", "w2"], min_saving=0)}
+    records = {
+        r.name: r for r in store_sparse(narrow, ["w1", "w2"], min_saving=0, values="float16")
+    }
+    assert records["w2"].encoding == exact_records["w2"].encoding == "mask"
+    # Values at 2 bytes instead of 4; the mask itself does not shrink.
+    mask_bytes = (weights["w2"].size + 7) // 8
+    nonzeros = int(np.count_nonzero(weights["w2"])) + 1
+    assert records["w2"].stored_bytes == mask_bytes + 2 * nonzeros
+    assert exact_records["w2"].stored_bytes == mask_bytes + 4 * nonzeros
+    # A tensor with no zeros is still halved: float16 with one Cast.
+    assert exact_records["w1"].encoding == "dense" and records["w1"].encoding == "dense16"
+    path = save_model(narrow, tmp_path / "narrow.onnx")
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    # Outputs are those of the dense model with w1 and w2 rounded to float16: not the originals.
+    rounded = {**weights}
+    for name in ("w1", "w2"):
+        rounded[name] = weights[name].astype(np.float16).astype(np.float32)
+    x = rng.standard_normal((4, 3, 12, 12)).astype(np.float32)
+    out = _run(load_model(path), x)
+    np.testing.assert_allclose(out, _run(_conv_model(rounded), x), rtol=1e-5, atol=1e-5)
+    assert not np.array_equal(out, _run(dense, x))
+    with pytest.raises(ValueError, match="values"):
+        store_sparse(narrow, values="int8")
+
+
 def test_old_opsets_keep_weights_dense() -> None:
     rng = np.random.default_rng(2)
     weights = _weights(rng)
@@ -299,7 +332,9 @@ def _digits_context() -> PassContext:
     return PassContext(calibration=data.x, calibration_labels=data.y, seed=0)
 
 
-FAST = {"stages": 2, "epoch_samples": 256, "max_drop": 100.0}
+# The mechanics of stages and back-off are tested without the final fine-tune, with exact ranks.
+FAST = {"stages": 2, "epoch_samples": 256, "max_drop": 100.0, "final_epochs": 0}
+EXACT_RANKS = {"round_to": 1, "min_saving": 0.0}
 
 
 def test_sparse_mode_collapses_layers_and_shrinks_the_file() -> None:
@@ -338,7 +373,8 @@ def test_lowrank_mode_factorizes_and_cuts_macs() -> None:
     torch.set_num_threads(1)
     model = load_model(DIGITS_MODEL)
     before = model_metrics(load_model(DIGITS_MODEL)).macs
-    lct = create_pass("lct", {**FAST, "subspace": "lowrank", "target_macs": 0.5}, _digits_context())
+    options = {**FAST, **EXACT_RANKS, "subspace": "lowrank", "target_macs": 0.5}
+    lct = create_pass("lct", options, _digits_context())
     lct(model)
     after = model_metrics(model).macs
     assert after <= 0.52 * before
@@ -357,7 +393,7 @@ def test_without_retries_a_rejected_stage_leaves_its_layers_dense() -> None:
     torch.set_num_threads(1)
     model = load_model(DIGITS_MODEL)
     options = {"stages": 2, "epoch_samples": 64, "max_drop": 0.0, "sparsity": 0.99}
-    options.update({"max_layer_sparsity": 0.99, "retries": 0})
+    options.update({"max_layer_sparsity": 0.99, "retries": 0, "slack": 0.0, "final_epochs": 0})
     lct = create_pass("lct", options, _digits_context())
     lct(model)
     stages = lct.report.summary["stages"]
@@ -386,7 +422,8 @@ def _top1(model: ir.Model, spec: str) -> float:
 
 # A target far beyond what 64 images of training can recover: the full increment breaks
 # max_drop, so only backed-off increments can be accepted.
-BACK_OFF = {"stages": 2, "epoch_samples": 64, "max_drop": 1.0, "retries": 3}
+BACK_OFF = {"stages": 2, "epoch_samples": 64, "max_drop": 1.0, "retries": 3, "slack": 0.0}
+BACK_OFF["final_epochs"] = 0
 
 
 def test_a_rejected_stage_backs_off_and_keeps_the_largest_accepted_compression(
@@ -429,7 +466,7 @@ def test_lowrank_back_off_cuts_part_of_the_way_and_still_saves_macs() -> None:
     torch.set_num_threads(1)
     model = load_model(DIGITS_MODEL)
     before = model_metrics(model).macs
-    options = {**BACK_OFF, "subspace": "lowrank", "target_macs": 0.2}
+    options = {**BACK_OFF, **EXACT_RANKS, "subspace": "lowrank", "target_macs": 0.2}
     lct = create_pass("lct", options, _held_out_context())
     lct(model)
     summary = lct.report.summary
@@ -449,6 +486,86 @@ def test_lowrank_back_off_cuts_part_of_the_way_and_still_saves_macs() -> None:
     x = _digits_context().calibration
     assert x is not None
     assert np.isfinite(_run(model, x[:32])).all()
+
+
+def test_lowrank_ranks_are_block_multiples_that_save_at_least_min_saving() -> None:
+    torch.set_num_threads(1)
+    model = load_model(DIGITS_MODEL)
+    options = {**FAST, "subspace": "lowrank", "target_macs": 0.5, "round_to": 8}
+    options["min_saving"] = 0.3
+    lct = create_pass("lct", options, _digits_context())
+    lct(model)
+    collapsed = [row for row in lct.report.layers if row["collapsed"]]
+    assert collapsed
+    for row in collapsed:
+        if row["full_rank"] > 8:
+            assert row["rank"] % 8 == 0 and row["target_rank"] % 8 == 0
+        assert row["macs_after"] <= 0.7 * row["macs_before"]
+
+
+def _scripted_scores(monkeypatch: pytest.MonkeyPatch, offsets: list[float]) -> None:
+    """Every validation score of the pass, in order, as points relative to the teacher's."""
+    from onnxcompress.passes import lct as lct_module
+
+    remaining = list(offsets)
+
+    def score(self: object, module: object, limit: int | None = None) -> float:
+        return float(self.teacher_score) + remaining.pop(0)  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(lct_module._Scorer, "score", score)
+
+
+SCRIPTED = {"stages": 2, "epoch_samples": 64, "retries": 0, "max_drop": 1.0, "slack": 1.0}
+SCRIPTED.update({"sparsity": 0.8, "final_epochs": 1})
+
+
+@pytest.mark.parametrize(
+    ("final", "expected_levels", "expected_top1"),
+    [
+        # The final fine-tune brings stage 2 back within max_drop: both stages are kept.
+        (-0.8, [1.0, 1.0], -0.8),
+        # It does not: the result falls back to stage 1, the last model within max_drop.
+        (-1.2, [1.0, 0.0], -0.5),
+    ],
+)
+def test_final_fine_tune_keeps_slack_stages_only_when_it_wins_them_back(
+    monkeypatch: pytest.MonkeyPatch,
+    final: float,
+    expected_levels: list[float],
+    expected_top1: float,
+) -> None:
+    torch.set_num_threads(1)
+    # Stage 1 within max_drop, stage 2 only within max_drop + slack, then the final fine-tune.
+    _scripted_scores(monkeypatch, [-0.5, -1.5, final])
+    model = load_model(DIGITS_MODEL)
+    lct = create_pass("lct", SCRIPTED, _held_out_context())
+    lct(model)
+    summary = lct.report.summary
+    assert [r["stage"] for r in summary["stages"]] == [1, 2, "final"]
+    assert [r["accepted"] for r in summary["stages"][:2]] == [True, True]
+    assert summary["final_top1"] == pytest.approx(summary["reference_top1"] + expected_top1)
+    levels = {}
+    for row in lct.report.layers:
+        levels.setdefault(row["stage"], set()).add(row["level"])
+        assert row["zeros"] == round(row["level"] * row["target_zeros"])
+    assert [levels[stage] for stage in (1, 2)] == [{level} for level in expected_levels]
+
+
+def test_nothing_within_max_drop_leaves_the_model_unchanged(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    torch.set_num_threads(1)
+    _scripted_scores(monkeypatch, [-1.5, -1.8, -1.1])
+    model = load_model(DIGITS_MODEL)
+    original = load_model(DIGITS_MODEL)
+    lct = create_pass("lct", SCRIPTED, _held_out_context())
+    result = lct(model)
+    assert not result.modified
+    for name, value in original.graph.initializers.items():
+        assert value.const_value is not None
+        kept = model.graph.initializers[name].const_value
+        assert kept is not None and np.array_equal(kept.numpy(), value.const_value.numpy())
+    assert all(row["level"] == 0 and not row["collapsed"] for row in lct.report.layers)
 
 
 def test_the_time_budget_holds_across_stages_and_retries() -> None:
