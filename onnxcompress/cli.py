@@ -173,6 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--batch", type=int, default=1, help="batch size for MACs (default 1)")
     p.add_argument("--raw", action="store_true", help="count the model as is (no canonicalize)")
+    p.add_argument(
+        "--shape",
+        action="append",
+        metavar="NAME=DIMS",
+        help="fix an input's dims, e.g. input=1x3x224x224 (needed when height and width are "
+        "symbolic: MACs are counted with them at the batch value otherwise)",
+    )
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser(
@@ -359,12 +366,22 @@ def _pass_list() -> str:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from onnxcompress.metrics import format_table, model_metrics
+    from onnxcompress.metrics import fix_input_shapes, format_table, model_metrics, symbolic_dims
     from onnxcompress.model import canonicalize, load_model
+    from onnxcompress.runtime import parse_shape_overrides
 
+    overrides = parse_shape_overrides(args.shape)
     model = load_model(args.model)
+    if overrides:
+        fix_input_shapes(model, overrides, args.model)
     if not args.raw:
         canonicalize(model)
+    for name, dims in symbolic_dims(model).items():
+        print(
+            f"note: input {name!r} has symbolic dims {', '.join(dims)} beyond the batch axis; "
+            f"MACs count them as {args.batch} (give --shape {name}=1x...)",
+            file=sys.stderr,
+        )
     metrics = model_metrics(model, batch=args.batch, file_size=Path(args.model).stat().st_size)
     if args.json:
         print(json.dumps(metrics.as_dict(), indent=2))

@@ -365,6 +365,57 @@ def _shapes_missing(model: ir.Model) -> bool:
     return any(out.shape is None for node in _compute_nodes(model) for out in node.outputs[:1])
 
 
+def symbolic_dims(model: ir.Model) -> dict[str, list[str]]:
+    """Graph inputs whose dims beyond the first (the batch axis) are symbolic or unknown."""
+    found: dict[str, list[str]] = {}
+    initializers = set(model.graph.initializers)
+    for value in model.graph.inputs:
+        if value.name in initializers or value.shape is None:
+            continue
+        dims = [str(d) if d is not None else "?" for d in list(value.shape)[1:]]
+        symbolic = [
+            d
+            for d, raw in zip(dims, list(value.shape)[1:], strict=True)
+            if not isinstance(raw, int)
+        ]
+        if symbolic:
+            found[str(value.name)] = symbolic
+    return found
+
+
+def fix_input_shapes(
+    model: ir.Model, shapes: dict[str, tuple[int, ...]], source: object = "model"
+) -> None:
+    """Give graph inputs concrete dims and re-infer every shape inside the graph from them.
+
+    Raises:
+        DataError: a name that is not a graph input, or dims of the wrong rank.
+    """
+    from onnxcompress.errors import DataError
+    from onnxcompress.model import infer_shapes
+
+    graph = model.graph
+    inputs = {str(value.name): value for value in graph.inputs}
+    for name, dims in shapes.items():
+        value = inputs.get(name)
+        if value is None:
+            raise DataError(
+                f"{source}: --shape names {name!r}, not an input (inputs: {', '.join(inputs)})"
+            )
+        if value.shape is not None and len(value.shape) != len(dims):
+            raise DataError(
+                f"{source}: --shape {name} has {len(dims)} dims, the input has {len(value.shape)}"
+            )
+        value.shape = ir.Shape(dims)
+    # Shapes inferred from the symbolic dims would be merged, not replaced: start afresh.
+    initializers = set(graph.initializers)
+    for node in graph:
+        for out in node.outputs:
+            if not out.is_graph_output() and out.name not in initializers:
+                out.shape = None
+    infer_shapes(model)
+
+
 def model_metrics(model: ir.Model, *, batch: int = 1, file_size: int | None = None) -> ModelMetrics:
     """Parameters, MACs and per-layer costs of ``model``.
 

@@ -195,3 +195,45 @@ def test_eval_wrong_data_shape(demo_model: Path, resnet20_path: Path, capsys) ->
     # 8x8 grey digits do not fit a 3x32x32 model: one line that says how to fix it
     code, _, err = run_cli(["eval", str(resnet20_path), "--data", "digits"], capsys)
     assert_user_error(code, err)
+
+
+def _dynamic_hw_conv(path: Path) -> Path:
+    """x[N, 3, H, W] -> Conv 3->8, 3x3, pad 1 -> y: 8 * 3 * 9 MACs per output pixel."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.ones((8, 3, 3, 3), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])],
+        "dynamic_hw",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, "H", "W"])],
+        initializer=[weight],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    onnx.save(model, str(path))
+    return path
+
+
+def test_inspect_notes_symbolic_spatial_dims_and_shape_fixes_them(tmp_path: Path, capsys) -> None:
+    path = _dynamic_hw_conv(tmp_path / "dynamic.onnx")
+    code, out, err = run_cli(["inspect", str(path), "--json"], capsys)
+    assert code == 0
+    assert "symbolic dims H, W" in err and "--shape x=" in err
+    assert json.loads(out)["macs"] == 8 * 3 * 9  # H = W = 1: not a real image size
+    code, out, err = run_cli(["inspect", str(path), "--json", "--shape", "x=1x3x32x20"], capsys)
+    assert code == 0 and "symbolic" not in err
+    assert json.loads(out)["macs"] == 8 * 3 * 9 * 32 * 20
+    assert path.read_bytes() == _dynamic_hw_conv(tmp_path / "again.onnx").read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("shape", "fragment"), [("z=1x3x8x8", "not an input"), ("x=1x3x8", "has 3 dims")]
+)
+def test_inspect_bad_shape_is_a_user_error(
+    shape: str, fragment: str, tmp_path: Path, capsys
+) -> None:
+    path = _dynamic_hw_conv(tmp_path / "dynamic.onnx")
+    code, _, err = run_cli(["inspect", str(path), "--shape", shape], capsys)
+    assert_user_error(code, err, fragment)
