@@ -475,7 +475,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     candidate = load_model(args.new)
     x = None
     if args.data:
-        x = dataset_for_model(original, args.data).x[: args.samples]
+        x = dataset_for_model(original, args.data).spread(args.samples).x
     result = verify(original, candidate, x=x, samples=args.samples)
     if args.json:
         print(json.dumps(result.as_dict(), indent=2))

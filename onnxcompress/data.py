@@ -455,6 +455,31 @@ class Dataset:
         y = None if self.y is None else np.ascontiguousarray(self.y[index])
         return Dataset(x, y, self.name, self.classes)
 
+    def spread(self, count: int | None) -> Dataset:
+        """``count`` images spread evenly over the data set (itself when it holds no more).
+
+        Use this, not the first ``count``, wherever a few images must stand for the whole set:
+        image folders are read class by class, so the first 512 CIFAR-10 test images are all
+        airplanes.
+        """
+        if count is None or count >= len(self):
+            return self
+        return self.subset(spread_index(len(self), count))
+
+
+def spread_index(total: int, count: int | None) -> np.ndarray:
+    """``count`` strictly increasing indices spread evenly over ``range(total)``.
+
+    All of ``range(total)`` when ``count`` is None or not smaller. Every run of ``total/count``
+    consecutive items contributes one, so a data set sorted by class keeps every class in its
+    proportion.
+    """
+    if count is None or count >= total:
+        return np.arange(total)
+    if count < 1:
+        raise ValueError(f"count must be positive, got {count}")
+    return (np.arange(count, dtype=np.int64) * total) // count
+
 
 @dataclass
 class _Source:

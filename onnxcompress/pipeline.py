@@ -147,7 +147,8 @@ def compress(
     Args:
         passes: (name, options) pairs from the registry in ``onnxcompress.passes``, or
             ``("finetune", FinetuneConfig options)``; canonicalization runs first unless listed.
-        data: dataset spec for calibration (first ``calibration_size`` samples).
+        data: dataset spec for calibration (``calibration_size`` samples spread evenly over
+            it).
         eval_data: labelled validation data: accuracy before/after and per stage, budgets, and
             the inputs of the verification gate.
         train_data: training data of finetune steps (default: ``data``).
@@ -204,13 +205,12 @@ def compress(
     from onnxcompress.evaluate import accuracy, dataset_for_model
 
     context = PassContext(seed=seed, progress=progress, validation_spec=eval_data)
-    calibration_x: np.ndarray | None = None
     calibration = None
     if data is not None:
         dataset = dataset_for_model(original, data)
         count = min(calibration_size, len(dataset))
-        calibration = dataset.subset(slice(0, count))
-        calibration_x = calibration.x
+        # Spread over the data, not its first images: image folders come class by class.
+        calibration = dataset.spread(count)
         context.calibration = calibration.x
         context.calibration_labels = calibration.y
         context.train_spec = train_data or data
@@ -222,9 +222,9 @@ def compress(
     # The gate compares with the original on validation data when there is some: top-1
     # agreement there is what a user will see.
     if validation is not None:
-        verify_x: np.ndarray | None = validation.x[:verify_samples]
+        verify_x: np.ndarray | None = validation.spread(verify_samples).x
     else:
-        verify_x = calibration_x[:verify_samples] if calibration_x is not None else None
+        verify_x = calibration.spread(verify_samples).x if calibration is not None else None
 
     from onnxcompress.metrics import model_metrics
 

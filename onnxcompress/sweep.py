@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from onnxcompress.budget import LatencyMeter, LatencySettings
+from onnxcompress.data import spread_index
 from onnxcompress.errors import OnnxCompressError, PassConfigError
 
 logger = logging.getLogger(__name__)
@@ -116,15 +117,15 @@ def sweep(
     context = PassContext(seed=seed, progress=False)
     if data is not None:
         calibration = dataset_for_model(original, data)
-        calibration = calibration.subset(slice(0, min(calibration_size, len(calibration))))
+        calibration = calibration.spread(calibration_size)
         context.calibration, context.calibration_labels = calibration.x, calibration.y
         context.train_spec = data
     validation = dataset_for_model(original, eval_data) if eval_data is not None else None
     verify_x = None
     if validation is not None:
-        verify_x = validation.x[:verify_samples]
+        verify_x = validation.spread(verify_samples).x
     elif context.calibration is not None:
-        verify_x = context.calibration[:verify_samples]
+        verify_x = context.calibration[spread_index(len(context.calibration), verify_samples)]
     reference = model_metrics(canonical)
     original_top1 = accuracy(original, validation).top1 if validation is not None else None
     settings = latency or LatencySettings()

@@ -1010,10 +1010,9 @@ class _Scorer:
         return OnnxModule(model).to(self.device)
 
     def subset(self, limit: int | None) -> np.ndarray:
-        total = len(self.val)
-        if limit is None or limit >= total:
-            return np.arange(total)
-        return np.unique(np.linspace(0, total - 1, max(1, limit)).round().astype(np.int64))
+        from onnxcompress.data import spread_index
+
+        return spread_index(len(self.val), limit)
 
     def _predict(self, module: torch.nn.Module, index: np.ndarray) -> np.ndarray:
         import torch

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from onnxcompress import data
@@ -27,6 +29,7 @@ from onnxcompress.data import (
     fit_to_input,
     load_dataset,
     parse_spec,
+    spread_index,
 )
 from onnxcompress.errors import DataError
 
@@ -768,3 +771,28 @@ def test_cifar_evaluation_half(tmp_path_factory: pytest.TempPathFactory) -> None
     assert calibration.y is not None and calibration.y.tolist() == [0, 0, 0]
     assert not np.allclose(calibration.x[0], ds.x[0])
     print(f"CIFAR-10 evaluation half: extracted + decoded in {elapsed:.1f} s")
+
+
+@given(total=st.integers(1, 5000), count=st.integers(1, 6000))
+@settings(max_examples=200, deadline=None)
+def test_spread_index_is_strictly_increasing_and_even(total: int, count: int) -> None:
+    index = spread_index(total, count)
+    assert index.size == min(total, count)
+    assert index[0] == 0 and index[-1] < total
+    assert np.all(np.diff(index) >= 1)
+    # Gaps differ by at most one: no stretch of the data is skipped.
+    gaps = np.diff(np.append(index, total))
+    assert gaps.max() - gaps.min() <= 1
+
+
+def test_spread_subset_of_class_sorted_data_keeps_every_class() -> None:
+    labels = np.repeat(np.arange(10), 500)  # an image folder: 500 of class 0, then class 1, ...
+    data = Dataset(np.zeros((labels.size, 1, 2, 2), np.float32), labels, "sorted")
+    assert set(data.subset(slice(0, 512)).y.tolist()) == {0, 1}  # what the first 512 give
+    picked = data.spread(512)
+    assert picked.y is not None
+    counts = np.bincount(picked.y, minlength=10)
+    assert counts.sum() == 512 and counts.min() >= 51 and counts.max() <= 52
+    assert data.spread(None) is data and data.spread(len(data)) is data
+    with pytest.raises(ValueError, match="positive"):
+        spread_index(10, 0)
