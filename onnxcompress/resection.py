@@ -504,6 +504,52 @@ def residual_add_count(model: ir.Model) -> int:
     )
 
 
+def shared_feature_maps(teacher: ir.Model, student: ir.Model) -> list[tuple[str, str]]:
+    """Hint pairs for distilling ``student`` (a resected ``teacher``) at its feature maps.
+
+    For every feature-map shape (channels, height, width) that a convolution of the student
+    produces, the last tensor of that shape (in graph order) that the teacher also computes
+    under the same name and shape: in a CNN these are the outputs of its stages (resolutions).
+    Cuts keep the names of the tensors they do not remove, so equal names are the same point
+    of the two networks. Graph outputs are left out, and so are shapes no convolution makes
+    (pooled features, the slices of a parameter-free shortcut).
+    """
+
+    def feature_shape(value: ir.Value) -> tuple[int, ...] | None:
+        shape = value.shape
+        if shape is None or len(shape) != 4:
+            return None
+        dims = tuple(shape)[1:]
+        return dims if all(isinstance(d, int) for d in dims) else None  # type: ignore[return-value]
+
+    in_teacher: dict[str, tuple[int, ...]] = {}
+    for node in teacher.graph:
+        for out in node.outputs:
+            dims = feature_shape(out)
+            if out.name and dims is not None and not out.is_graph_output():
+                in_teacher[out.name] = dims
+    conv_shapes = {
+        dims
+        for node in student.graph
+        if node.op_type in ("Conv", "ConvTranspose") and node.domain in _DEFAULT_DOMAINS
+        for dims in [feature_shape(node.outputs[0])]
+        if dims is not None
+    }
+    last: dict[tuple[int, ...], str] = {}
+    for node in student.graph:
+        for out in node.outputs:
+            dims = feature_shape(out)
+            if (
+                out.name
+                and dims is not None
+                and not out.is_graph_output()
+                and dims in conv_shapes
+                and in_teacher.get(out.name) == dims
+            ):
+                last[dims] = out.name
+    return [(name, name) for name in last.values()]
+
+
 # ---------------------------------------------------------------------------------------------
 # Bridge fitting
 # ---------------------------------------------------------------------------------------------
@@ -816,4 +862,5 @@ __all__ = [
     "resect_candidate",
     "resected_copy",
     "residual_add_count",
+    "shared_feature_maps",
 ]

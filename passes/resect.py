@@ -8,8 +8,10 @@ Removes whole residual branches, blocks and layers found on the graph
    change channels or stride (replaced by a 1x1 Conv bridge with the same stride).
 2. Bridges start from a closed-form ridge regression on calibration activations: the bridge
    reproduces the removed part's output from its input, both in the current student.
-3. Significance: each candidate alone is cut from the input model and the change of its logits
+3. Significance: each candidate alone is cut (closed-form bridge) and the change of the logits
    on calibration data is measured (KL divergence and top-1 agreement); least significant first.
+   The ranking is redone on the current student after every accepted stage: a cut changes what
+   the rest of the network contributes (after one block goes, its neighbour may matter more).
 4. Stages: cut ``per_stage`` candidates; layer-level learning (the bridge and the compute layers
    next to the cut learn the original's tensor at the cut: hint loss, teacher = the input
    model); overall learning (logit distillation of the whole student, plus labels when the
@@ -17,6 +19,8 @@ Removes whole residual branches, blocks and layers found on the graph
    on until the budget (``target_layers``, ``target_macs``, ``target_params``) is met or the
    validation top-1 falls more than ``max_drop`` points below the input model's; the stage that
    broke the accuracy budget is undone.
+5. Final distillation of the whole student (optionally with hints at the feature maps both
+   networks share); under ``time_budget_s`` it gets all the time the stages left.
 
 With ``epochs=0`` and ``layer_epochs=0`` nothing trains: the cuts and closed-form bridges alone
 (data-free apart from the calibration batch).
@@ -39,11 +43,13 @@ from onnxcompress.passes.base import CompressionPass, PassConfig, PassReport, ch
 from onnxcompress.resection import (
     KINDS,
     Candidate,
+    CandidateSearch,
     Resection,
     compute_layer_count,
     find_candidates,
     resect_candidate,
     resected_copy,
+    shared_feature_maps,
 )
 
 if TYPE_CHECKING:
@@ -53,6 +59,14 @@ logger = logging.getLogger(__name__)
 
 # Logits are compared at this temperature for the significance ranking (plain softmax).
 RANK_TEMPERATURE = 1.0
+# Under a time budget the final distillation is skipped when less than this is left: a
+# run that short ends before its first validation.
+MIN_FINAL_SECONDS = 2.0
+# Epochs planned for a final distillation that runs to the end of the time budget: the
+# measured training speed's estimate times this margin (the clock stops the run first), or
+# this many when nothing measured the speed yet.
+FINAL_EPOCHS_MARGIN = 1.5
+FINAL_EPOCHS_UNTIMED = 1000
 
 
 @dataclasses.dataclass
@@ -75,10 +89,19 @@ class ResectConfig(PassConfig):
         per_stage: candidates cut per stage.
         max_stages: stop after this many stages (0: no limit).
         ridge: ridge term of the bridge fits, relative to the mean input energy.
-        rank_samples: calibration images used for the significance ranking and bridge fits.
+        rank_samples: calibration images used for the significance ranking and bridge fits
+            (a random subset of the calibration batch when it holds more).
         epochs: overall (logit distillation) epochs per stage; 0 skips it.
         layer_epochs: layer-level (hint) epochs per stage; 0 skips it.
-        final_epochs: overall distillation epochs after the last stage.
+        final_epochs: overall distillation epochs after the last stage (0 skips it). With
+            ``time_budget_s`` the final distillation instead trains until the budget is spent
+            (epochs of the same size, the learning-rate schedule driven by the clock).
+        final_lr: learning rate of the final distillation (None: ``lr``).
+        final_hint_weight: weight of a hint loss at the feature maps the student shares with
+            the input model (the last tensor of each shape: the stage outputs of a CNN) during
+            the final distillation; 0: logits only.
+        rerank: redo the significance ranking on the current student after every accepted
+            stage (False: the ranking of the input model decides every stage).
         epoch_samples: images per epoch (a fresh random subset each epoch; None: all).
         lr: learning rate of overall learning.
         layer_lr: learning rate of layer-level learning.
@@ -86,8 +109,10 @@ class ResectConfig(PassConfig):
         hint_weight: weight of the hint loss in layer-level learning.
         temperature: distillation temperature.
         alpha: weight of distillation against cross-entropy when labels exist.
-        time_budget_s: wall-clock budget for all training, shared among the planned training
-            runs in proportion to their epochs (None: no limit).
+        time_budget_s: wall-clock budget of the whole pass (ranking, data loading, cuts,
+            training): each stage's training run gets at most its share of what is left (in
+            proportion to the planned epochs), the final distillation all that the stages
+            leave (None: no limit).
         device: torch device for training (None: a GPU when visible, else the CPU).
     """
 
@@ -104,6 +129,9 @@ class ResectConfig(PassConfig):
     epochs: int = 1
     layer_epochs: int = 1
     final_epochs: int = 0
+    final_lr: float | None = None
+    final_hint_weight: float = 0.0
+    rerank: bool = True
     epoch_samples: int | None = None
     lr: float = 0.01
     layer_lr: float = 0.01
@@ -140,8 +168,16 @@ class ResectConfig(PassConfig):
             raise PassConfigError(f"time_budget_s={self.time_budget_s} must be positive")
         if self.lr <= 0 or self.layer_lr <= 0 or self.batch_size < 1:
             raise PassConfigError("lr and layer_lr must be positive, batch_size >= 1")
-        if self.hint_weight < 0 or self.temperature <= 0 or not 0.0 <= self.alpha <= 1.0:
-            raise PassConfigError("hint_weight >= 0, temperature > 0 and alpha in [0, 1]")
+        if self.final_lr is not None and self.final_lr <= 0:
+            raise PassConfigError(f"final_lr={self.final_lr} must be positive")
+        if (
+            min(self.hint_weight, self.final_hint_weight) < 0
+            or self.temperature <= 0
+            or not 0.0 <= self.alpha <= 1.0
+        ):
+            raise PassConfigError(
+                "hint_weight and final_hint_weight >= 0, temperature > 0 and alpha in [0, 1]"
+            )
 
     @property
     def trains(self) -> bool:
@@ -186,6 +222,24 @@ def _class_scores(output: np.ndarray, images: int) -> np.ndarray:
     return output.reshape(images, -1)
 
 
+def spread_subset(x: np.ndarray, count: int, seed: int = 0) -> np.ndarray:
+    """``count`` rows of ``x`` drawn at random without replacement, kept in their order.
+
+    Calibration batches are often grouped by class (an image folder read class by class):
+    their first rows would be one or two classes, and a ranking or a bridge fitted on those
+    says little about the others.
+    """
+    if len(x) <= count:
+        return np.ascontiguousarray(x)
+    index = np.sort(np.random.default_rng(seed).choice(len(x), size=count, replace=False))
+    return np.ascontiguousarray(x[index])
+
+
+def _ranking_brief(row: dict[str, Any]) -> dict[str, Any]:
+    """The ranking row of a re-ranking, without the sizes (they are in the first ranking)."""
+    return {k: row[k] for k in ("key", "action", "kl", "agreement")}
+
+
 class IncrementalResection(CompressionPass):
     """Cut layers and blocks stage by stage, bridging and distilling after each cut."""
 
@@ -205,6 +259,7 @@ class IncrementalResection(CompressionPass):
         cfg = self.cfg
         x = self.context.calibration
         assert x is not None  # CompressionPass.call checked
+        self._clock = time.perf_counter()
         infer_shapes(model)
         teacher = clone_model(model)
         before = _size(model)
@@ -228,24 +283,23 @@ class IncrementalResection(CompressionPass):
             self._finish(report, before, before, "no candidates: nothing can be resected")
             return
 
-        x_rank = np.ascontiguousarray(x[: cfg.rank_samples])
+        x_rank = spread_subset(x, cfg.rank_samples, self.context.seed)
         ranking = self._rank(teacher, search.candidates, x_rank)
+        # The teacher is a copy of the input model: its trial cuts are the input model's too.
+        self._trials_of = model
         report.summary["ranking"] = ranking
-        # A cut that does not shrink what the target measures (a layer swapped for its bridge
-        # when layers are counted) only costs accuracy.
-        order = [row["key"] for row in ranking if self._useful(row)]
 
         train, val = self._load_data(teacher)
         reference_top1 = self._top1(teacher, val, teacher)
         report.summary["validation"] = val.name
         report.summary["top1_before"] = reference_top1
         self._say(
-            f"resect: {len(order)} candidates ranked; validation top-1 of the input model "
+            f"resect: {len(ranking)} candidates ranked; validation top-1 of the input model "
             f"{reference_top1:.2f}% on {len(val)} images ({val.name})"
         )
-        self._clock = time.perf_counter()
         self._spent_epochs = 0
-        self._planned_epochs = self._plan_epochs(cfg.per_stage)
+        self._throughput: float | None = None
+        self._planned_epochs = self._plan_epochs(ranking, before)
         current, current_size = model, before
         tried: set[str] = set()
         stage = 0
@@ -254,29 +308,22 @@ class IncrementalResection(CompressionPass):
             if cfg.max_stages and stage >= cfg.max_stages:
                 stop_reason = f"max_stages={cfg.max_stages} reached"
                 break
-            available = find_candidates(current, kinds=cfg.kinds, exclude=cfg.exclude).by_key()
+            if stage > 0 and cfg.rerank:
+                ranking = self._rank(current, self._search(current).candidates, x_rank)
+                if report.layers:
+                    report.layers[-1]["ranking_after"] = [_ranking_brief(r) for r in ranking]
+                self._planned_epochs = self._spent_epochs + self._plan_epochs(ranking, current_size)
+            # A cut that does not shrink what the target measures (a layer swapped for its
+            # bridge when layers are counted) only costs accuracy.
+            order = [row["key"] for row in ranking if self._useful(row)]
+            available = self._search(current).by_key()
             picks = [k for k in order if k in available and k not in tried][: cfg.per_stage]
             if not picks:
                 stop_reason = "no candidates left"
                 break
             stage += 1
             tried.update(picks)
-            student = clone_model(current)
-            cuts: list[Resection] = []
-            for key in picks:
-                # The bridge reproduces the removed part's output in the current student: after
-                # earlier stages the layers downstream have adapted to the student's tensors,
-                # and the original's tensor there would no longer be what they expect.
-                cut = resect_candidate(
-                    student,
-                    key,
-                    calibration=x_rank,
-                    kinds=cfg.kinds,
-                    exclude=cfg.exclude,
-                    ridge=cfg.ridge,
-                )
-                if cut is not None:
-                    cuts.append(cut)
+            student, cuts = self._cut(current, picks, x_rank)
             if not cuts:
                 continue
             infer_shapes(student)
@@ -382,19 +429,26 @@ class IncrementalResection(CompressionPass):
 
     # -- significance ------------------------------------------------------------------------
 
+    def _search(self, model: ir.Model) -> CandidateSearch:
+        return find_candidates(model, kinds=self.cfg.kinds, exclude=self.cfg.exclude)
+
     def _rank(
-        self, teacher: ir.Model, candidates: list[Candidate], x: np.ndarray
+        self, model: ir.Model, candidates: list[Candidate], x: np.ndarray
     ) -> list[dict[str, Any]]:
-        """Each candidate cut alone from the input model: the change of its logits."""
+        """Each candidate cut alone from ``model``: the change of its logits.
+
+        The cut copies of the ``per_stage`` least significant useful candidates are kept for
+        ``_cut`` (the stage would redo the very same cut and bridge fit).
+        """
         from onnxcompress.evaluate import predict
 
-        reference = _class_scores(predict(teacher, x), len(x))
+        reference = _class_scores(predict(model, x), len(x))
         rows: list[dict[str, Any]] = []
+        kept: list[tuple[tuple[float, float], str, ir.Model, list[Resection]]] = []
         for index, candidate in enumerate(candidates, 1):
             trial, cuts = resected_copy(
-                teacher,
+                model,
                 [candidate.key],
-                teacher=teacher,
                 calibration=x,
                 kinds=self.cfg.kinds,
                 exclude=self.cfg.exclude,
@@ -413,6 +467,10 @@ class IncrementalResection(CompressionPass):
                 "bridge_r2": cuts[0].fit_r2 if cuts else None,
             }
             rows.append(row)
+            if cuts and self._useful(row):
+                kept.append(((kl, -agreement), candidate.key, trial, cuts))
+                kept.sort(key=lambda item: item[0])
+                del kept[self.cfg.per_stage :]
             logger.info(
                 "significance %d/%d: %s KL %.4g, agreement %.1f%%",
                 index,
@@ -423,12 +481,38 @@ class IncrementalResection(CompressionPass):
             )
         # Least significant first; agreement breaks ties of (near) equal KL.
         rows.sort(key=lambda r: (r["kl"], -r["agreement"]))
+        self._trials = {key: (trial, cuts) for _, key, trial, cuts in kept}
+        self._trials_of = model
         for row in rows[:10]:
             self._say(
                 f"  significance {row['key']}: KL {row['kl']:.4f}, top-1 agreement "
                 f"{row['agreement']:.1f}%"
             )
         return rows
+
+    def _cut(
+        self, current: ir.Model, picks: list[str], x: np.ndarray
+    ) -> tuple[ir.Model, list[Resection]]:
+        """A copy of ``current`` with ``picks`` cut in order, closed-form bridges fitted.
+
+        Each bridge reproduces the removed part's output in the current student: after earlier
+        stages the layers downstream have adapted to the student's tensors, and the original's
+        tensor there would no longer be what they expect.
+        """
+        cfg = self.cfg
+        trials = self._trials if self._trials_of is current else {}
+        if picks[0] in trials:
+            student, first = trials.pop(picks[0])
+            cuts, rest = list(first), picks[1:]
+        else:
+            student, cuts, rest = clone_model(current), [], picks
+        for key in rest:
+            cut = resect_candidate(
+                student, key, calibration=x, kinds=cfg.kinds, exclude=cfg.exclude, ridge=cfg.ridge
+            )
+            if cut is not None:
+                cuts.append(cut)
+        return student, cuts
 
     # -- data and accuracy -------------------------------------------------------------------
 
@@ -458,15 +542,18 @@ class IncrementalResection(CompressionPass):
 
     # -- training ----------------------------------------------------------------------------
 
-    def _budget(self, epochs: int) -> float | None:
-        """This run's share of what is left of ``time_budget_s``."""
-        cfg = self.cfg
-        if cfg.time_budget_s is None:
+    def _time_left(self) -> float | None:
+        if self.cfg.time_budget_s is None:
             return None
-        spent = time.perf_counter() - self._clock
-        left = max(cfg.time_budget_s - spent, 1.0)
+        return self.cfg.time_budget_s - (time.perf_counter() - self._clock)
+
+    def _budget(self, epochs: int) -> float | None:
+        """A stage run's share of what is left of ``time_budget_s``."""
+        left = self._time_left()
+        if left is None:
+            return None
         remaining_epochs = max(self._planned_epochs - self._spent_epochs, epochs)
-        return max(1.0, left * epochs / remaining_epochs)
+        return max(1.0, max(left, 1.0) * epochs / remaining_epochs)
 
     def _finetune(
         self,
@@ -475,6 +562,7 @@ class IncrementalResection(CompressionPass):
         train: Dataset,
         val: Dataset,
         epochs: int,
+        budget_s: float | None = None,
         **options: Any,
     ) -> Any:
         from onnxcompress.torch_bridge.train import FinetuneConfig, finetune
@@ -486,13 +574,17 @@ class IncrementalResection(CompressionPass):
             temperature=cfg.temperature,
             alpha=cfg.alpha,
             epoch_samples=cfg.epoch_samples,
-            time_budget_s=self._budget(epochs),
+            time_budget_s=self._budget(epochs) if budget_s is None else budget_s,
             seed=self.context.seed,
             device=cfg.device,
             **options,
         )
         result = finetune(student, teacher, train, val, config, progress=self.context.progress)
         self._spent_epochs += epochs
+        speeds = [r.images_per_second for r in result.history if r.images_per_second]
+        if speeds and options.get("trainable", "all") == "all":
+            # Whole-network training speed: what the final distillation will run at.
+            self._throughput = float(np.median(speeds))
         return result
 
     def _train_stage(
@@ -552,30 +644,59 @@ class IncrementalResection(CompressionPass):
         val: Dataset,
         report: PassReport,
     ) -> ir.Model:
+        cfg = self.cfg
         if train is None:
             return current
-        result = self._finetune(
-            current, teacher, train, val, self.cfg.final_epochs, loss="kd", lr=self.cfg.lr
+        epochs, budget = cfg.final_epochs, self._time_left()
+        if budget is not None:
+            if budget < MIN_FINAL_SECONDS:
+                self._say(f"final distillation skipped: {max(budget, 0):.0f} s of the budget left")
+                return current
+            # Enough epochs that the clock, not the step count, ends the run and drives the
+            # learning-rate schedule: the final distillation is where accuracy comes back.
+            images = min(cfg.epoch_samples or len(train), len(train))
+            if self._throughput is None:
+                epochs = max(epochs, FINAL_EPOCHS_UNTIMED)
+            else:
+                expected = budget * self._throughput / images
+                epochs = max(epochs, int(np.ceil(expected * FINAL_EPOCHS_MARGIN)) + 1)
+        options: dict[str, Any] = {"loss": "kd", "lr": cfg.final_lr or cfg.lr}
+        hints = shared_feature_maps(teacher, current) if cfg.final_hint_weight > 0 else []
+        if hints:
+            options.update(
+                loss="hint", hint_tensors=tuple(hints), hint_weight=cfg.final_hint_weight
+            )
+        self._say(
+            f"final distillation: up to {epochs} epochs"
+            + (f" in {budget:.0f} s" if budget is not None else "")
+            + (f", hints at {', '.join(t for t, _ in hints)}" if hints else "")
         )
+        result = self._finetune(current, teacher, train, val, epochs, budget_s=budget, **options)
         report.summary["final_learning"] = self._history(result)
+        report.summary["final_learning"]["epochs"] = len(result.history) - 1
+        report.summary["final_learning"]["budget_s"] = None if budget is None else round(budget, 1)
+        report.summary["final_learning"]["curve"] = [r.val_top1 for r in result.history]
+        if hints:
+            report.summary["final_learning"]["hints"] = [t for t, _ in hints]
         self._say(f"final distillation: validation top-1 {result.best_top1}")
         model: ir.Model = result.model
         return model
 
-    def _plan_epochs(self, per_stage: int) -> int:
-        """Training epochs the run is expected to take, for sharing ``time_budget_s``."""
+    def _plan_epochs(self, ranking: list[dict[str, Any]], size: _Size) -> int:
+        """Training epochs still expected from ``size`` on, for sharing ``time_budget_s``."""
         cfg = self.cfg
-        stages = self._expected_stages(per_stage)
+        stages = self._expected_stages(ranking, size)
         return stages * (cfg.epochs + cfg.layer_epochs) + cfg.final_epochs
 
-    def _expected_stages(self, per_stage: int) -> int:
-        ranking = self.report.summary.get("ranking", [])
-        size = dataclasses.replace(self._before)
+    def _expected_stages(self, ranking: list[dict[str, Any]], start: _Size) -> int:
+        per_stage = self.cfg.per_stage
+        useful = [row for row in ranking if self._useful(row)]
+        size = dataclasses.replace(start)
         stages = 0
-        for start in range(0, len(ranking), per_stage):
+        for first in range(0, len(useful), per_stage):
             if self._met(size):
                 break
-            for row in ranking[start : start + per_stage]:
+            for row in useful[first : first + per_stage]:
                 size.layers -= row["layers_removed"]
                 size.macs -= row["macs_removed"]
                 size.params -= row["params_removed"]
@@ -600,4 +721,4 @@ class IncrementalResection(CompressionPass):
             print(message, file=sys.stderr, flush=True)
 
 
-__all__ = ["IncrementalResection", "ResectConfig", "logit_change"]
+__all__ = ["IncrementalResection", "ResectConfig", "logit_change", "spread_subset"]

@@ -268,6 +268,128 @@ def test_training_stages_run_through_the_torch_bridge() -> None:
     assert_valid(model, original)
 
 
+def three_block_resnet() -> ir.Model:
+    """stem -> three basic blocks with identity shortcuts (branches of growing weight) -> head."""
+    net = Net(11)
+    x = image_input(net, channels=3, size=8)
+    h = net.relu(net.conv(x, 3, 6))
+    for scale in (0.2, 0.5, 1.0):
+
+        def grow(w: np.ndarray, b: np.ndarray, scale: float = scale) -> None:
+            w *= scale
+            b *= scale
+
+        branch = net.conv(net.relu(net.conv(h, 6, 6)), 6, 6, edit=grow)
+        h = net.relu(net.op("Add", [h, branch]))
+    return net.build([net.head(h, 6)])
+
+
+def test_ranking_is_redone_on_the_current_student() -> None:
+    """After stage 1 every remaining candidate is ranked again by cutting it from the stage-1
+    model (not the original): the recorded KLs match an independent computation on that model,
+    differ from the original's, and stage 2 cuts the re-ranked least significant one."""
+    from onnxcompress.evaluate import predict
+    from onnxcompress.passes.resect import logit_change
+    from onnxcompress.resection import resected_copy
+
+    original = three_block_resnet()
+    x = calibration(original, 48)
+    two = clone_model(original)
+    report = resect(two, x, kinds="branch", target_layers=3, max_stages=2)
+    first, second = report["layers"]
+    reranked = first["ranking_after"]
+    assert second["cuts"][0]["key"] == reranked[0]["key"]
+    assert first["cuts"][0]["key"] not in {r["key"] for r in reranked}
+
+    after_one = clone_model(original)
+    resect(after_one, x, kinds="branch", target_layers=3, max_stages=1)
+    reference = predict(after_one, x)
+    for row in reranked:
+        trial, _ = resected_copy(after_one, [row["key"]], calibration=x, kinds=("branch",))
+        kl, agreement = logit_change(reference, predict(trial, x))
+        assert row["kl"] == pytest.approx(kl, rel=1e-6, abs=1e-9)
+        assert row["agreement"] == pytest.approx(agreement)
+    initial = {r["key"]: r["kl"] for r in report["summary"]["ranking"]}
+    assert any(abs(initial[r["key"]] - r["kl"]) > 1e-6 for r in reranked)
+
+    fixed = clone_model(original)
+    report = resect(fixed, x, kinds="branch", target_layers=3, max_stages=2, rerank=False)
+    order = [r["key"] for r in report["summary"]["ranking"]]
+    assert [s["cuts"][0]["key"] for s in report["layers"]] == order[:2]
+    assert all("ranking_after" not in s for s in report["layers"])
+
+
+def test_ranking_samples_come_from_the_whole_calibration_batch() -> None:
+    """A class-sorted batch (10 groups of 100) yields a ranking subset with rows of every group,
+    in their original order, and the same subset for the same seed."""
+    from onnxcompress.passes.resect import spread_subset
+
+    x = np.repeat(np.arange(10, dtype=np.float32), 100)[:, None]
+    subset = spread_subset(x, 100, seed=3)
+    assert subset.shape == (100, 1)
+    groups = subset[:, 0]
+    assert set(groups.tolist()) == set(range(10))
+    assert np.all(np.diff(groups) >= 0)
+    np.testing.assert_array_equal(subset, spread_subset(x, 100, seed=3))
+    assert spread_subset(x[:50], 100).shape == (50, 1)
+
+
+def test_final_distillation_spends_what_the_time_budget_leaves() -> None:
+    """With time_budget_s the final distillation runs past final_epochs=1 on the clock, and
+    stops within the time the stages left it."""
+    model = two_block_resnet()
+    x = calibration(model, 32)
+    budget = 12.0
+    report = resect(
+        model,
+        x,
+        kinds="branch",
+        target_layers=4,
+        epochs=1,
+        layer_epochs=1,
+        final_epochs=1,
+        batch_size=16,
+        time_budget_s=budget,
+    )
+    final = report["summary"]["final_learning"]
+    assert final["epochs"] > 1
+    assert 0 < final["budget_s"] <= budget - report["layers"][-1]["seconds"] + 0.5
+    assert final["seconds"] <= final["budget_s"] + 1.0
+    assert len(final["curve"]) == final["epochs"] + 1
+
+
+def test_final_distillation_hints_at_the_shared_feature_maps() -> None:
+    """The hint pairs are, per feature-map shape a conv makes, the student's last tensor that the
+    original computes under the same name and shape; the final distillation trains with them."""
+    from onnxcompress.resection import shared_feature_maps
+
+    original = two_block_resnet()
+    model = clone_model(original)
+    x = calibration(model, 32)
+    report = resect(
+        model,
+        x,
+        kinds="branch",
+        target_layers=4,
+        final_epochs=2,
+        final_hint_weight=1.0,
+        batch_size=16,
+    )
+    (cut,) = report["layers"][0]["cuts"]
+    assert cut["key"] == "branch:add_12_out"  # block 2's output is the one left to match
+    pairs = shared_feature_maps(original, model)
+    assert all(t == s for t, s in pairs)
+    names = [t for t, _ in pairs]
+    teacher_shapes = {o.name: o.shape for n in original.graph for o in n.outputs}
+    student_shapes = {o.name: o.shape for n in model.graph for o in n.outputs}
+    # Block 2's output: the last 6x8x8 tensor (the pooled 6x1x1 features come from no conv).
+    assert names == ["relu_22_out"]
+    for name in names:
+        assert list(teacher_shapes[name]) == list(student_shapes[name])
+    assert report["summary"]["final_learning"]["hints"] == names
+    assert_valid(model, original)
+
+
 # ---------------------------------------------------------------------------------------------
 # Negative cases
 # ---------------------------------------------------------------------------------------------
@@ -327,6 +449,10 @@ def test_bad_options_are_rejected() -> None:
         create_pass("resect", {"kinds": "branch;everything"})
     with pytest.raises(PassConfigError, match="max_drop"):
         create_pass("resect", {"max_drop": "-1"})
+    with pytest.raises(PassConfigError, match="final_lr"):
+        create_pass("resect", {"final_lr": "0"})
+    with pytest.raises(PassConfigError, match="final_hint_weight"):
+        create_pass("resect", {"final_hint_weight": "-1"})
     with pytest.raises(PassConfigError, match="needs data"):
         create_pass("resect", {})(two_block_resnet())
 
