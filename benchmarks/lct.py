@@ -245,9 +245,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             options["target_macs"] = args.target_macs
             options["round_to"] = args.round_to
+        calibration = validation.spread(512)
         context = PassContext(
-            calibration=validation.spread(512).x,
-            calibration_labels=validation.spread(512).y,
+            calibration=calibration.x,
+            calibration_labels=calibration.y,
             train_spec=spec,
             validation_spec=validation_spec,
             seed=args.seed,
