@@ -174,6 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--final-lr", type=float, default=0.01)
     parser.add_argument("--stages", type=int, default=8)
     parser.add_argument(
+        "--schedule", default="staged", help="staged (the paper) or gradual (one cubic run)"
+    )
+    parser.add_argument("--stagger", type=float, default=0.5, help="gradual: ramp offsets")
+    parser.add_argument("--checks", type=int, default=10, help="gradual: checks on the ramp")
+    parser.add_argument(
         "--retries", type=int, default=2, help="back-offs (halved increment) per rejected stage"
     )
     parser.add_argument("--lr", type=float, default=0.003)
@@ -226,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
             break
         options: dict[str, Any] = {
             "subspace": mode,
+            "schedule": args.schedule,
+            "stagger": args.stagger,
+            "checks": args.checks,
             "stages": args.stages,
             "retries": args.retries,
             "epochs_per_stage": args.epochs_per_stage,
@@ -436,7 +444,15 @@ def write_report(
     ]
     for result in results:
         stages = result.report["summary"].get("stages", [])
-        sections.append(f"## {result.mode}: stages (accepted on the calibration half)")
+        if result.report["summary"].get("schedule") == "gradual":
+            floors = {s["floor"] for s in stages if "floor" in s}
+            floor = f"; a check passes at or above {min(floors):.2f}" if floors else ""
+            sections.append(
+                f"## {result.mode}: gradual ramp, checked on the calibration half{floor} "
+                "(increment: fraction of the ramp)"
+            )
+        else:
+            sections.append(f"## {result.mode}: stages (accepted on the calibration half)")
         sections.append(
             markdown_table(
                 [

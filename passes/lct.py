@@ -53,6 +53,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 SUBSPACES = ("sparse", "lowrank")
+SCHEDULES = ("staged", "gradual")
 SPARSE_OPS = ("Conv", "Gemm", "MatMul")
 DEFAULT_TARGET_MACS = 0.6
 # Bisection steps on the log of the global spectral-energy threshold (lowrank by budget).
@@ -85,6 +86,17 @@ class LctConfig(PassConfig):
         sensitivity: refine the ranking by measuring each layer alone at its target on the
             validation data (accuracy drop; ties keep the paper's order).
         sensitivity_samples: validation images used for that measurement.
+        schedule: ``staged`` (the paper: the ranked layers are collapsed stage by stage, each
+            stage accepted or backed off on its own) or ``gradual`` (one run: every layer
+            moves to its target on a cubic schedule that starts earlier the less significant
+            the layer is; validation top-1 is checked ``checks`` times along the way and the
+            schedule halts, back at the last level that passed, when it falls below
+            ``max_drop + slack``; the rest of the run recovers at fixed constraints).
+        stagger: gradual: the most significant layer starts its schedule this fraction of
+            the way into the ramp (0: all layers start together).
+        checks: gradual: validation checks along the ramp.
+        check_samples: gradual: validation images scored at each check (spread over the set).
+        epochs: gradual: epochs of the whole run when there is no ``time_budget_s``.
         stages: the ranked layers are collapsed in this many stages of similar weight.
         retries: a rejected stage is retried this many times from the last accepted weights,
             each time with half the increment (its layers go half as far towards their
@@ -92,11 +104,13 @@ class LctConfig(PassConfig):
         epochs_per_stage: training epochs of each stage.
         epoch_samples: images per epoch (a fresh random subset each time); None: all.
         ramp: fraction of each stage over which sigma_l (or the rank cut) grows to its target.
+            Gradual: the ramp ends at ``1 - final_share`` of the run.
         lr, batch_size, temperature, alpha, weight_decay: the distillation fine-tuning
             (``onnxcompress.torch_bridge.train.FinetuneConfig``). The learning rate is lower
             than a recovery fine-tune's because every stage starts from a trained model (at
             0.01, the first one-epoch stage on ResNet-20 CIFAR-10 ended 2.6 points down).
-        final_share: share of ``time_budget_s`` kept for the final fine-tune (0: none).
+        final_share: share of ``time_budget_s`` kept for the final fine-tune (0: none);
+            gradual: the share of the run (time or epochs) after the ramp.
         final_epochs: epochs of the final fine-tune without a time budget (0: none).
         final_lr: learning rate of the final fine-tune (a full cosine cycle).
         time_budget_s: wall time for all the training and stage scoring; each attempt gets
@@ -130,6 +144,11 @@ class LctConfig(PassConfig):
     slack: float = 1.0
     sensitivity: bool = False
     sensitivity_samples: int = 1000
+    schedule: str = "staged"
+    stagger: float = 0.5
+    checks: int = 10
+    check_samples: int = 1000
+    epochs: int = 10
     stages: int = 8
     retries: int = 2
     epochs_per_stage: int = 1
@@ -152,6 +171,14 @@ class LctConfig(PassConfig):
     device: str | None = None
 
     def validate(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise PassConfigError(
+                f"schedule={self.schedule!r} is not one of {', '.join(SCHEDULES)}"
+            )
+        if not 0.0 <= self.stagger < 1.0:
+            raise PassConfigError(f"stagger={self.stagger} is out of range: give [0, 1)")
+        if self.checks < 1 or self.check_samples < 1 or self.epochs < 1:
+            raise PassConfigError("checks, check_samples and epochs must be >= 1")
         if self.subspace not in SUBSPACES:
             raise PassConfigError(
                 f"subspace={self.subspace!r} is not one of {', '.join(SUBSPACES)}"
@@ -199,12 +226,16 @@ class LctConfig(PassConfig):
         # The fine-tuning options are checked by FinetuneConfig itself, with its messages.
         self.finetune_config(None)
 
-    def finetune_config(self, stage_budget: float | None, final: bool = False) -> Any:
-        """The fine-tuning of one stage attempt, or of the final phase."""
+    def finetune_config(
+        self, stage_budget: float | None, final: bool = False, gradual: bool = False
+    ) -> Any:
+        """The fine-tuning of one stage attempt, of the final phase, or of the gradual run."""
         from onnxcompress.torch_bridge.train import FinetuneConfig
 
         epochs = self.epochs_per_stage
-        if final:
+        if gradual:
+            epochs = 10_000 if stage_budget is not None else self.epochs
+        elif final:
             # Under a time budget the clock ends the final run (the cosine follows the clock).
             epochs = 10_000 if stage_budget is not None else max(1, self.final_epochs)
         return FinetuneConfig(
@@ -315,8 +346,9 @@ class _Projector:
     """The projection after every optimizer step: collapse each layer onto its constraint set.
 
     Layers already accepted sit at their accepted level; the stage's layers move from their
-    accepted level to the attempt's level over ``ramp_steps`` steps with a cubic schedule (fast
-    first, gentle last, as in gradual magnitude pruning), which is sigma_l growing.
+    accepted level to the attempt's level over the first ``ramp`` of the attempt with a cubic
+    schedule (fast first, gentle last, as in gradual magnitude pruning), which is sigma_l
+    growing.
     """
 
     def __init__(
@@ -324,42 +356,31 @@ class _Projector:
         fixed: Sequence[Layer],
         growing: dict[str, float],
         layers: Sequence[Layer],
-        ramp_steps: int,
+        ramp: float,
         lowrank: bool,
-        ramp_seconds: float | None = None,
     ) -> None:
         """Args:
         fixed: accepted layers outside the stage, projected at their ``level``.
         growing: the stage's layers (by node name) and the level this attempt reaches.
         layers: every layer the stage may name.
-        ramp_steps / ramp_seconds: the ramp ends after this many steps or seconds, whichever
-            comes first.
+        ramp: the fraction of the attempt (of its steps or its time budget, as the trainer
+            counts it, so that every process agrees) after which the stage is at its level.
         lowrank: project onto a rank (else onto a count of zeros).
         """
         self.fixed = list(fixed)
         by_name = {layer.node: layer for layer in layers}
         self.growing = [(by_name[name], level) for name, level in growing.items()]
-        self.ramp_steps = max(1, ramp_steps)
-        self.ramp_seconds = ramp_seconds
+        self.ramp = ramp
         self.lowrank = lowrank
         self.steps = 0
-        self.started: float | None = None
 
-    def fraction(self) -> float:
-        progress = self.steps / self.ramp_steps
-        if self.ramp_seconds is not None and self.started is not None:
-            # Under a time budget the stage may end before its planned steps: the ramp follows
-            # whichever runs out first, as the learning-rate schedule does.
-            elapsed = time.perf_counter() - self.started
-            progress = max(progress, elapsed / max(self.ramp_seconds, 1e-9))
-        progress = min(1.0, progress)
-        return 1.0 - (1.0 - progress) ** 3
+    def fraction(self, progress: float) -> float:
+        done = min(1.0, progress / self.ramp) if self.ramp > 0 else 1.0
+        return 1.0 - (1.0 - done) ** 3
 
-    def __call__(self, module: OnnxModule) -> None:
-        if self.started is None:
-            self.started = time.perf_counter()
+    def __call__(self, module: OnnxModule, progress: float) -> None:
         self.steps += 1
-        grown = self.fraction()
+        grown = self.fraction(progress)
         for layer in self.fixed:
             self.project(module, layer, layer.level)
         for layer, level in self.growing:
@@ -382,6 +403,119 @@ class _Projector:
             project_rank(param.data, layer, count)
         else:
             project_sparse(param.data, count)
+
+
+class _GradualProjector(_Projector):
+    """Every layer moves from dense to its target on one cubic schedule; sigma_l grows along
+    the ranking, the less significant layers starting earlier.
+
+    The ramp is checked ``checks`` times on validation images; the first check below ``floor``
+    halts it, back at the levels of the last check that passed (zeroed weights may grow back
+    under the lower count), and the run goes on at those constraints to recover.
+    """
+
+    def __init__(
+        self,
+        ranked: Sequence[Layer],
+        ramp_end: float,
+        stagger: float,
+        checks: int,
+        lowrank: bool,
+        check: Any,
+        floor: float,
+    ) -> None:
+        """Args:
+        ranked: the layers, least significant first.
+        ramp_end: the fraction of the run at which every layer reaches its target.
+        stagger: the last layer starts this fraction of the way to ``ramp_end``.
+        checks: validation checks, evenly spaced along the ramp.
+        lowrank: project onto a rank (else onto a count of zeros).
+        check: scores the student (validation top-1) and leaves it in training mode.
+        floor: the lowest top-1 a check may pass with.
+        """
+        super().__init__([], {}, ranked, ramp_end, lowrank)
+        self.ranked = list(ranked)
+        last = max(1, len(self.ranked) - 1)
+        self.starts = [stagger * ramp_end * index / last for index in range(len(self.ranked))]
+        self.ramp_end = ramp_end
+        self.check_at = [ramp_end * (k + 1) / checks for k in range(checks)]
+        self.check, self.floor = check, floor
+        self.reached = 0.0  # how far the ramp has gone (run progress, at most ramp_end)
+        self.passed = 0.0  # the ramp progress of the last check that passed
+        self.frozen: float | None = None
+        self.halted: str | None = None
+        self.history: list[dict[str, Any]] = []
+        self.started = time.perf_counter()
+
+    def level(self, index: int, progress: float) -> float:
+        """Layer ``index``'s level at ``progress`` of the run (cubic: fast first)."""
+        start, end = self.starts[index], self.ramp_end
+        done = 1.0 if end <= start else min(1.0, max(0.0, (progress - start) / (end - start)))
+        return 1.0 - (1.0 - done) ** 3
+
+    @property
+    def at(self) -> float:
+        """The run progress whose levels hold: where the ramp stands, or where it was held."""
+        return self.frozen if self.frozen is not None else self.reached
+
+    def levels(self) -> list[float]:
+        """Every layer's level where the ramp stands (or was held)."""
+        return [self.level(index, self.at) for index in range(len(self.ranked))]
+
+    def _project_at(self, module: OnnxModule, progress: float) -> None:
+        for index, layer in enumerate(self.ranked):
+            self.project(module, layer, self.level(index, progress))
+
+    def __call__(self, module: OnnxModule, progress: float) -> None:
+        self.steps += 1
+        if self.frozen is None:
+            self.reached = max(self.reached, min(progress, self.ramp_end))
+            while self.check_at and progress >= self.check_at[0]:
+                self.check_at.pop(0)
+                self._project_at(module, self.reached)
+                top1 = self.check(module)
+                ok = top1 >= self.floor
+                self.history.append(
+                    {
+                        "stage": "ramp",
+                        "attempt": len(self.history) + 1,
+                        "increment": round(self.reached / max(self.ramp_end, 1e-9), 4),
+                        "layers": [
+                            layer.node
+                            for index, layer in enumerate(self.ranked)
+                            if self.level(index, self.reached) > 0
+                        ],
+                        "top1": top1,
+                        "accepted": ok,
+                        "accepted_top1": top1,
+                        "steps": self.steps,
+                        "seconds": round(time.perf_counter() - self.started, 1),
+                    }
+                )
+                logger.info(
+                    "lct gradual check %d: %.0f%% of the ramp, top-1 %.2f (floor %.2f) -> %s",
+                    len(self.history),
+                    100 * self.reached / max(self.ramp_end, 1e-9),
+                    top1,
+                    self.floor,
+                    "go on" if ok else "halt",
+                )
+                if ok:
+                    self.passed = self.reached
+                else:
+                    self.frozen = self.passed
+                    self.halted = (
+                        f"validation top-1 {top1:.2f} fell below {self.floor:.2f} at "
+                        f"{100 * self.reached / max(self.ramp_end, 1e-9):.0f}% of the ramp; "
+                        f"held at {100 * self.frozen / max(self.ramp_end, 1e-9):.0f}%"
+                    )
+                    break
+        self._project_at(module, self.at)
+
+    def finish(self, module: OnnxModule) -> None:
+        """Put every layer exactly at its final level, however far the ramp got."""
+        for layer, level in zip(self.ranked, self.levels(), strict=True):
+            self.project(module, layer, level)
 
 
 def project_sparse(weight: torch.Tensor, zeros: int) -> None:
@@ -452,7 +586,6 @@ class LayerwiseCompressiveTraining(CompressionPass):
         scorer = _Scorer(teacher, val, cfg.device)
         reference = scorer.teacher_score
         self._rank(model, layers, scorer, lowrank)
-        stages = _split_stages(layers, cfg.stages, lowrank)
         report.summary.update(
             {
                 "subspace": cfg.subspace,
@@ -460,20 +593,35 @@ class LayerwiseCompressiveTraining(CompressionPass):
                 "validation_images": len(val),
                 "reference_top1": reference,
                 "ranking": [layer.node for layer in layers],
+                "schedule": cfg.schedule,
             }
         )
-        accepted, history, stopped = self._train_stages(
-            model, teacher, train, scorer, stages, lowrank, reference
-        )
+        if cfg.schedule == "gradual":
+            accepted, history, stopped = self._train_gradual(
+                model, teacher, train, scorer, layers, lowrank, reference
+            )
+        else:
+            stages = _split_stages(layers, cfg.stages, lowrank)
+            accepted, history, stopped = self._train_stages(
+                model, teacher, train, scorer, stages, lowrank, reference
+            )
         report.summary["stages"] = history
         if stopped is not None:
             report.summary["stopped"] = stopped
         if accepted is None:
+            what = (
+                "the gradual run ended"
+                if cfg.schedule == "gradual"
+                else "no stage stayed, even backed off,"
+            )
             report.decline(
                 "<model>",
-                f"no stage stayed within max_drop={cfg.max_drop} points of validation top-1, "
-                "even backed off; the model is left as it was (raise max_drop or the training "
-                "budget)",
+                f"{what} within max_drop={cfg.max_drop} points of validation top-1 "
+                "nowhere; the model is left as it was (raise max_drop or the training budget)"
+                if cfg.schedule == "staged"
+                else f"{what} more than max_drop={cfg.max_drop} points below the original's "
+                "validation top-1; the model is left as it was (raise max_drop or the "
+                "training budget, or lower the target)",
             )
             self._report_layers(report, layers, {})
             return
@@ -700,8 +848,6 @@ class LayerwiseCompressiveTraining(CompressionPass):
         stage_time = None
         if cfg.time_budget_s is not None:
             stage_time = cfg.time_budget_s * (1.0 - cfg.final_share)
-        per_epoch = min(len(train), cfg.epoch_samples or len(train))
-        steps = max(1, per_epoch // cfg.batch_size) * cfg.epochs_per_stage
         every = [layer for stage in stages for layer in stage]
         accepted: _Accepted | None = None
         # The last accepted model that was within max_drop by itself: the fallback.
@@ -730,10 +876,7 @@ class LayerwiseCompressiveTraining(CompressionPass):
                 goal = {layer.node: min(1.0, layer.level + increment) for layer in stage}
                 fixed = [layer for layer in every if layer.level > 0 and layer.node not in goal]
                 config = cfg.finetune_config(budget)
-                ramp_seconds = cfg.ramp * budget if budget is not None else None
-                projector = _Projector(
-                    fixed, goal, stage, int(cfg.ramp * steps), lowrank, ramp_seconds
-                )
+                projector = _Projector(fixed, goal, stage, cfg.ramp, lowrank)
                 result, top1, seconds = self._attempt(
                     student, teacher, train, scorer, config, projector, len(history) + 1
                 )
@@ -791,6 +934,75 @@ class LayerwiseCompressiveTraining(CompressionPass):
                 for layer in every:
                     layer.level = 0.0
         return accepted, history, stopped
+
+    def _train_gradual(
+        self,
+        model: ir.Model,
+        teacher: ir.Model,
+        train: Dataset,
+        scorer: _Scorer,
+        layers: list[Layer],
+        lowrank: bool,
+        reference: float,
+    ) -> tuple[_Accepted | None, list[dict[str, Any]], str | None]:
+        """One projected fine-tune: every layer on its own cubic ramp, checked along the way.
+
+        Returns the student (None when it ends more than ``max_drop`` below the original), one
+        record per check plus one for the end, and why the ramp halted (None when it did not).
+        """
+        cfg = self.cfg
+        ranked = sorted(layers, key=lambda layer: layer.significance)
+        for layer in ranked:
+            layer.stage = 1
+        floor = reference - cfg.max_drop - cfg.slack
+        clock = time.perf_counter()
+
+        def check(module: OnnxModule) -> float:
+            top1 = scorer.score(module, cfg.check_samples)
+            module.train()
+            return top1
+
+        projector = _GradualProjector(
+            ranked, 1.0 - cfg.final_share, cfg.stagger, cfg.checks, lowrank, check, floor
+        )
+        budget = cfg.time_budget_s
+        if budget is not None:
+            # Keep back the final scoring of the whole validation set.
+            budget = max(MIN_ATTEMPT_SECONDS, budget - scorer.full_seconds)
+        config = cfg.finetune_config(budget, gradual=True)
+        result, top1, _ = self._attempt(model, teacher, train, scorer, config, projector, 1)
+        for layer, level in zip(ranked, projector.levels(), strict=True):
+            layer.level = level
+        history = projector.history
+        for record in history:
+            record.update(reference_top1=reference, floor=floor)
+        within = top1 >= reference - cfg.max_drop
+        logger.info(
+            "lct gradual: top-1 %.2f vs %.2f at the end (%s) in %.0f s",
+            top1,
+            reference,
+            "within max_drop" if within else "beyond max_drop",
+            time.perf_counter() - clock,
+        )
+        history.append(
+            {
+                "stage": "end",
+                "attempt": 1,
+                "increment": round(projector.at / max(projector.ramp_end, 1e-9), 4),
+                "layers": [layer.node for layer in ranked if layer.accepted],
+                "top1": top1,
+                "reference_top1": reference,
+                "accepted": within,
+                "accepted_top1": top1 if within else reference,
+                "steps": projector.steps,
+                "seconds": round(result.seconds, 1),
+            }
+        )
+        if not within:
+            for layer in ranked:
+                layer.level = 0.0
+            return None, history, projector.halted
+        return _Accepted(result.module, result.model, top1, ranked), history, projector.halted
 
     def _attempt(
         self,
@@ -851,7 +1063,7 @@ class LayerwiseCompressiveTraining(CompressionPass):
         elif cfg.final_epochs == 0:
             return accepted
         held = [layer for layer in every if layer.level > 0]
-        projector = _Projector(held, {}, every, 1, lowrank)
+        projector = _Projector(held, {}, every, 0.0, lowrank)
         config = cfg.finetune_config(budget, final=True)
         result, top1, _ = self._attempt(
             accepted.model, teacher, train, scorer, config, projector, len(history) + 1
@@ -929,12 +1141,15 @@ class LayerwiseCompressiveTraining(CompressionPass):
                     row["stored_bytes"] = stored["stored_bytes"]
             report.layers.append(row)
             if not layer.accepted:
-                report.decline(
-                    layer.node,
-                    "kept dense: significant (its stage "
-                    + ("was rejected, backed off too" if layer.stage else "never ran")
-                    + f" within max_drop={self.cfg.max_drop})",
-                )
+                if self.cfg.schedule == "gradual":
+                    reason = "kept dense: significant (the gradual ramp halted before its turn)"
+                else:
+                    reason = (
+                        "kept dense: significant (its stage "
+                        + ("was rejected, backed off too" if layer.stage else "never ran")
+                        + f" within max_drop={self.cfg.max_drop})"
+                    )
+                report.decline(layer.node, reason)
 
 
 def _round_rank(rank: int, layer: Layer) -> int:
@@ -1000,7 +1215,10 @@ class _Scorer:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         teacher_module = OnnxModule(teacher, trainable="none").to(self.device)
         everything = np.arange(len(val))
+        tic = time.perf_counter()
         self.teacher_predictions = self._predict(teacher_module, everything)
+        # What scoring the whole validation set costs (kept back from a time budget).
+        self.full_seconds = time.perf_counter() - tic
         self.labels = val.y if val.y is not None else self.teacher_predictions
         self.teacher_score = self._top1(self.teacher_predictions, everything)
 

@@ -606,13 +606,18 @@ def test_after_step_hook_runs_after_every_optimizer_step() -> None:
     train = Dataset(context.calibration[:256], context.calibration_labels[:256], "digits")
     calls: list[int] = []
 
-    def zero_fc(module) -> None:
+    progress: list[float] = []
+
+    def zero_fc(module, done: float) -> None:
         calls.append(1)
+        progress.append(done)
         module.param_for("fc.weight").data.zero_()
 
     config = FinetuneConfig(epochs=1, batch_size=64, augment=False)
     result = finetune(load_model(DIGITS_MODEL), None, train, None, config, False, zero_fc)
     assert len(calls) == 4
+    # The run's progress: one epoch of four steps, a quarter per step.
+    assert progress == pytest.approx([0.25, 0.5, 0.75, 1.0])
     fc = result.model.graph.initializers["fc.weight"].const_value
     assert fc is not None and not fc.numpy().any()
 
@@ -629,6 +634,9 @@ def test_after_step_hook_runs_after_every_optimizer_step() -> None:
         ({"stages": 0}, "stages"),
         ({"retries": -1}, "retries"),
         ({"ramp": 2}, "ramp"),
+        ({"schedule": "cubic"}, "schedule"),
+        ({"stagger": 1}, "stagger"),
+        ({"checks": 0}, "checks"),
         ({"lr": 0}, "lr"),
         ({"colour": "red"}, "no option"),
     ],
@@ -681,3 +689,88 @@ def test_limited_scoring_spreads_over_class_sorted_data() -> None:
     index = scorer.subset(50)
     assert index.size == 50 and len(set(data.y[index].tolist())) == 10
     assert scorer.score(_Scorer.module_of(scorer, load_model(DIGITS_MODEL))) == scorer.teacher_score
+
+
+# -- the gradual schedule ---------------------------------------------------------------------
+
+# Two epochs of four steps; the ramp ends at 0.7 of the run and is checked four times: after
+# steps 2, 3, 5 and 6 (progress 0.25, 0.375, 0.625, 0.75 passing 0.175, 0.35, 0.525, 0.7).
+GRADUAL = {"schedule": "gradual", "epochs": 2, "epoch_samples": 256, "checks": 4}
+GRADUAL.update({"final_share": 0.3, "stagger": 0.5, "sparsity": 0.8})
+
+
+def _gradual_level(index: int, count: int, progress: float) -> float:
+    """The level of the ``index``-th least significant of ``count`` layers, by the docstring's
+    rule: a cubic ramp from ``0.5 * 0.7 * index / (count - 1)`` to 0.7."""
+    start = 0.5 * 0.7 * index / (count - 1)
+    done = min(1.0, max(0.0, (progress - start) / (0.7 - start)))
+    return 1.0 - (1.0 - done) ** 3
+
+
+def test_gradual_schedule_reaches_every_target_when_every_check_passes() -> None:
+    torch.set_num_threads(1)
+    model = load_model(DIGITS_MODEL)
+    original = load_model(DIGITS_MODEL)
+    lct = create_pass("lct", {**GRADUAL, "max_drop": 100.0}, _digits_context())
+    assert lct(model).modified
+    summary = lct.report.summary
+    assert summary["schedule"] == "gradual" and "stopped" not in summary
+    assert [r["stage"] for r in summary["stages"]] == ["ramp"] * 4 + ["end"]
+    for row in lct.report.layers:
+        assert row["level"] == 1.0 and row["zeros"] == row["target_zeros"] > 0
+    assert summary["file_bytes_after"] < summary["file_bytes_before"]
+    # The compact file runs in ONNX Runtime and differs from the original (it was trained).
+    x = _digits_context().calibration[:32]
+    assert _run(model, x).shape == _run(original, x).shape
+    assert not np.allclose(_run(model, x), _run(original, x))
+
+
+def test_gradual_schedule_halts_at_the_last_check_that_passed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    torch.set_num_threads(1)
+    # max_drop 1 + slack 1: checks at -0.5 and -1.5 pass, -2.5 halts; the end is within 1.
+    _scripted_scores(monkeypatch, [-0.5, -1.5, -2.5, -0.6])
+    model = load_model(DIGITS_MODEL)
+    lct = create_pass("lct", {**GRADUAL, "max_drop": 1.0, "slack": 1.0}, _held_out_context())
+    assert lct(model).modified
+    summary = lct.report.summary
+    assert [r["accepted"] for r in summary["stages"]] == [True, True, False, True]
+    assert summary["stages"][-1]["increment"] == pytest.approx((3 / 8) / 0.7, abs=1e-4)
+    assert "fell below" in summary["stopped"]
+    assert summary["final_top1"] == pytest.approx(summary["reference_top1"] - 0.6)
+    rows = sorted(lct.report.layers, key=lambda row: row["significance"])
+    # Held where the second check passed: step 3 of 8.
+    expected = [_gradual_level(i, len(rows), 3 / 8) for i in range(len(rows))]
+    assert [row["level"] for row in rows] == pytest.approx(expected)
+    assert expected[0] > expected[-1]  # the least significant layer went furthest
+    for row in rows:
+        assert row["zeros"] == round(row["level"] * row["target_zeros"])
+
+
+def test_gradual_schedule_ending_beyond_max_drop_leaves_the_model_unchanged(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    torch.set_num_threads(1)
+    _scripted_scores(monkeypatch, [-0.5, -0.5, -0.5, -0.5, -1.5])
+    model = load_model(DIGITS_MODEL)
+    original = load_model(DIGITS_MODEL)
+    lct = create_pass("lct", {**GRADUAL, "max_drop": 1.0}, _held_out_context())
+    assert not lct(model).modified
+    for name, value in original.graph.initializers.items():
+        kept = model.graph.initializers[name].const_value
+        assert kept is not None and value.const_value is not None
+        assert np.array_equal(kept.numpy(), value.const_value.numpy())
+    assert all(row["level"] == 0 and not row["collapsed"] for row in lct.report.layers)
+
+
+def test_gradual_lowrank_reaches_the_target_ranks() -> None:
+    torch.set_num_threads(1)
+    model = load_model(DIGITS_MODEL)
+    options = {**GRADUAL, **EXACT_RANKS, "subspace": "lowrank", "max_drop": 100.0}
+    options["target_macs"] = 0.6
+    lct = create_pass("lct", options, _digits_context())
+    assert lct(model).modified
+    for row in lct.report.layers:
+        assert row["level"] == 1.0 and row["rank"] == row["target_rank"]
+    assert lct.report.summary["macs_after"] < lct.report.summary["macs_before"]

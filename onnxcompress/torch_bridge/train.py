@@ -622,7 +622,7 @@ def finetune(
     val: Dataset | None = None,
     config: FinetuneConfig | None = None,
     progress: bool = True,
-    after_step: Callable[[OnnxModule], None] | None = None,
+    after_step: Callable[[OnnxModule, float], None] | None = None,
 ) -> FinetuneResult:
     """Train ``student`` (optionally distilling from ``teacher``) and write the weights back.
 
@@ -640,9 +640,11 @@ def finetune(
             top-1 agreement with the teacher). None keeps the last epoch.
         config: options; defaults when None.
         progress: draw a progress bar (rank 0 only).
-        after_step: called with the student after every optimizer step (under ``no_grad``),
-            e.g. to project its weights back onto a constraint set (projected SGD); it must
-            act identically on every process.
+        after_step: called with the student and the run's progress (the fraction of the
+            planned steps or of ``time_budget_s`` spent, whichever is further; the same number
+            on every process) after every optimizer step (under ``no_grad``), e.g. to project
+            its weights back onto a constraint set (projected SGD); it must act identically on
+            every process.
 
     Raises:
         UnsupportedOpError: a model uses ops the bridge cannot run (before any training).
@@ -691,7 +693,7 @@ class _Trainer:
         self.progress = progress and context.is_main
         self.mutual = config.loss == "mutual"
         self.has_labels = train.y is not None
-        self.after_step: Callable[[OnnxModule], None] | None = None
+        self.after_step: Callable[[OnnxModule, float], None] | None = None
         torch.manual_seed(config.seed)
 
         # Built first so that unsupported ops are reported before anything else happens.
@@ -896,9 +898,14 @@ class _Trainer:
             )
         return torch.optim.AdamW(groups, lr=config.lr)
 
-    def _lr_factor(self, step: int) -> float:
+    def _progress(self, step: int) -> float:
+        """Fraction of the run done after ``step`` optimizer steps: of the planned steps or of
+        the time budget, whichever is further (equal on every process)."""
         total = max(1, self.config.epochs * self.steps_per_epoch)
-        progress = min(1.0, max(step / total, self.time_progress))
+        return min(1.0, max(step / total, self.time_progress))
+
+    def _lr_factor(self, step: int) -> float:
+        progress = self._progress(step)
         if self.config.schedule == "cosine":
             return 0.5 * (1.0 + math.cos(math.pi * progress))
         start, end = 1.0 / ONECYCLE_START_DIV, 1.0 / ONECYCLE_END_DIV
@@ -1098,7 +1105,7 @@ class _Trainer:
         self.scaler.update()
         if self.after_step is not None:
             with torch.no_grad():
-                self.after_step(self.student)
+                self.after_step(self.student, self._progress(self.scheduler.last_epoch + 1))
         if config.time_budget_s is not None:
             self._spend_time(config.time_budget_s)
         self.scheduler.step()
