@@ -12,7 +12,7 @@ import logging
 import time
 import typing
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 import numpy as np
 import onnx_ir as ir
@@ -130,8 +130,15 @@ class PassConfig:
         self.validate()
 
 
-class CompressionPass(InPlacePass):
-    """Base class: subclasses set ``name``, ``config_class`` and implement ``run``."""
+ConfigT = TypeVar("ConfigT", bound=PassConfig)
+
+
+class CompressionPass(InPlacePass, Generic[ConfigT]):
+    """Base class: subclasses set ``name``, ``config_class`` and implement ``run``.
+
+    A subclass names its config type (``CompressionPass[LrfConfig]``) and reads its options
+    as ``self.cfg``, typed.
+    """
 
     name: ClassVar[str] = ""
     summary_line: ClassVar[str] = ""
@@ -143,6 +150,16 @@ class CompressionPass(InPlacePass):
         self.config = config if config is not None else self.config_class()
         self.context = context if context is not None else PassContext()
         self.report = PassReport(self.name, dataclasses.asdict(self.config))
+
+    @property
+    def cfg(self) -> ConfigT:
+        """The config, as the subclass's own config type."""
+        if not isinstance(self.config, self.config_class):
+            raise PassConfigError(
+                f"pass {self.name!r} got a {type(self.config).__name__} config, "
+                f"not a {self.config_class.__name__}"
+            )
+        return typing.cast(ConfigT, self.config)
 
     def call(self, model: ir.Model) -> PassResult:
         if self.needs_data and self.context.calibration is None:

@@ -182,17 +182,12 @@ class _ConvSite:
     strides: tuple[int, ...]
 
 
-class CheapConvolutions(CompressionPass):
+class CheapConvolutions(CompressionPass[CheapConvConfig]):
     """Substitute separable, group or shift convolutions; optionally train the result."""
 
     name = "cheapconv"
     config_class = CheapConvConfig
     _fit_data: bool = False
-
-    @property
-    def cfg(self) -> CheapConvConfig:
-        assert isinstance(self.config, CheapConvConfig)
-        return self.config
 
     def run(self, model: ir.Model, report: PassReport) -> None:
         from onnxcompress.metrics import node_macs

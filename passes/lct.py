@@ -147,7 +147,7 @@ class LctConfig(PassConfig):
     schedule: str = "staged"
     stagger: float = 0.5
     checks: int = 10
-    check_samples: int = 1000
+    check_samples: int = 2000
     epochs: int = 10
     stages: int = 8
     retries: int = 2
@@ -547,17 +547,12 @@ def project_rank(weight: torch.Tensor, layer: Layer, rank: int) -> None:
     weight.copy_((low.t() if transposed else low).reshape(weight.shape))
 
 
-class LayerwiseCompressiveTraining(CompressionPass):
+class LayerwiseCompressiveTraining(CompressionPass[LctConfig]):
     """Rank layers by significance and collapse the less significant ones by projected SGD."""
 
     name = "lct"
     config_class = LctConfig
     needs_data = True
-
-    @property
-    def cfg(self) -> LctConfig:
-        assert isinstance(self.config, LctConfig)
-        return self.config
 
     def run(self, model: ir.Model, report: PassReport) -> None:
         from onnxcompress.metrics import model_metrics

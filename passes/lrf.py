@@ -124,16 +124,11 @@ class GroupFit:
     intercept: bool
 
 
-class LinearlyReplaceableFilters(CompressionPass):
+class LinearlyReplaceableFilters(CompressionPass[LrfConfig]):
     """Remove channels that the others can replace, compensating in the consumers."""
 
     name = "lrf"
     config_class = LrfConfig
-
-    @property
-    def cfg(self) -> LrfConfig:
-        assert isinstance(self.config, LrfConfig)
-        return self.config
 
     def run(self, model: ir.Model, report: PassReport) -> None:
         from onnxcompress.metrics import model_metrics

@@ -240,18 +240,13 @@ def _ranking_brief(row: dict[str, Any]) -> dict[str, Any]:
     return {k: row[k] for k in ("key", "action", "kl", "agreement")}
 
 
-class IncrementalResection(CompressionPass):
+class IncrementalResection(CompressionPass[ResectConfig]):
     """Cut layers and blocks stage by stage, bridging and distilling after each cut."""
 
     name = "resect"
     summary_line = "remove residual blocks/layers, bridge shape changes, distill in stages"
     config_class = ResectConfig
     needs_data = True
-
-    @property
-    def cfg(self) -> ResectConfig:
-        assert isinstance(self.config, ResectConfig)
-        return self.config
 
     # -- the run -----------------------------------------------------------------------------
 
