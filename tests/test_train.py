@@ -648,3 +648,22 @@ def test_torchrun_two_cpu_processes_on_gloo(student_path: Path, tmp_path: Path) 
     assert top1(trained, dataset_for_model(trained, "digits[1400:]")) == pytest.approx(
         payload["best_top1"], abs=0.01
     )
+
+
+def test_channels_last_batches_train_to_the_same_weights(
+    student: ir.Model, teacher: ir.Model, small_train: Dataset, val_data: Dataset
+) -> None:
+    """The memory order is a speed choice only: same seed, same weights (float summation order
+    may differ between the NHWC and NCHW kernels, hence the tolerance), same validation."""
+    results = {}
+    for layout in (False, True):
+        config = FinetuneConfig(epochs=1, lr=1e-3, batch_size=64, seed=3, channels_last=layout)
+        results[layout] = finetune(student, teacher, small_train, val_data, config, False)
+    plain, nhwc = (initializers(results[layout].model) for layout in (False, True))
+    changed = [
+        name for name in plain if not np.array_equal(plain[name], initializers(student)[name])
+    ]
+    assert changed
+    for name in plain:
+        np.testing.assert_allclose(nhwc[name], plain[name], rtol=1e-3, atol=1e-5)
+    assert results[True].best_top1 == pytest.approx(results[False].best_top1, abs=1.0)

@@ -121,6 +121,10 @@ class FinetuneConfig:
         seed: seeds shuffling, augmentation, peer noise and torch's global generator.
         amp: mixed precision (bfloat16, or float16 with loss scaling) when training on a GPU;
             ignored on CPU.
+        channels_last: feed image batches in channels-last memory order (same values, same
+            math); None: on for 4-D inputs. Measured on the 2-core CPU (batch 128, one
+            process): a ResNet-20 training step 1.2-1.4x faster, its depthwise-separable
+            version 1.6x (oneDNN's convolutions, depthwise above all, prefer NHWC).
         num_workers: background batch loaders (0: in the training process).
         eval_batch_size: batch size for validation.
         checkpoint_dir: write ``last.pt`` here after every epoch (None: no checkpoints).
@@ -151,6 +155,7 @@ class FinetuneConfig:
     max_grad_norm: float | None = 5.0
     seed: int = 0
     amp: bool = True
+    channels_last: bool | None = None
     num_workers: int = 0
     eval_batch_size: int = 256
     checkpoint_dir: str | None = None
@@ -1071,9 +1076,19 @@ class _Trainer:
     def _views(self, x: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
         count = 1 + len(self.cohort.peers)
         if not self.augment:
-            return [x] * count
+            return [self._layout(x)] * count
         padding = self.config.crop_padding
-        return [augment_batch(x, generator, padding, self.config.flip) for _ in range(count)]
+        return [
+            self._layout(augment_batch(x, generator, padding, self.config.flip))
+            for _ in range(count)
+        ]
+
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` in the memory order the convolutions run fastest in (values unchanged)."""
+        wanted = self.config.channels_last
+        if x.dim() == 4 and (wanted or wanted is None):
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
 
     def _step(self, x: torch.Tensor, y: torch.Tensor | None, generator: torch.Generator) -> float:
         config = self.config
@@ -1157,7 +1172,7 @@ class _Trainer:
 
     def _predict(self, network: nn.Module, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), self._autocast():
-            return _logits(network(x.to(self.device))).float().argmax(1).cpu()
+            return _logits(network(self._layout(x.to(self.device)))).float().argmax(1).cpu()
 
     def _shard(self) -> torch.Tensor:
         assert self.val_data is not None
