@@ -89,9 +89,11 @@ class LctConfig(PassConfig):
         schedule: ``staged`` (the paper: the ranked layers are collapsed stage by stage, each
             stage accepted or backed off on its own) or ``gradual`` (one run: every layer
             moves to its target on a cubic schedule that starts earlier the less significant
-            the layer is; validation top-1 is checked ``checks`` times along the way and the
-            schedule halts, back at the last level that passed, when it falls below
-            ``max_drop + slack``; the rest of the run recovers at fixed constraints).
+            the layer is; validation top-1 is checked ``checks`` times along the way, and a
+            check more than ``max_drop + slack`` below the original pauses the schedule until
+            a check passes again (two failures in a row move it back to the last check that
+            passed); after ``1 - final_share`` of the run the constraints hold and the network
+            recovers).
         stagger: gradual: the most significant layer starts its schedule this fraction of
             the way into the ramp (0: all layers start together).
         checks: gradual: validation checks along the ramp.
@@ -409,9 +411,12 @@ class _GradualProjector(_Projector):
     """Every layer moves from dense to its target on one cubic schedule; sigma_l grows along
     the ranking, the less significant layers starting earlier.
 
-    The ramp is checked ``checks`` times on validation images; the first check below ``floor``
-    halts it, back at the levels of the last check that passed (zeroed weights may grow back
-    under the lower count), and the run goes on at those constraints to recover.
+    The schedule advances with the run until ``ramp_end``, and is checked ``checks`` times on
+    validation images on the way: a check below ``floor`` pauses it (the constraints hold and
+    the network trains to recover), the next check that passes resumes it, and a second failed
+    check in a row moves it back to where the last passing check stood (zeroed weights may
+    grow back under the lower count). After ``ramp_end`` the constraints hold where the
+    schedule got to.
     """
 
     def __init__(
@@ -426,9 +431,10 @@ class _GradualProjector(_Projector):
     ) -> None:
         """Args:
         ranked: the layers, least significant first.
-        ramp_end: the fraction of the run at which every layer reaches its target.
+        ramp_end: the fraction of the run after which the schedule no longer advances; a
+            schedule never paused reaches every target there.
         stagger: the last layer starts this fraction of the way to ``ramp_end``.
-        checks: validation checks, evenly spaced along the ramp.
+        checks: validation checks, evenly spaced over the run up to ``ramp_end``.
         lowrank: project onto a rank (else onto a count of zeros).
         check: scores the student (validation top-1) and leaves it in training mode.
         floor: the lowest top-1 a check may pass with.
@@ -440,82 +446,94 @@ class _GradualProjector(_Projector):
         self.ramp_end = ramp_end
         self.check_at = [ramp_end * (k + 1) / checks for k in range(checks)]
         self.check, self.floor = check, floor
-        self.reached = 0.0  # how far the ramp has gone (run progress, at most ramp_end)
-        self.passed = 0.0  # the ramp progress of the last check that passed
-        self.frozen: float | None = None
-        self.halted: str | None = None
+        self.at = 0.0  # where the schedule stands, in run progress (at most ramp_end)
+        self.passed = 0.0  # where it stood at the last check that passed
+        self.paused = False
+        self.failed_in_a_row = 0
+        self.progress = 0.0
         self.history: list[dict[str, Any]] = []
         self.started = time.perf_counter()
 
-    def level(self, index: int, progress: float) -> float:
-        """Layer ``index``'s level at ``progress`` of the run (cubic: fast first)."""
+    def level(self, index: int, at: float) -> float:
+        """Layer ``index``'s level with the schedule at ``at`` (cubic: fast first)."""
         start, end = self.starts[index], self.ramp_end
-        done = 1.0 if end <= start else min(1.0, max(0.0, (progress - start) / (end - start)))
+        done = 1.0 if end <= start else min(1.0, max(0.0, (at - start) / (end - start)))
         return 1.0 - (1.0 - done) ** 3
 
-    @property
-    def at(self) -> float:
-        """The run progress whose levels hold: where the ramp stands, or where it was held."""
-        return self.frozen if self.frozen is not None else self.reached
-
     def levels(self) -> list[float]:
-        """Every layer's level where the ramp stands (or was held)."""
+        """Every layer's level where the schedule stands."""
         return [self.level(index, self.at) for index in range(len(self.ranked))]
 
-    def _project_at(self, module: OnnxModule, progress: float) -> None:
+    @property
+    def halted(self) -> str | None:
+        """Why the schedule ended short of the targets (None when it reached them)."""
+        if self.at >= self.ramp_end:
+            return None
+        paused = sum(1 for record in self.history if not record["accepted"])
+        return (
+            f"the schedule reached {100 * self.at / self.ramp_end:.0f}% of its way to the "
+            f"targets: {paused} of {len(self.history)} checks fell below {self.floor:.2f} and "
+            "paused it"
+        )
+
+    def _project_at(self, module: OnnxModule) -> None:
         for index, layer in enumerate(self.ranked):
-            self.project(module, layer, self.level(index, progress))
+            self.project(module, layer, self.level(index, self.at))
 
     def __call__(self, module: OnnxModule, progress: float) -> None:
         self.steps += 1
-        if self.frozen is None:
-            self.reached = max(self.reached, min(progress, self.ramp_end))
-            while self.check_at and progress >= self.check_at[0]:
-                self.check_at.pop(0)
-                self._project_at(module, self.reached)
-                top1 = self.check(module)
-                ok = top1 >= self.floor
-                self.history.append(
-                    {
-                        "stage": "ramp",
-                        "attempt": len(self.history) + 1,
-                        "increment": round(self.reached / max(self.ramp_end, 1e-9), 4),
-                        "layers": [
-                            layer.node
-                            for index, layer in enumerate(self.ranked)
-                            if self.level(index, self.reached) > 0
-                        ],
-                        "top1": top1,
-                        "accepted": ok,
-                        "accepted_top1": top1,
-                        "steps": self.steps,
-                        "seconds": round(time.perf_counter() - self.started, 1),
-                    }
-                )
-                logger.info(
-                    "lct gradual check %d: %.0f%% of the ramp, top-1 %.2f (floor %.2f) -> %s",
-                    len(self.history),
-                    100 * self.reached / max(self.ramp_end, 1e-9),
-                    top1,
-                    self.floor,
-                    "go on" if ok else "halt",
-                )
-                if ok:
-                    self.passed = self.reached
-                else:
-                    self.frozen = self.passed
-                    self.halted = (
-                        f"validation top-1 {top1:.2f} fell below {self.floor:.2f} at "
-                        f"{100 * self.reached / max(self.ramp_end, 1e-9):.0f}% of the ramp; "
-                        f"held at {100 * self.frozen / max(self.ramp_end, 1e-9):.0f}%"
-                    )
-                    break
-        self._project_at(module, self.at)
+        if not self.paused:
+            step = min(progress, self.ramp_end) - min(self.progress, self.ramp_end)
+            self.at = min(self.ramp_end, self.at + max(0.0, step))
+        self.progress = progress
+        while self.check_at and progress >= self.check_at[0]:
+            self.check_at.pop(0)
+            self._project_at(module)
+            self._check(module)
+        self._project_at(module)
+
+    def _check(self, module: OnnxModule) -> None:
+        top1 = self.check(module)
+        ok = top1 >= self.floor
+        if ok:
+            self.passed, self.paused, self.failed_in_a_row = self.at, False, 0
+            action = "go on"
+        else:
+            self.paused = True
+            self.failed_in_a_row += 1
+            action = "pause"
+            if self.failed_in_a_row >= 2 and self.at > self.passed:
+                self.at = self.passed
+                action = "back to the last check that passed"
+        self.history.append(
+            {
+                "stage": "ramp",
+                "attempt": len(self.history) + 1,
+                "increment": round(self.at / max(self.ramp_end, 1e-9), 4),
+                "layers": [
+                    layer.node
+                    for index, layer in enumerate(self.ranked)
+                    if self.level(index, self.at) > 0
+                ],
+                "top1": top1,
+                "accepted": ok,
+                "accepted_top1": top1,
+                "steps": self.steps,
+                "seconds": round(time.perf_counter() - self.started, 1),
+            }
+        )
+        logger.info(
+            "lct gradual check %d: schedule at %.0f%%, top-1 %.2f (floor %.2f) -> %s",
+            len(self.history),
+            100 * self.at / max(self.ramp_end, 1e-9),
+            top1,
+            self.floor,
+            action,
+        )
 
     def finish(self, module: OnnxModule) -> None:
-        """Put every layer exactly at its final level, however far the ramp got."""
-        for layer, level in zip(self.ranked, self.levels(), strict=True):
-            self.project(module, layer, level)
+        """Put every layer exactly at its final level."""
+        self._project_at(module)
 
 
 def project_sparse(weight: torch.Tensor, zeros: int) -> None:

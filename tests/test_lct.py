@@ -693,8 +693,9 @@ def test_limited_scoring_spreads_over_class_sorted_data() -> None:
 
 # -- the gradual schedule ---------------------------------------------------------------------
 
-# Two epochs of four steps; the ramp ends at 0.7 of the run and is checked four times: after
-# steps 2, 3, 5 and 6 (progress 0.25, 0.375, 0.625, 0.75 passing 0.175, 0.35, 0.525, 0.7).
+# Two epochs of four steps (progress 1/8 per step); the schedule advances with the run up to
+# 0.7 and is checked four times: after steps 2, 3, 5 and 6 (progress 0.25, 0.375, 0.625, 0.75
+# passing 0.175, 0.35, 0.525, 0.7).
 GRADUAL = {"schedule": "gradual", "epochs": 2, "epoch_samples": 256, "checks": 4}
 GRADUAL.update({"final_share": 0.3, "stagger": 0.5, "sparsity": 0.8})
 
@@ -725,23 +726,32 @@ def test_gradual_schedule_reaches_every_target_when_every_check_passes() -> None
     assert not np.allclose(_run(model, x), _run(original, x))
 
 
-def test_gradual_schedule_halts_at_the_last_check_that_passed(
-    monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize(
+    ("checks", "schedule_at"),
+    [
+        # Pass, fail (pause at 0.375), pass (resume at step 6, 0.075 more), pass.
+        ([-0.5, -2.5, -1.5, -0.5], 0.375 + 0.075),
+        # Pass, fail, fail again (back to 0.25, where the first check passed), pass (at
+        # 0.7: the ramp is over, nothing more to resume).
+        ([-0.5, -2.5, -2.6, -0.5], 0.25),
+    ],
+)
+def test_gradual_schedule_pauses_below_the_floor_and_backs_off_after_two_failures(
+    monkeypatch: pytest.MonkeyPatch, checks: list[float], schedule_at: float
 ) -> None:
     torch.set_num_threads(1)
-    # max_drop 1 + slack 1: checks at -0.5 and -1.5 pass, -2.5 halts; the end is within 1.
-    _scripted_scores(monkeypatch, [-0.5, -1.5, -2.5, -0.6])
+    # max_drop 1 + slack 1: a check passes at -2 or above; the end is within max_drop.
+    _scripted_scores(monkeypatch, [*checks, -0.6])
     model = load_model(DIGITS_MODEL)
     lct = create_pass("lct", {**GRADUAL, "max_drop": 1.0, "slack": 1.0}, _held_out_context())
     assert lct(model).modified
     summary = lct.report.summary
-    assert [r["accepted"] for r in summary["stages"]] == [True, True, False, True]
-    assert summary["stages"][-1]["increment"] == pytest.approx((3 / 8) / 0.7, abs=1e-4)
-    assert "fell below" in summary["stopped"]
+    assert [r["accepted"] for r in summary["stages"]] == [o >= -2 for o in checks] + [True]
+    assert "paused" in summary["stopped"]
+    assert summary["stages"][-1]["increment"] == pytest.approx(schedule_at / 0.7, abs=1e-4)
     assert summary["final_top1"] == pytest.approx(summary["reference_top1"] - 0.6)
     rows = sorted(lct.report.layers, key=lambda row: row["significance"])
-    # Held where the second check passed: step 3 of 8.
-    expected = [_gradual_level(i, len(rows), 3 / 8) for i in range(len(rows))]
+    expected = [_gradual_level(i, len(rows), schedule_at) for i in range(len(rows))]
     assert [row["level"] for row in rows] == pytest.approx(expected)
     assert expected[0] > expected[-1]  # the least significant layer went furthest
     for row in rows:
