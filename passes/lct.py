@@ -93,7 +93,8 @@ class LctConfig(PassConfig):
             check more than ``max_drop + slack`` below the original pauses the schedule until
             a check passes again (two failures in a row move it back to the last check that
             passed); after ``1 - final_share`` of the run the constraints hold and the network
-            recovers).
+            recovers; a run that ends beyond ``max_drop`` falls back to the weights of the
+            furthest check that was within it).
         stagger: gradual: the most significant layer starts its schedule this fraction of
             the way into the ramp (0: all layers start together).
         checks: gradual: validation checks along the ramp.
@@ -428,6 +429,7 @@ class _GradualProjector(_Projector):
         lowrank: bool,
         check: Any,
         floor: float,
+        keep_above: float | None = None,
     ) -> None:
         """Args:
         ranked: the layers, least significant first.
@@ -438,6 +440,8 @@ class _GradualProjector(_Projector):
         lowrank: project onto a rank (else onto a count of zeros).
         check: scores the student (validation top-1) and leaves it in training mode.
         floor: the lowest top-1 a check may pass with.
+        keep_above: a check at or above this top-1 keeps a copy of the weights (the furthest
+            such one is kept): the fallback if the run ends below it.
         """
         super().__init__([], {}, ranked, ramp_end, lowrank)
         self.ranked = list(ranked)
@@ -453,6 +457,9 @@ class _GradualProjector(_Projector):
         self.progress = 0.0
         self.history: list[dict[str, Any]] = []
         self.started = time.perf_counter()
+        self.keep_above = keep_above
+        # (schedule position, weights, check top-1) of the furthest check at keep_above.
+        self.snapshot: tuple[float, dict[str, Any], float] | None = None
 
     def level(self, index: int, at: float) -> float:
         """Layer ``index``'s level with the schedule at ``at`` (cubic: fast first)."""
@@ -460,9 +467,10 @@ class _GradualProjector(_Projector):
         done = 1.0 if end <= start else min(1.0, max(0.0, (at - start) / (end - start)))
         return 1.0 - (1.0 - done) ** 3
 
-    def levels(self) -> list[float]:
-        """Every layer's level where the schedule stands."""
-        return [self.level(index, self.at) for index in range(len(self.ranked))]
+    def levels(self, at: float | None = None) -> list[float]:
+        """Every layer's level where the schedule stands (or at ``at``)."""
+        at = self.at if at is None else at
+        return [self.level(index, at) for index in range(len(self.ranked))]
 
     @property
     def halted(self) -> str | None:
@@ -495,6 +503,10 @@ class _GradualProjector(_Projector):
     def _check(self, module: OnnxModule) -> None:
         top1 = self.check(module)
         ok = top1 >= self.floor
+        keep = self.keep_above is not None and top1 >= self.keep_above and self.at > 0
+        if keep and (self.snapshot is None or self.at >= self.snapshot[0]):
+            state = {name: value.detach().clone() for name, value in module.state_dict().items()}
+            self.snapshot = (self.at, state, top1)
         if ok:
             self.passed, self.paused, self.failed_in_a_row = self.at, False, 0
             action = "go on"
@@ -960,8 +972,10 @@ class LayerwiseCompressiveTraining(CompressionPass[LctConfig]):
     ) -> tuple[_Accepted | None, list[dict[str, Any]], str | None]:
         """One projected fine-tune: every layer on its own cubic ramp, checked along the way.
 
-        Returns the student (None when it ends more than ``max_drop`` below the original), one
-        record per check plus one for the end, and why the ramp halted (None when it did not).
+        Returns the student (when it ends more than ``max_drop`` below the original: the
+        weights of the furthest check within it, if they hold on the whole validation set,
+        else None), one record per check plus one for the end (and the fallback), and why the
+        schedule ended short (None when it did not).
         """
         cfg = self.cfg
         ranked = sorted(layers, key=lambda layer: layer.significance)
@@ -976,7 +990,14 @@ class LayerwiseCompressiveTraining(CompressionPass[LctConfig]):
             return top1
 
         projector = _GradualProjector(
-            ranked, 1.0 - cfg.final_share, cfg.stagger, cfg.checks, lowrank, check, floor
+            ranked,
+            1.0 - cfg.final_share,
+            cfg.stagger,
+            cfg.checks,
+            lowrank,
+            check,
+            floor,
+            keep_above=reference - cfg.max_drop,
         )
         budget = cfg.time_budget_s
         if budget is not None:
@@ -1011,11 +1032,62 @@ class LayerwiseCompressiveTraining(CompressionPass[LctConfig]):
                 "seconds": round(result.seconds, 1),
             }
         )
+        if not within and projector.snapshot is not None:
+            return self._gradual_fallback(result, projector, scorer, reference, history)
         if not within:
             for layer in ranked:
                 layer.level = 0.0
             return None, history, projector.halted
         return _Accepted(result.module, result.model, top1, ranked), history, projector.halted
+
+    def _gradual_fallback(
+        self,
+        result: Any,
+        projector: _GradualProjector,
+        scorer: _Scorer,
+        reference: float,
+        history: list[dict[str, Any]],
+    ) -> tuple[_Accepted | None, list[dict[str, Any]], str | None]:
+        """The weights of the furthest check that was within ``max_drop``, if they still are
+        on the whole validation set (the check scored ``check_samples`` of it)."""
+        from onnxcompress.torch_bridge.writeback import write_back
+
+        assert projector.snapshot is not None
+        at, state, _ = projector.snapshot
+        result.module.load_state_dict(state)
+        write_back(result.model, result.module)
+        top1 = scorer.score(result.module)
+        within = top1 >= reference - self.cfg.max_drop
+        for layer, level in zip(projector.ranked, projector.levels(at), strict=True):
+            layer.level = level if within else 0.0
+        logger.info(
+            "lct gradual: fallback to the check at %.0f%% of the schedule: top-1 %.2f (%s)",
+            100 * at / max(projector.ramp_end, 1e-9),
+            top1,
+            "kept" if within else "beyond max_drop too",
+        )
+        history.append(
+            {
+                "stage": "fallback",
+                "attempt": 1,
+                "increment": round(at / max(projector.ramp_end, 1e-9), 4),
+                "layers": [layer.node for layer in projector.ranked if layer.accepted],
+                "top1": top1,
+                "reference_top1": reference,
+                "accepted": within,
+                "accepted_top1": top1 if within else reference,
+                "steps": 0,
+                "seconds": 0.0,
+            }
+        )
+        stopped = (
+            f"the run ended more than max_drop={self.cfg.max_drop} below the original; the "
+            f"result is the furthest check within it ({100 * at / projector.ramp_end:.0f}% of "
+            "the schedule)"
+        )
+        if not within:
+            return None, history, stopped
+        return _Accepted(result.module, result.model, top1, projector.ranked), history, stopped
 
     def _attempt(
         self,

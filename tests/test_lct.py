@@ -762,7 +762,9 @@ def test_gradual_schedule_ending_beyond_max_drop_leaves_the_model_unchanged(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     torch.set_num_threads(1)
-    _scripted_scores(monkeypatch, [-0.5, -0.5, -0.5, -0.5, -1.5])
+    # Every check within max_drop (the last, at the end of the ramp, is the fallback), the end
+    # beyond it, and the fallback beyond it too on the whole validation set.
+    _scripted_scores(monkeypatch, [-0.5, -0.5, -0.5, -0.5, -1.5, -1.2])
     model = load_model(DIGITS_MODEL)
     original = load_model(DIGITS_MODEL)
     lct = create_pass("lct", {**GRADUAL, "max_drop": 1.0}, _held_out_context())
@@ -772,6 +774,28 @@ def test_gradual_schedule_ending_beyond_max_drop_leaves_the_model_unchanged(
         assert kept is not None and value.const_value is not None
         assert np.array_equal(kept.numpy(), value.const_value.numpy())
     assert all(row["level"] == 0 and not row["collapsed"] for row in lct.report.layers)
+
+
+def test_gradual_schedule_falls_back_to_the_furthest_check_within_max_drop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    torch.set_num_threads(1)
+    # Only the first check (schedule at 0.25) is within max_drop; the end is not; the weights
+    # of that check, scored again on the whole validation set, are.
+    _scripted_scores(monkeypatch, [-0.5, -1.5, -1.5, -1.5, -1.5, -0.8])
+    model = load_model(DIGITS_MODEL)
+    lct = create_pass("lct", {**GRADUAL, "max_drop": 1.0, "slack": 1.0}, _held_out_context())
+    assert lct(model).modified
+    summary = lct.report.summary
+    assert [r["stage"] for r in summary["stages"]][-2:] == ["end", "fallback"]
+    assert summary["final_top1"] == pytest.approx(summary["reference_top1"] - 0.8)
+    assert "furthest check" in summary["stopped"]
+    rows = sorted(lct.report.layers, key=lambda row: row["significance"])
+    expected = [_gradual_level(i, len(rows), 0.25) for i in range(len(rows))]
+    assert [row["level"] for row in rows] == pytest.approx(expected)
+    # The written weights are the check's: each layer at that level's count of zeros.
+    for row in rows:
+        assert row["zeros"] == round(row["level"] * row["target_zeros"])
 
 
 def test_gradual_lowrank_reaches_the_target_ranks() -> None:
