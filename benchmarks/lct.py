@@ -179,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stagger", type=float, default=0.5, help="gradual: ramp offsets")
     parser.add_argument("--checks", type=int, default=10, help="gradual: checks on the ramp")
     parser.add_argument(
+        "--check-samples", type=int, default=5000, help="gradual: images scored per check"
+    )
+    parser.add_argument(
         "--retries", type=int, default=2, help="back-offs (halved increment) per rejected stage"
     )
     parser.add_argument("--lr", type=float, default=0.003)
@@ -234,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             "schedule": args.schedule,
             "stagger": args.stagger,
             "checks": args.checks,
+            "check_samples": args.check_samples,
             "stages": args.stages,
             "retries": args.retries,
             "epochs_per_stage": args.epochs_per_stage,
