@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from onnxcompress.budget import LatencyMeter, LatencySettings
-from onnxcompress.data import spread_index
 from onnxcompress.errors import OnnxCompressError, PassConfigError
 
 logger = logging.getLogger(__name__)
@@ -115,17 +114,17 @@ def sweep(
     canonical = clone_model(original)
     create_pass("canonicalize", {})(canonical)
     context = PassContext(seed=seed, progress=False)
+    calibration = None
     if data is not None:
-        calibration = dataset_for_model(original, data)
-        calibration = calibration.spread(calibration_size)
+        calibration = dataset_for_model(original, data).spread(calibration_size)
         context.calibration, context.calibration_labels = calibration.x, calibration.y
         context.train_spec = data
     validation = dataset_for_model(original, eval_data) if eval_data is not None else None
     verify_x = None
     if validation is not None:
         verify_x = validation.spread(verify_samples).x
-    elif context.calibration is not None:
-        verify_x = context.calibration[spread_index(len(context.calibration), verify_samples)]
+    elif calibration is not None:
+        verify_x = calibration.spread(verify_samples).x
     reference = model_metrics(canonical)
     original_top1 = accuracy(original, validation).top1 if validation is not None else None
     settings = latency or LatencySettings()

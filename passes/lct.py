@@ -467,6 +467,11 @@ class _GradualProjector(_Projector):
         done = 1.0 if end <= start else min(1.0, max(0.0, (at - start) / (end - start)))
         return 1.0 - (1.0 - done) ** 3
 
+    def share(self, at: float | None = None) -> float:
+        """How far along its way to the targets the schedule is at ``at`` (default: now)."""
+        # ramp_end = 1 - final_share > 0 (final_share < 1 is validated).
+        return (self.at if at is None else at) / self.ramp_end
+
     def levels(self, at: float | None = None) -> list[float]:
         """Every layer's level where the schedule stands (or at ``at``)."""
         at = self.at if at is None else at
@@ -479,7 +484,7 @@ class _GradualProjector(_Projector):
             return None
         paused = sum(1 for record in self.history if not record["accepted"])
         return (
-            f"the schedule reached {100 * self.at / self.ramp_end:.0f}% of its way to the "
+            f"the schedule reached {100 * self.share():.0f}% of its way to the "
             f"targets: {paused} of {len(self.history)} checks fell below {self.floor:.2f} and "
             "paused it"
         )
@@ -521,7 +526,7 @@ class _GradualProjector(_Projector):
             {
                 "stage": "ramp",
                 "attempt": len(self.history) + 1,
-                "increment": round(self.at / max(self.ramp_end, 1e-9), 4),
+                "increment": round(self.share(), 4),
                 "layers": [
                     layer.node
                     for index, layer in enumerate(self.ranked)
@@ -537,7 +542,7 @@ class _GradualProjector(_Projector):
         logger.info(
             "lct gradual check %d: schedule at %.0f%%, top-1 %.2f (floor %.2f) -> %s",
             len(self.history),
-            100 * self.at / max(self.ramp_end, 1e-9),
+            100 * self.share(),
             top1,
             self.floor,
             action,
@@ -634,20 +639,20 @@ class LayerwiseCompressiveTraining(CompressionPass[LctConfig]):
         if stopped is not None:
             report.summary["stopped"] = stopped
         if accepted is None:
-            what = (
-                "the gradual run ended"
-                if cfg.schedule == "gradual"
-                else "no stage stayed, even backed off,"
-            )
-            report.decline(
-                "<model>",
-                f"{what} within max_drop={cfg.max_drop} points of validation top-1 "
-                "nowhere; the model is left as it was (raise max_drop or the training budget)"
-                if cfg.schedule == "staged"
-                else f"{what} more than max_drop={cfg.max_drop} points below the original's "
-                "validation top-1; the model is left as it was (raise max_drop or the "
-                "training budget, or lower the target)",
-            )
+            if cfg.schedule == "gradual":
+                reason = (
+                    f"the gradual run ended more than max_drop={cfg.max_drop} points below the "
+                    "original's validation top-1, with no check on the way that held within it "
+                    "on the whole validation set; the model is left as it was (raise max_drop "
+                    "or the training budget, or lower the target)"
+                )
+            else:
+                reason = (
+                    f"no stage stayed within max_drop={cfg.max_drop} points of validation "
+                    "top-1, even backed off; the model is left as it was (raise max_drop or "
+                    "the training budget)"
+                )
+            report.decline("<model>", reason)
             self._report_layers(report, layers, {})
             return
         from onnxcompress.torch_bridge.writeback import write_back
@@ -1022,7 +1027,7 @@ class LayerwiseCompressiveTraining(CompressionPass[LctConfig]):
             {
                 "stage": "end",
                 "attempt": 1,
-                "increment": round(projector.at / max(projector.ramp_end, 1e-9), 4),
+                "increment": round(projector.share(), 4),
                 "layers": [layer.node for layer in ranked if layer.accepted],
                 "top1": top1,
                 "reference_top1": reference,
@@ -1062,7 +1067,7 @@ class LayerwiseCompressiveTraining(CompressionPass[LctConfig]):
             layer.level = level if within else 0.0
         logger.info(
             "lct gradual: fallback to the check at %.0f%% of the schedule: top-1 %.2f (%s)",
-            100 * at / max(projector.ramp_end, 1e-9),
+            100 * projector.share(at),
             top1,
             "kept" if within else "beyond max_drop too",
         )
@@ -1070,7 +1075,7 @@ class LayerwiseCompressiveTraining(CompressionPass[LctConfig]):
             {
                 "stage": "fallback",
                 "attempt": 1,
-                "increment": round(at / max(projector.ramp_end, 1e-9), 4),
+                "increment": round(projector.share(at), 4),
                 "layers": [layer.node for layer in projector.ranked if layer.accepted],
                 "top1": top1,
                 "reference_top1": reference,
@@ -1082,7 +1087,7 @@ class LayerwiseCompressiveTraining(CompressionPass[LctConfig]):
         )
         stopped = (
             f"the run ended more than max_drop={self.cfg.max_drop} below the original; the "
-            f"result is the furthest check within it ({100 * at / projector.ramp_end:.0f}% of "
+            f"result is the furthest check within it ({100 * projector.share(at):.0f}% of "
             "the schedule)"
         )
         if not within:

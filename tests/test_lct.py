@@ -515,6 +515,15 @@ def _scripted_scores(monkeypatch: pytest.MonkeyPatch, offsets: list[float]) -> N
     monkeypatch.setattr(lct_module._Scorer, "score", score)
 
 
+def _assert_left_as_it_was(model: ir.Model, original: ir.Model, rows: list[dict]) -> None:
+    """Every weight as in ``original``, and every reported layer dense."""
+    for name, value in original.graph.initializers.items():
+        assert value.const_value is not None
+        kept = model.graph.initializers[name].const_value
+        assert kept is not None and np.array_equal(kept.numpy(), value.const_value.numpy())
+    assert all(row["level"] == 0 and not row["collapsed"] for row in rows)
+
+
 SCRIPTED = {"stages": 2, "epoch_samples": 64, "retries": 0, "max_drop": 1.0, "slack": 1.0}
 SCRIPTED.update({"sparsity": 0.8, "final_epochs": 1})
 
@@ -561,11 +570,7 @@ def test_nothing_within_max_drop_leaves_the_model_unchanged(
     lct = create_pass("lct", SCRIPTED, _held_out_context())
     result = lct(model)
     assert not result.modified
-    for name, value in original.graph.initializers.items():
-        assert value.const_value is not None
-        kept = model.graph.initializers[name].const_value
-        assert kept is not None and np.array_equal(kept.numpy(), value.const_value.numpy())
-    assert all(row["level"] == 0 and not row["collapsed"] for row in lct.report.layers)
+    _assert_left_as_it_was(model, original, lct.report.layers)
 
 
 def test_the_time_budget_holds_across_stages_and_retries() -> None:
@@ -769,11 +774,7 @@ def test_gradual_schedule_ending_beyond_max_drop_leaves_the_model_unchanged(
     original = load_model(DIGITS_MODEL)
     lct = create_pass("lct", {**GRADUAL, "max_drop": 1.0}, _held_out_context())
     assert not lct(model).modified
-    for name, value in original.graph.initializers.items():
-        kept = model.graph.initializers[name].const_value
-        assert kept is not None and value.const_value is not None
-        assert np.array_equal(kept.numpy(), value.const_value.numpy())
-    assert all(row["level"] == 0 and not row["collapsed"] for row in lct.report.layers)
+    _assert_left_as_it_was(model, original, lct.report.layers)
 
 
 def test_gradual_schedule_falls_back_to_the_furthest_check_within_max_drop(

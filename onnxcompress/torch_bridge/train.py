@@ -122,9 +122,10 @@ class FinetuneConfig:
         amp: mixed precision (bfloat16, or float16 with loss scaling) when training on a GPU;
             ignored on CPU.
         channels_last: feed image batches in channels-last memory order (same values, same
-            math); None: on for 4-D inputs. Measured on the 2-core CPU (batch 128, one
-            process): a ResNet-20 training step 1.2-1.4x faster, its depthwise-separable
-            version 1.6x (oneDNN's convolutions, depthwise above all, prefer NHWC).
+            math); None: on for 4-D inputs. ``benchmarks/train_layout.py`` on the 2-core CPU
+            (batch 128, one process): a ResNet-20 training step 1.41x faster, its
+            depthwise-separable version 1.73x (oneDNN's convolutions, depthwise above all,
+            prefer NHWC).
         num_workers: background batch loaders (0: in the training process).
         eval_batch_size: batch size for validation.
         checkpoint_dir: write ``last.pt`` here after every epoch (None: no checkpoints).
