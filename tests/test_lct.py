@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -698,18 +699,18 @@ def test_limited_scoring_spreads_over_class_sorted_data() -> None:
 
 # -- the gradual schedule ---------------------------------------------------------------------
 
-# Two epochs of four steps (progress 1/8 per step); the schedule advances with the run up to
-# 0.7 and is checked four times: after steps 2, 3, 5 and 6 (progress 0.25, 0.375, 0.625, 0.75
-# passing 0.175, 0.35, 0.525, 0.7).
-GRADUAL = {"schedule": "gradual", "epochs": 2, "epoch_samples": 256, "checks": 4}
-GRADUAL.update({"final_share": 0.3, "stagger": 0.5, "sparsity": 0.8})
+# Three epochs of four steps: the ramp gets two (1 - final_share of three), a fine-tune of its
+# own whose progress is the schedule's (1/8 per step), checked four times: after steps 2, 4, 6
+# and 8 (progress 0.25, 0.5, 0.75, 1); the recovery gets the third epoch.
+GRADUAL = {"schedule": "gradual", "epochs": 3, "epoch_samples": 256, "checks": 4}
+GRADUAL.update({"final_share": 1 / 3, "stagger": 0.5, "sparsity": 0.8})
 
 
 def _gradual_level(index: int, count: int, progress: float) -> float:
     """The level of the ``index``-th least significant of ``count`` layers, by the docstring's
-    rule: a cubic ramp from ``0.5 * 0.7 * index / (count - 1)`` to 0.7."""
-    start = 0.5 * 0.7 * index / (count - 1)
-    done = min(1.0, max(0.0, (progress - start) / (0.7 - start)))
+    rule: a cubic ramp from ``0.5 * index / (count - 1)`` to 1."""
+    start = 0.5 * index / (count - 1)
+    done = min(1.0, max(0.0, (progress - start) / (1.0 - start)))
     return 1.0 - (1.0 - done) ** 3
 
 
@@ -721,7 +722,7 @@ def test_gradual_schedule_reaches_every_target_when_every_check_passes() -> None
     assert lct(model).modified
     summary = lct.report.summary
     assert summary["schedule"] == "gradual" and "stopped" not in summary
-    assert [r["stage"] for r in summary["stages"]] == ["ramp"] * 4 + ["end"]
+    assert [r["stage"] for r in summary["stages"]] == ["ramp"] * 4 + ["end", "final"]
     for row in lct.report.layers:
         assert row["level"] == 1.0 and row["zeros"] == row["target_zeros"] > 0
     assert summary["file_bytes_after"] < summary["file_bytes_before"]
@@ -734,10 +735,10 @@ def test_gradual_schedule_reaches_every_target_when_every_check_passes() -> None
 @pytest.mark.parametrize(
     ("checks", "schedule_at"),
     [
-        # Pass, fail (pause at 0.375), pass (resume at step 6, 0.075 more), pass.
-        ([-0.5, -2.5, -1.5, -0.5], 0.375 + 0.075),
-        # Pass, fail, fail again (back to 0.25, where the first check passed), pass (at
-        # 0.7: the ramp is over, nothing more to resume).
+        # Pass, fail (pause at 0.5), pass (resume at step 6), pass (two steps more: 0.75).
+        ([-0.5, -2.5, -1.5, -0.5], 0.75),
+        # Pass, fail, fail again (back to 0.25, where the first check passed), pass (at the
+        # last step: the ramp is over, nothing more to resume).
         ([-0.5, -2.5, -2.6, -0.5], 0.25),
     ],
 )
@@ -745,15 +746,20 @@ def test_gradual_schedule_pauses_below_the_floor_and_backs_off_after_two_failure
     monkeypatch: pytest.MonkeyPatch, checks: list[float], schedule_at: float
 ) -> None:
     torch.set_num_threads(1)
-    # max_drop 1 + slack 1: a check passes at -2 or above; the end is within max_drop.
-    _scripted_scores(monkeypatch, [*checks, -0.6])
+    # max_drop 1 + slack 1: a check passes at -2 or above; the end of the ramp is beyond
+    # max_drop, the recovery brings it within.
+    _scripted_scores(monkeypatch, [*checks, -1.2, -0.6])
     model = load_model(DIGITS_MODEL)
     lct = create_pass("lct", {**GRADUAL, "max_drop": 1.0, "slack": 1.0}, _held_out_context())
     assert lct(model).modified
     summary = lct.report.summary
-    assert [r["accepted"] for r in summary["stages"]] == [o >= -2 for o in checks] + [True]
+    assert [r["accepted"] for r in summary["stages"]] == [o >= -2 for o in checks] + [
+        False,
+        True,
+    ]
     assert "paused" in summary["stopped"]
-    assert summary["stages"][-1]["increment"] == pytest.approx(schedule_at / 0.7, abs=1e-4)
+    end = summary["stages"][-2]
+    assert end["stage"] == "end" and end["increment"] == pytest.approx(schedule_at)
     assert summary["final_top1"] == pytest.approx(summary["reference_top1"] - 0.6)
     rows = sorted(lct.report.layers, key=lambda row: row["significance"])
     expected = [_gradual_level(i, len(rows), schedule_at) for i in range(len(rows))]
@@ -763,13 +769,69 @@ def test_gradual_schedule_pauses_below_the_floor_and_backs_off_after_two_failure
         assert row["zeros"] == round(row["level"] * row["target_zeros"])
 
 
+def test_gradual_recovery_is_a_fine_tune_of_its_own_from_final_lr(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from onnxcompress.torch_bridge import train as train_module
+
+    torch.set_num_threads(1)
+    runs: list[tuple[int, float, float]] = []
+    real = train_module.finetune
+
+    def spy(student: Any, teacher: Any, data: Any, val: Any, config: Any, **kw: Any) -> Any:
+        sparsity = []
+        result = real(student, teacher, data, val, config, **kw)
+        for name, value in result.model.graph.initializers.items():
+            if name.endswith("weight") and value.const_value is not None:
+                sparsity.append(float(np.mean(value.const_value.numpy() == 0)))
+        runs.append((config.epochs, config.lr, max(sparsity)))
+        return result
+
+    monkeypatch.setattr(train_module, "finetune", spy)
+    options = {**GRADUAL, "max_drop": 100.0, "lr": 0.002, "final_lr": 0.02}
+    lct = create_pass("lct", options, _digits_context())
+    assert lct(load_model(DIGITS_MODEL)).modified
+    # The ramp (two epochs at lr) reaches the targets, the recovery (one epoch) restarts
+    # at final_lr and holds them.
+    assert [run[:2] for run in runs] == [(2, 0.002), (1, 0.02)]
+    assert runs[0][2] > 0.5 and runs[1][2] == runs[0][2]
+
+
+def test_gradual_projector_completes_a_running_schedule_when_the_clock_ends_the_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from types import SimpleNamespace
+
+    from onnxcompress.passes.lct import _GradualProjector
+
+    # Only the schedule's arithmetic: no weights are projected.
+    monkeypatch.setattr(_GradualProjector, "_project_at", lambda self, module: None)
+    layers: Any = [SimpleNamespace(node=f"layer{i}") for i in range(3)]
+    scores = iter([0.0, -5.0])
+    projector = _GradualProjector(layers, 1.0, 0.5, 2, False, lambda m: next(scores), -1.0)
+    for progress in (0.3, 0.6, 0.97):  # a time budget: the last step short of 1
+        projector(None, progress)
+    projector.finish(None)
+    assert projector.at == 1.0 and projector.levels() == [1.0, 1.0, 1.0]
+    assert projector.halted is None
+    # Paused at the end (the first check, passed at progress 0.6, was below the floor; the
+    # second, due at 1, never came): it stays where it paused.
+    scores = iter([-5.0])
+    paused = _GradualProjector(layers, 1.0, 0.5, 2, False, lambda m: next(scores), -1.0)
+    for progress in (0.3, 0.6, 0.97):
+        paused(None, progress)
+    paused.finish(None)
+    assert paused.at == pytest.approx(0.6) and paused.halted is not None
+
+
 def test_gradual_schedule_ending_beyond_max_drop_leaves_the_model_unchanged(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     torch.set_num_threads(1)
     # Every check within max_drop (the last, at the end of the ramp, is the fallback), the end
-    # beyond it, and the fallback beyond it too on the whole validation set.
-    _scripted_scores(monkeypatch, [-0.5, -0.5, -0.5, -0.5, -1.5, -1.2])
+    # of the ramp and the recovery beyond it, and the fallback beyond it too on the whole
+    # validation set.
+    _scripted_scores(monkeypatch, [-0.5, -0.5, -0.5, -0.5, -1.5, -1.2, -1.2])
     model = load_model(DIGITS_MODEL)
     original = load_model(DIGITS_MODEL)
     lct = create_pass("lct", {**GRADUAL, "max_drop": 1.0}, _held_out_context())
@@ -781,14 +843,15 @@ def test_gradual_schedule_falls_back_to_the_furthest_check_within_max_drop(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     torch.set_num_threads(1)
-    # Only the first check (schedule at 0.25) is within max_drop; the end is not; the weights
-    # of that check, scored again on the whole validation set, are.
-    _scripted_scores(monkeypatch, [-0.5, -1.5, -1.5, -1.5, -1.5, -0.8])
+    # Only the first check (schedule at 0.25) is within max_drop; the end of the ramp and the
+    # recovery are not; the weights of that check, scored again on the whole validation set,
+    # are.
+    _scripted_scores(monkeypatch, [-0.5, -1.5, -1.5, -1.5, -1.5, -1.4, -0.8])
     model = load_model(DIGITS_MODEL)
     lct = create_pass("lct", {**GRADUAL, "max_drop": 1.0, "slack": 1.0}, _held_out_context())
     assert lct(model).modified
     summary = lct.report.summary
-    assert [r["stage"] for r in summary["stages"]][-2:] == ["end", "fallback"]
+    assert [r["stage"] for r in summary["stages"]][-3:] == ["end", "final", "fallback"]
     assert summary["final_top1"] == pytest.approx(summary["reference_top1"] - 0.8)
     assert "furthest check" in summary["stopped"]
     rows = sorted(lct.report.layers, key=lambda row: row["significance"])
