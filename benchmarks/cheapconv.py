@@ -9,9 +9,10 @@ budget of under 30 minutes for the whole run: by default offline KD from the ori
 paper's online distillation; MACs, params and ONNX Runtime CPU latency against the original.
 Target: within 3 points of the teacher with at least 4x fewer conv MACs.
 
-As in ``recovery.py`` each training budget becomes a fixed number of images before training
-starts (a throughput probe), validation picks the best epoch on the calibration half and
-accuracy is reported on the evaluation half only.
+As in ``recovery.py`` each training budget becomes epochs before training starts (planned for
+``--speed-headroom`` times a throughput probe, so the time budget ends the run), validation
+picks the best epoch on the calibration half and accuracy is reported on the evaluation half
+only.
 
     # both cores as two DDP processes of one thread each (what the README's numbers used)
     .venv/bin/python -m torch.distributed.run --standalone --nproc_per_node=2 \
@@ -48,7 +49,7 @@ from harness import (
     setup_logging,
     write_results,
 )
-from recovery import _broadcast, _rank, plan_epochs, probe_throughput
+from recovery import _broadcast, _rank, add_speed_headroom, plan_epochs, probe_throughput
 
 from onnxcompress.bench import benchmark
 from onnxcompress.evaluate import accuracy, dataset_for_model
@@ -125,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         "teacher starts as ignorant as the students and 0.9 left the cross-entropy at chance)",
     )
     parser.add_argument("--max-epochs", type=int, default=30)
+    add_speed_headroom(parser)
     parser.add_argument("--latency-runs", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -254,12 +256,14 @@ def main(argv: list[str] | None = None) -> int:
         share = args.first_share if index == 0 and len(train_kinds) > 1 else 1.0
         seconds = _broadcast(max(60.0, left * share))
         validation_seconds = len(validation) / (3 * speed * (args.students if online else 1))
+        # Planned for more than the probe read: the time budget ends the run (see recovery).
         epochs, per_epoch = plan_epochs(
-            seconds, speed, len(train), validation_seconds, args.max_epochs
+            seconds, speed * args.speed_headroom, len(train), validation_seconds, args.max_epochs
         )
         say(
             f"{kind}: {speed:.0f} cohort img/s over {world_size} process(es), {seconds:.0f} s: "
-            f"{epochs} epoch(s) of {per_epoch} images"
+            f"{epochs} epoch(s) of {per_epoch} images planned for {args.speed_headroom:g}x "
+            "that speed"
         )
         config = dataclasses.replace(
             config, epochs=epochs, epoch_samples=per_epoch, time_budget_s=seconds
@@ -453,7 +457,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"{first['weight_decay']}, batch",
                     f"{first['batch_size']}, random crop (pad 4) + flip, on the",
                     f"{len(train)}-image training split; each kind's time budget was turned into",
-                    "epochs of a fixed number of images from a throughput probe. The best",
+                    f"epochs planned for {args.speed_headroom:g}x a throughput probe's speed",
+                    "(the time budget ends the run, the schedule following the clock). The best",
                     "epoch by top-1 on the calibration half (never the evaluation half) is kept.",
                     f"{world_size} process(es) (DDP, gloo) of {args.threads} torch thread(s).",
                     f"The first kind got {args.first_share:.0%} of the training time"
