@@ -49,7 +49,7 @@ from harness import (
     setup_logging,
     write_results,
 )
-from recovery import _broadcast, _rank, add_speed_headroom, plan_epochs, probe_throughput
+from recovery import _broadcast, _rank, add_training_options, plan_epochs, probe_throughput
 
 from onnxcompress.bench import benchmark
 from onnxcompress.evaluate import accuracy, dataset_for_model
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         "teacher starts as ignorant as the students and 0.9 left the cross-entropy at chance)",
     )
     parser.add_argument("--max-epochs", type=int, default=30)
-    add_speed_headroom(parser)
+    add_training_options(parser)
     parser.add_argument("--latency-runs", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -239,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             loss="mutual" if online else ("hint" if hints else "kd"),
             hint_tensors=hints,
             hint_weight=args.hint_weight,
+            batchnorm=args.batchnorm,
             peers=args.students - 1 if online else None,
             lr=args.lr,
             schedule=args.schedule,
@@ -412,6 +413,11 @@ def main(argv: list[str] | None = None) -> int:
         f"student) at T={args.temperature} plus {1 - args.alpha:.1f} x cross-entropy with the "
         f"labels{hint_text}"
     )
+    if first.get("batchnorm"):
+        distill_text += (
+            "; trained with a BatchNormalization after every conv (identity-initialized on "
+            "training images, folded back into the convs at the end)"
+        )
     init_text = (
         "Closed-form init: the paper's data-free factorization (per-input-channel rank-1 SVD "
         "for separable, kernel energy peak plus least-squares 1x1 for shift); error = relative "

@@ -93,8 +93,14 @@ def plan_epochs(
     return epochs, max(1, min(per_epoch, train_size))
 
 
-def add_speed_headroom(parser: argparse.ArgumentParser) -> None:
-    """The ``--speed-headroom`` option of the benchmarks that plan epochs from a probe."""
+def add_training_options(parser: argparse.ArgumentParser) -> None:
+    """Options shared by the training benchmarks that plan their epochs from a probe."""
+    parser.add_argument(
+        "--batchnorm",
+        action="store_true",
+        help="train with BatchNormalization after every Conv, folded back at the end "
+        "(FinetuneConfig.batchnorm)",
+    )
     parser.add_argument(
         "--speed-headroom",
         type=float,
@@ -138,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temperature", type=float, default=4.0)
     parser.add_argument("--alpha", type=float, default=0.9)
     parser.add_argument("--max-epochs", type=int, default=6)
-    add_speed_headroom(parser)
+    add_training_options(parser)
     parser.add_argument(
         "--loss",
         choices=("kd", "hint"),
@@ -211,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         loss=args.loss,
         hint_tensors=tuple((name, name) for name in STAGE_OUTPUTS) if args.loss == "hint" else (),
         hint_weight=args.hint_weight,
+        batchnorm=args.batchnorm,
         lr=args.lr,
         batch_size=args.batch_size,
         temperature=args.temperature,
@@ -290,6 +297,11 @@ def main(argv: list[str] | None = None) -> int:
         if config.loss == "hint"
         else ""
     )
+    if config.batchnorm:
+        hint_text += (
+            "; trained with a BatchNormalization after every conv (identity-initialized, "
+            "folded back at the end)"
+        )
     reproduce = command_line()
     if world_size > 1:
         launcher = f"-m torch.distributed.run --standalone --nproc_per_node={world_size} "

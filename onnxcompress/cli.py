@@ -316,6 +316,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--peers", type=int, default=None, help="student copies for --loss mutual")
     p.add_argument(
+        "--batchnorm",
+        action="store_true",
+        help="train with a BatchNormalization after every Conv that has none (exporters fold "
+        "BN away), folded back into the convs when training ends: same graph, better "
+        "conditioned training",
+    )
+    p.add_argument(
         "--augment",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -698,6 +705,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         hint_tensors=_hint_pairs(args.hint),
         peers=args.peers,
         augment=args.augment,
+        batchnorm=args.batchnorm,
         epoch_samples=args.epoch_samples,
         time_budget_s=args.time_budget * 60 if args.time_budget is not None else None,
         seed=args.seed,

@@ -13,7 +13,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from onnxcompress.model import constant_array, fresh_name
+from onnxcompress.model import constant_array, fresh_name, new_initializer
 
 logger = logging.getLogger(__name__)
 
@@ -139,10 +139,10 @@ def _conv_pair(
 ) -> tuple[ir.Node, ir.Node]:
     rank = inner.shape[0]
     spatial = weight.ndim - 2
-    first_weight = _initializer(
+    first_weight = new_initializer(
         graph, f"{label}.lowrank_kxk.weight", inner.reshape(rank, *weight.shape[1:])
     )
-    second_weight = _initializer(
+    second_weight = new_initializer(
         graph, f"{label}.lowrank_1x1.weight", outer.reshape(weight.shape[0], rank, *([1] * spatial))
     )
     # The kxk part keeps the geometry (strides, pads, dilations); the 1x1 part only mixes.
@@ -174,8 +174,8 @@ def _gemm_pair(
     # Y = alpha * A B + beta * C with B = (inner^T outer^T): A -> rank features -> outputs.
     alpha = _float_attr(node, "alpha", 1.0)
     beta = _float_attr(node, "beta", 1.0)
-    first_weight = _initializer(graph, f"{label}.lowrank_in.weight", inner)
-    second_weight = _initializer(graph, f"{label}.lowrank_out.weight", outer)
+    first_weight = new_initializer(graph, f"{label}.lowrank_in.weight", inner)
+    second_weight = new_initializer(graph, f"{label}.lowrank_out.weight", outer)
     first = ir.Node(
         "",
         "Gemm",
@@ -195,16 +195,6 @@ def _gemm_pair(
         name=f"{label}/lowrank_out",
     )
     return first, second
-
-
-def _initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
-    name = fresh_name(graph, base)
-    array = np.ascontiguousarray(array)
-    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
-    value.shape = ir.Shape(array.shape)
-    value.type = ir.TensorType(ir.DataType.from_numpy(array.dtype))
-    graph.register_initializer(value)
-    return value
 
 
 def _int_attr(node: ir.Node, name: str, default: int) -> int:

@@ -676,6 +676,34 @@ def private_initializer(graph: ir.Graph, node: ir.Node, index: int) -> ir.Value:
     return copy
 
 
+def new_initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
+    """Register ``array`` as a new initializer named ``base`` (made unique); returns it."""
+    name = _fresh_name(graph, base)
+    array = np.ascontiguousarray(array)
+    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+    value.shape = ir.Shape(array.shape)
+    value.type = ir.TensorType(ir.DataType.from_numpy(array.dtype))
+    graph.register_initializer(value)
+    return value
+
+
+def fresh_node_name(graph: ir.Graph, base: str) -> str:
+    """A node name not yet used in ``graph`` (node names must be unique for the report)."""
+    taken = {node.name for node in graph}
+    if base not in taken:
+        return base
+    index = 1
+    while f"{base}_{index}" in taken:
+        index += 1
+    return f"{base}_{index}"
+
+
+def fold_batchnorm(graph: ir.Graph, bn: ir.Node) -> bool:
+    """Fold one inference-mode BatchNormalization into the Conv/Gemm before it, in place; the
+    producer takes over the BN's output name. False (graph unchanged) when it cannot."""
+    return _fold_one_batchnorm(graph, bn)
+
+
 def _fresh_name(graph: ir.Graph, base: str) -> str:
     taken = set(graph.initializers)
     taken.update(v.name for n in graph for v in n.outputs if v.name)

@@ -34,7 +34,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as ir_common
 
-from onnxcompress.model import clone_model, fresh_name
+from onnxcompress.model import clone_model, fresh_name, new_initializer
 
 logger = logging.getLogger(__name__)
 
@@ -646,15 +646,6 @@ def fit_bridge(
 # ---------------------------------------------------------------------------------------------
 
 
-def _new_initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
-    name = fresh_name(graph, base)
-    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
-    value.shape = ir.Shape(array.shape)
-    value.type = ir.TensorType(ir.DataType.from_numpy(array.dtype))
-    graph.register_initializer(value)
-    return value
-
-
 def _compute_neighbours(start: ir.Value, forward: bool) -> list[ir.Node]:
     """The nearest compute nodes before (``forward=False``) or after a tensor.
 
@@ -737,8 +728,8 @@ def apply_resection(
                 f"{candidate.key}: bridge weight {bridge.weight.shape}, expected {expected}"
             )
         base = (candidate.nodes[-1].name or exit_name).rstrip("/") or "resect"
-        weight = _new_initializer(graph, f"{base}/resect_bridge.weight", bridge.weight)
-        bias = _new_initializer(graph, f"{base}/resect_bridge.bias", bridge.bias)
+        weight = new_initializer(graph, f"{base}/resect_bridge.weight", bridge.weight)
+        bias = new_initializer(graph, f"{base}/resect_bridge.bias", bridge.bias)
         exit_.name = fresh_name(graph, f"{exit_name}__resected")
         output = ir.Value(name=exit_name, shape=exit_.shape, type=exit_.type)
         bridge_name = fresh_name(graph, f"{base}/resect_bridge")

@@ -41,7 +41,13 @@ import onnx_ir as ir
 
 from onnxcompress import cheap_kernels
 from onnxcompress.errors import PassConfigError
-from onnxcompress.model import clone_model, fresh_name, infer_shapes
+from onnxcompress.model import (
+    clone_model,
+    fresh_name,
+    fresh_node_name,
+    infer_shapes,
+    new_initializer,
+)
 from onnxcompress.passes.base import CompressionPass, PassConfig, PassReport
 
 logger = logging.getLogger(__name__)
@@ -468,12 +474,12 @@ class CheapConvolutions(CompressionPass[CheapConvConfig]):
         self, model: ir.Model, site: _ConvSite, source: ir.Value, weight: np.ndarray
     ) -> ir.Node:
         graph, node = model.graph, site.node
-        inputs = [source, _initializer(graph, f"{_base(site)}.pointwise.weight", weight)]
+        inputs = [source, new_initializer(graph, f"{_base(site)}.pointwise.weight", weight)]
         bias_value = node.inputs[2] if len(node.inputs) > 2 else None
         if self._fit_data:
             # The activation fit rewrites the bias: give the 1×1 one of its own.
             bias = site.bias if site.bias is not None else np.zeros(weight.shape[0], weight.dtype)
-            inputs.append(_initializer(graph, f"{_base(site)}.pointwise.bias", bias.copy()))
+            inputs.append(new_initializer(graph, f"{_base(site)}.pointwise.bias", bias.copy()))
         elif bias_value is not None:
             inputs.append(bias_value)
         ones = [1] * len(site.kernel)
@@ -482,7 +488,7 @@ class CheapConvolutions(CompressionPass[CheapConvConfig]):
             "Conv",
             inputs,
             [ir.AttrInt64("group", 1), ir.AttrInt64s("kernel_shape", ones)],
-            name=_fresh_node_name(graph, f"{node.name or 'Conv'}/pointwise"),
+            name=fresh_node_name(graph, f"{node.name or 'Conv'}/pointwise"),
         )
 
     def _two_convs(
@@ -501,10 +507,10 @@ class CheapConvolutions(CompressionPass[CheapConvConfig]):
             "Conv",
             [
                 node.inputs[0],
-                _initializer(graph, f"{_base(site)}.{suffix}.weight", spatial_weight),
+                new_initializer(graph, f"{_base(site)}.{suffix}.weight", spatial_weight),
             ],
             self._spatial_attributes(site, int(group)),
-            name=_fresh_node_name(graph, f"{node.name or 'Conv'}/{suffix}"),
+            name=fresh_node_name(graph, f"{node.name or 'Conv'}/{suffix}"),
         )
         spatial.outputs[0].name = fresh_name(graph, f"{node.outputs[0].name}.{suffix}")
         pointwise = self._pointwise(model, site, spatial.outputs[0], pointwise_weight)
@@ -518,27 +524,27 @@ class CheapConvolutions(CompressionPass[CheapConvConfig]):
         graph, node = model.graph, site.node
         inputs = [
             node.inputs[0],
-            _initializer(graph, f"{_base(site)}.grouped.weight", factors.grouped),
+            new_initializer(graph, f"{_base(site)}.grouped.weight", factors.grouped),
         ]
         if site.bias is not None:
             inputs.append(
-                _initializer(graph, f"{_base(site)}.grouped.bias", site.bias[factors.order])
+                new_initializer(graph, f"{_base(site)}.grouped.bias", site.bias[factors.order])
             )
         conv = ir.Node(
             "",
             "Conv",
             inputs,
             self._spatial_attributes(site, self.cfg.groups),
-            name=_fresh_node_name(graph, f"{node.name or 'Conv'}/grouped"),
+            name=fresh_node_name(graph, f"{node.name or 'Conv'}/grouped"),
         )
         conv.outputs[0].name = fresh_name(graph, f"{node.outputs[0].name}.grouped")
-        indices = _initializer(graph, f"{_base(site)}.shuffle", factors.inverse.astype(np.int64))
+        indices = new_initializer(graph, f"{_base(site)}.shuffle", factors.inverse.astype(np.int64))
         gather = ir.Node(
             "",
             "Gather",
             [conv.outputs[0], indices],
             [ir.AttrInt64("axis", 1)],
-            name=_fresh_node_name(graph, f"{node.name or 'Conv'}/shuffle"),
+            name=fresh_node_name(graph, f"{node.name or 'Conv'}/shuffle"),
         )
         self._replace(model, site, [conv, gather])
         return [conv, gather]
@@ -594,9 +600,9 @@ class CheapConvolutions(CompressionPass[CheapConvConfig]):
             gather = ir.Node(
                 "",
                 "Gather",
-                [source, _initializer(graph, f"{base}.shift.order", order)],
+                [source, new_initializer(graph, f"{base}.shift.order", order)],
                 [ir.AttrInt64("axis", 1)],
-                name=_fresh_node_name(graph, f"{label}/shift_order"),
+                name=fresh_node_name(graph, f"{label}/shift_order"),
             )
             nodes.append(gather)
             source = gather.outputs[0]
@@ -606,19 +612,21 @@ class CheapConvolutions(CompressionPass[CheapConvConfig]):
                 "Pad",
                 [
                     source,
-                    _initializer(
+                    new_initializer(
                         graph,
                         f"{base}.shift.pads",
                         np.array([0, 0, *pads[:spatial], 0, 0, *pads[spatial:]], np.int64),
                     ),
                 ],
                 [ir.AttrString("mode", "constant")],
-                name=_fresh_node_name(graph, f"{label}/shift_pad"),
+                name=fresh_node_name(graph, f"{label}/shift_pad"),
             )
             nodes.append(pad)
             source = pad.outputs[0]
-        axes = _initializer(graph, f"{base}.shift.axes", np.arange(1, spatial + 2, dtype=np.int64))
-        steps = _initializer(
+        axes = new_initializer(
+            graph, f"{base}.shift.axes", np.arange(1, spatial + 2, dtype=np.int64)
+        )
+        steps = new_initializer(
             graph, f"{base}.shift.steps", np.array([1, *site.strides], dtype=np.int64)
         )
         pieces: list[ir.Value] = []
@@ -640,12 +648,12 @@ class CheapConvolutions(CompressionPass[CheapConvConfig]):
                 "Slice",
                 [
                     source,
-                    _initializer(graph, f"{base}.shift.starts", np.array(starts, np.int64)),
-                    _initializer(graph, f"{base}.shift.ends", np.array(ends, np.int64)),
+                    new_initializer(graph, f"{base}.shift.starts", np.array(starts, np.int64)),
+                    new_initializer(graph, f"{base}.shift.ends", np.array(ends, np.int64)),
                     axes,
                     steps,
                 ],
-                name=_fresh_node_name(graph, f"{label}/shift_{int(tap)}"),
+                name=fresh_node_name(graph, f"{label}/shift_{int(tap)}"),
             )
             nodes.append(piece)
             pieces.append(piece.outputs[0])
@@ -655,7 +663,7 @@ class CheapConvolutions(CompressionPass[CheapConvConfig]):
                 "Concat",
                 pieces,
                 [ir.AttrInt64("axis", 1)],
-                name=_fresh_node_name(graph, f"{label}/shift_concat"),
+                name=fresh_node_name(graph, f"{label}/shift_concat"),
             )
             nodes.append(concat)
             shifted = concat.outputs[0]
@@ -888,9 +896,9 @@ def _patch_probe(model: ir.Model, spatial: ir.Node) -> ir.Model:
     patches = ir.Node(
         "",
         "Conv",
-        [node.inputs[0], _initializer(probe.graph, "cheapconv.patches", one_hot)],
+        [node.inputs[0], new_initializer(probe.graph, "cheapconv.patches", one_hot)],
         [ir.Attr(a.name, a.type, a.value) for a in node.attributes.values()],
-        name=_fresh_node_name(probe.graph, "cheapconv/patches"),
+        name=fresh_node_name(probe.graph, "cheapconv/patches"),
     )
     probe.graph.insert_after(node, patches)
     probe.graph.outputs.clear()
@@ -965,23 +973,3 @@ def _base(site: _ConvSite) -> str:
     return (weight.name if weight is not None and weight.name else None) or (
         site.node.name or "conv"
     )
-
-
-def _initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
-    name = fresh_name(graph, base)
-    value = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(array), name=name))
-    value.shape = ir.Shape(array.shape)
-    value.type = ir.TensorType(ir.DataType.from_numpy(array.dtype))
-    graph.register_initializer(value)
-    return value
-
-
-def _fresh_node_name(graph: ir.Graph, base: str) -> str:
-    """A node name not yet used in ``graph`` (node names must be unique for the report)."""
-    taken = {node.name for node in graph}
-    if base not in taken:
-        return base
-    index = 1
-    while f"{base}_{index}" in taken:
-        index += 1
-    return f"{base}_{index}"

@@ -667,3 +667,59 @@ def test_channels_last_batches_train_to_the_same_weights(
     for name in plain:
         np.testing.assert_allclose(nhwc[name], plain[name], rtol=1e-3, atol=1e-5)
     assert results[True].best_top1 == pytest.approx(results[False].best_top1, abs=1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# BatchNormalization put back for the training, folded away after it
+# ---------------------------------------------------------------------------------------------
+
+
+def test_inserted_batchnorms_start_as_the_identity_and_fold_back_to_the_graph(
+    student: ir.Model, train_data: Dataset
+) -> None:
+    from onnxcompress.model import clone_model
+    from onnxcompress.torch_bridge.batchnorm import fold_batchnorms, insert_batchnorms
+
+    model = clone_model(student)
+    x = train_data.x[:64]
+    inserted = insert_batchnorms(model, train_data.x[:256])
+    convs = [node for node in student.graph if node.op_type == "Conv"]
+    assert len(inserted) == len(convs) > 0
+    ops = [node.op_type for node in model.graph]
+    assert ops.count("BatchNormalization") == len(convs)
+    # Eval mode (running statistics): the same function as before, in ORT and in torch.
+    np.testing.assert_allclose(ort_outputs(model, x), ort_outputs(student, x), rtol=1e-4, atol=1e-5)
+    # Train mode on the calibration images normalizes with their own statistics: the same.
+    module = OnnxModule(model).train()
+    with torch.no_grad():
+        trained_mode = module(torch.from_numpy(train_data.x[:256])).numpy()
+    np.testing.assert_allclose(
+        trained_mode, ort_outputs(student, train_data.x[:256]), rtol=1e-3, atol=1e-3
+    )
+    fold_batchnorms(model, inserted)
+    assert [n.op_type for n in model.graph] == [n.op_type for n in student.graph]
+    assert set(initializers(model)) == set(initializers(student))
+    assert [v.name for n in model.graph for v in n.outputs] == [
+        v.name for n in student.graph for v in n.outputs
+    ]
+    np.testing.assert_allclose(ort_outputs(model, x), ort_outputs(student, x), rtol=1e-4, atol=1e-5)
+    # Folding a name that is not an inserted BN is an error, not a silent skip.
+    with pytest.raises(RuntimeError, match="could not be folded"):
+        fold_batchnorms(model, ["no such node"])
+
+
+def test_finetune_with_batchnorm_trains_and_returns_the_students_graph(
+    student: ir.Model, teacher: ir.Model, train_data: Dataset, val_data: Dataset
+) -> None:
+    config = FinetuneConfig(epochs=2, lr=1e-3, batch_size=64, seed=0, batchnorm=True)
+    result = finetune(student, teacher, train_data, val_data, config, progress=False)
+    assert [n.op_type for n in result.model.graph] == [n.op_type for n in student.graph]
+    assert set(initializers(result.model)) == set(initializers(student))
+    x = val_data.x[:64]
+    with torch.no_grad():
+        expected = result.module.eval()(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(ort_outputs(result.model, x), expected, rtol=1e-4, atol=1e-5)
+    # The validation during training ran the BN model in eval mode: the folded one scores
+    # the same, and training recovered most of what lrf took.
+    assert top1(result.model, val_data) == pytest.approx(result.best_top1, abs=0.01)
+    assert top1(result.model, val_data) >= top1(student, val_data) + 30

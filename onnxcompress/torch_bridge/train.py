@@ -79,6 +79,8 @@ ONECYCLE_END_DIV = 1e4
 # Peer copies in mutual learning start from the student's weights plus this much noise (relative
 # to each tensor's spread) when augmentation cannot make them see different inputs.
 PEER_NOISE = 0.01
+# Training images (spread over the set) whose statistics initialize inserted BatchNorms.
+BATCHNORM_CALIBRATION = 512
 
 
 @dataclasses.dataclass
@@ -126,6 +128,12 @@ class FinetuneConfig:
             (batch 128, one process): a ResNet-20 training step 1.41x faster, its
             depthwise-separable version 1.73x (oneDNN's convolutions, depthwise above all,
             prefer NHWC).
+        batchnorm: train with a BatchNormalization after every Conv that has none (set to the
+            identity on ``BATCHNORM_CALIBRATION`` training images), folded back into the convs
+            at the end, so the result has the student's nodes and names (see
+            ``torch_bridge.batchnorm``): exporters fold BN away, and a BN-free network trains
+            worse conditioned than the one that was trained. With ``trainable`` naming nodes,
+            the inserted BNs (``<conv>/inserted_bn``) train only if named too.
         num_workers: background batch loaders (0: in the training process).
         eval_batch_size: batch size for validation.
         checkpoint_dir: write ``last.pt`` here after every epoch (None: no checkpoints).
@@ -157,6 +165,7 @@ class FinetuneConfig:
     seed: int = 0
     amp: bool = True
     channels_last: bool | None = None
+    batchnorm: bool = False
     num_workers: int = 0
     eval_batch_size: int = 256
     checkpoint_dir: str | None = None
@@ -665,11 +674,25 @@ def finetune(
     _check_dataset(train, "training")
     if val is not None:
         _check_dataset(val, "validation")
+    inserted: list[str] = []
+    if config.batchnorm:
+        from onnxcompress.torch_bridge.batchnorm import insert_batchnorms
+
+        # Deterministic (the same images, eval mode): every process inserts the same.
+        student = clone_model(student)
+        inserted = insert_batchnorms(student, train.spread(BATCHNORM_CALIBRATION).x)
     context = setup_distributed(config.device)
     try:
         trainer = _Trainer(student, teacher, train, val, config, context, progress)
         trainer.after_step = after_step
         result = trainer.run()
+        if inserted:
+            from onnxcompress.torch_bridge.batchnorm import fold_batchnorms
+
+            fold_batchnorms(result.model, inserted)
+            result.module = (
+                OnnxModule(result.model, trainable=config.trainable).to(trainer.device).eval()
+            )
     except BaseException:
         # No barrier on the way out: the other processes may be gone or stuck elsewhere.
         teardown_distributed(context, clean=False)

@@ -1,0 +1,141 @@
+"""Train a BatchNorm-free graph with BatchNormalization put back, then fold it away again.
+
+Exporters fold BatchNormalization into the preceding Conv (``torch.onnx`` in eval mode does, and
+``load_canonical`` folds what is left), so the graphs this project fine-tunes usually have none:
+every convolution's output scale is whatever its weights make it, and SGD on such a network is
+worse conditioned than on the one that was trained (with BN). ``insert_batchnorms`` puts a
+BatchNormalization after every eligible Conv for the training, set to the identity on a
+calibration batch: its running mean and variance are the channel statistics of the conv's
+output there, its scale ``sqrt(var + eps)`` and its bias the mean, so the student starts exactly
+where it was in eval mode (and close to it in train mode, where batch statistics normalize).
+``fold_batchnorms`` folds them back into their convs afterwards: the graph comes back with its
+original nodes and tensor names, the weights changed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxcompress.model import fold_batchnorm, fresh_name, fresh_node_name, new_initializer
+
+logger = logging.getLogger(__name__)
+
+SUFFIX = "/inserted_bn"
+EPSILON = 1e-5
+# ONNX momentum: the weight of the running value (torch's 0.1 for the new batch).
+MOMENTUM = 0.9
+STATISTICS_BATCH = 256
+
+
+def _eligible(node: ir.Node) -> bool:
+    """A Conv with an initializer weight whose only output feeds nodes (not the graph's
+    outputs, not a BatchNormalization already)."""
+    if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+        return False
+    weight = node.inputs[1]
+    if weight is None or weight.const_value is None or len(weight.const_value.shape) < 3:
+        return False
+    out = node.outputs[0]
+    if out.is_graph_output() or not out.uses() or not out.name:
+        return False
+    return all(user.op_type != "BatchNormalization" for user, _ in out.uses())
+
+
+def channel_statistics(
+    model: ir.Model, names: Sequence[str], images: np.ndarray
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per-channel (mean, variance) of the tensors ``names`` (axis 1 is the channel) over
+    ``images``, with the model in eval mode."""
+    import torch
+
+    from onnxcompress.torch_bridge.module import OnnxModule
+
+    module = OnnxModule(model, trainable="none").eval()
+    sums: dict[str, np.ndarray] = {}
+    squares: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = dict.fromkeys(names, 0)
+    with torch.no_grad():
+        for start in range(0, len(images), STATISTICS_BATCH):
+            batch = torch.from_numpy(np.ascontiguousarray(images[start : start + STATISTICS_BATCH]))
+            _, captured = module.forward_with([batch], names)
+            for name, tensor in captured.items():
+                values = tensor.double().transpose(0, 1).reshape(tensor.shape[1], -1)
+                sums[name] = sums.get(name, 0.0) + values.sum(1).numpy()
+                squares[name] = squares.get(name, 0.0) + values.square().sum(1).numpy()
+                counts[name] += values.shape[1]
+    statistics = {}
+    for name in names:
+        mean = sums[name] / counts[name]
+        variance = np.maximum(squares[name] / counts[name] - mean**2, 0.0)
+        statistics[name] = (mean, variance)
+    return statistics
+
+
+def insert_batchnorms(model: ir.Model, images: np.ndarray) -> list[str]:
+    """Put an identity-initialized BatchNormalization after every eligible Conv, in place.
+
+    The BN's output takes the conv's output name (consumers, hint tensors and graph outputs see
+    the same names as before); the conv writes a fresh ``<name>__pre_bn``. Returns the inserted
+    nodes' names (for ``fold_batchnorms``); empty when no Conv qualifies.
+    """
+    graph = model.graph
+    convs = [node for node in graph if _eligible(node)]
+    if not convs:
+        return []
+    outputs = [conv.outputs[0].name or "" for conv in convs]
+    statistics = channel_statistics(model, outputs, images)
+    inserted = []
+    for conv, name in zip(convs, outputs, strict=True):
+        out = conv.outputs[0]
+        mean, variance = statistics[name]
+        dtype = np.dtype(conv.inputs[1].const_value.dtype.numpy())  # type: ignore[union-attr]
+        label = f"{conv.name or name}{SUFFIX}"
+        params = [
+            new_initializer(graph, f"{label}.{role}", array.astype(dtype))
+            for role, array in (
+                ("scale", np.sqrt(variance + EPSILON)),
+                ("bias", mean),
+                ("mean", mean),
+                ("var", variance),
+            )
+        ]
+        bn = ir.Node(
+            "",
+            "BatchNormalization",
+            [out, *params],
+            attributes=[ir.AttrFloat32("epsilon", EPSILON), ir.AttrFloat32("momentum", MOMENTUM)],
+            name=fresh_node_name(graph, label),
+        )
+        for user, index in list(out.uses()):
+            if user is not bn:
+                user.replace_input_with(index, bn.outputs[0])
+        graph.insert_after(conv, bn)
+        out.name = fresh_name(graph, f"{name}__pre_bn")
+        bn.outputs[0].name = name
+        bn.outputs[0].shape, bn.outputs[0].type = out.shape, out.type
+        inserted.append(bn.name or "")
+    logger.info("inserted %d BatchNormalization node(s) for the training", len(inserted))
+    return inserted
+
+
+def fold_batchnorms(model: ir.Model, names: Sequence[str]) -> None:
+    """Fold the BatchNormalization nodes ``names`` (from ``insert_batchnorms``) into their
+    convs, in place, with their running statistics; the conv takes back its output name.
+
+    Raises:
+        RuntimeError: one of them cannot be folded (the graph was changed in between).
+    """
+    graph = model.graph
+    by_name = {node.name: node for node in graph if node.op_type == "BatchNormalization"}
+    for name in names:
+        bn = by_name.get(name)
+        params = [value for value in bn.inputs[1:] if value is not None] if bn else []
+        if bn is None or not fold_batchnorm(graph, bn):
+            raise RuntimeError(f"the inserted BatchNormalization {name!r} could not be folded")
+        for value in params:
+            if value.name is not None and not value.uses() and value.name in graph.initializers:
+                del graph.initializers[value.name]
