@@ -6,9 +6,9 @@ with the measured ONNX Runtime CPU latency. Each mode is one compression run und
 wall clock on the 2-core machine (loading and evaluation included); run them one at a time.
 
 Sparse mode is trained with ``compact=False`` and the benchmark then stores the collapsed
-weights twice with the function the pass itself calls (``store_sparse``): with exact float32
-values (the pass's default) and with float16 values (``values=float16``, lossy); both files are
-evaluated.
+weights three times with the function the pass itself calls (``store_sparse``): with exact
+float32 values (the pass's default), with float16 values (``values=float16``, lossy) and with
+int8 values quantized per output channel (``values=int8``, lossy); every file is evaluated.
 
 Training uses the CIFAR-10 training split; stages are accepted on the calibration half of the
 test split (files 0000-0499 of every class); accuracy is reported on the evaluation half only
@@ -78,6 +78,13 @@ HISTORY = (
 )
 # Per mode, kept back from its training budget: ranking, stage scoring, saving, evaluation.
 RESERVE_SECONDS = 120.0
+# Sparse files written from one trained model: exact first (the pass's default), then lossy.
+VALUE_VARIANTS = ("float32", "float16", "int8")
+
+
+def _below(gap: float) -> str:
+    """``gap`` (teacher minus model, points) in words."""
+    return f"{abs(gap):.2f} points {'below' if gap >= 0 else 'above'} the teacher"
 
 
 @dataclasses.dataclass
@@ -113,16 +120,16 @@ def run_mode(
 def store_variants(
     dense_path: Path, report: dict[str, Any], evaluation: Any, teacher: Path
 ) -> tuple[Path, dict[str, Any]]:
-    """Store the collapsed weights with float32 and with float16 values; evaluate both.
+    """Store the collapsed weights with each kind of values; evaluate every file.
 
-    Returns the float32 file (the pass's default output) and a record of both variants.
+    Returns the float32 file (the pass's default output) and a record of every variant.
     """
     from onnxcompress.sparse_storage import store_sparse
 
     names = [row["weight"] for row in report["layers"] if row["collapsed"]]
     variants: dict[str, Any] = {}
     first: Path | None = None
-    for values in ("float32", "float16"):
+    for values in VALUE_VARIANTS:
         model = load_model(dense_path)
         records = store_sparse(model, names, values=values)
         path = save_model(model, dense_path.with_name(f"{dense_path.stem}_{values}.onnx"))
@@ -367,15 +374,19 @@ def write_report(
             ]
         )
         target = TARGETS[result.mode]
-        narrow = extra.get(result.mode, {}).get("float16")
-        if narrow is not None:
+        lossy = [
+            (values, extra[result.mode][values])
+            for values in VALUE_VARIANTS[1:]
+            if values in extra.get(result.mode, {})
+        ]
+        for values, variant in lossy:
             rows.append(
                 [
-                    label + ", float16 values",
-                    f"{narrow['top1']:.2f}",
+                    f"{label}, {values} values",
+                    f"{variant['top1']:.2f}",
                     f"{sparsity:.1%}" if sparsity is not None else "-",
-                    f"{narrow['file_bytes'] / 1024:.0f} KiB",
-                    f"{narrow['file_ratio']:.2f}x",
+                    f"{variant['file_bytes'] / 1024:.0f} KiB",
+                    f"{variant['file_ratio']:.2f}x",
                     f"{result.macs / 1e6:.2f} M",
                     f"{result.params:,}",
                     "-",
@@ -385,23 +396,24 @@ def write_report(
             met = file_ratio >= target["file_ratio"] and gap <= target["max_gap"]
             verdicts.append(
                 f"sparse, float32 values (exact storage): file {file_ratio:.2f}x smaller, "
-                f"{gap:+.2f} points below the teacher (target >= {target['file_ratio']}x within "
+                f"{_below(gap)} (target >= {target['file_ratio']}x within "
                 f"{target['max_gap']}: {'met' if met else 'not met'})"
             )
-            if narrow is not None:
-                narrow_gap = teacher_top1 - narrow["top1"]
-                narrow_met = (
-                    narrow["file_ratio"] >= target["file_ratio"] and narrow_gap <= target["max_gap"]
+            for values, variant in lossy:
+                variant_gap = teacher_top1 - variant["top1"]
+                variant_met = (
+                    variant["file_ratio"] >= target["file_ratio"]
+                    and variant_gap <= target["max_gap"]
                 )
                 verdicts.append(
-                    f"sparse, float16 values (lossy storage, beyond the paper): file "
-                    f"{narrow['file_ratio']:.2f}x smaller, {narrow_gap:+.2f} points below the "
-                    f"teacher ({'met' if narrow_met else 'not met'} with float16 values)"
+                    f"sparse, {values} values (lossy storage, beyond the paper): file "
+                    f"{variant['file_ratio']:.2f}x smaller, {_below(variant_gap)} "
+                    f"({'met' if variant_met else 'not met'} with {values} values)"
                 )
         else:
             met = mac_ratio >= target["mac_ratio"] and gap <= target["max_gap"]
             verdicts.append(
-                f"lowrank: {mac_ratio:.2f}x fewer MACs, {gap:+.2f} points below the teacher, "
+                f"lowrank: {mac_ratio:.2f}x fewer MACs, {_below(gap)}, "
                 f"latency {result.report['teacher_p50_ms'] / result.p50_ms:.2f}x faster than the "
                 f"teacher timed beside it (target >= "
                 f"{target['mac_ratio']}x within {target['max_gap']}: {'met' if met else 'not met'})"

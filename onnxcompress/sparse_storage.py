@@ -26,6 +26,13 @@ them back in the graph, halving the bytes per value: each weight is rounded to 1
 bits (relative error at most 2**-11). A tensor with too few zeros for either encoding is then
 stored ``dense16``: the whole tensor as float16 plus one Cast. The decoded weights equal the
 float16 rounding of the originals exactly, so accuracy must be measured on the stored model.
+
+``values="int8"`` (opt-in, lossy, as in Deep Compression's pruning + quantization) stores each
+weight tensor of two or more dimensions as int8 with one float32 scale per slice of axis 0 (a
+Conv's output channel): ``q = round(w / s)``, ``s = max|w| / 127`` over the slice, symmetric, so
+zeros stay zeros. The encodings above then carry int8 values (one byte each), or the whole int8
+tensor (``dense8``); the decoder ends in ``Cast`` to float and ``Mul`` by the scales. Each weight
+moves by at most half a step (``s / 2``); 1-D tensors (biases) stay float32.
 """
 
 from __future__ import annotations
@@ -44,7 +51,8 @@ from onnxcompress.model import fresh_name
 logger = logging.getLogger(__name__)
 
 ENCODINGS = ("mask", "gaps")
-VALUE_TYPES = ("float32", "float16")
+VALUE_TYPES = ("float32", "float16", "int8")
+INT8_LEVELS = 127  # symmetric: -127..127, zero exact
 MIN_OPSET = 11  # BitShift, CumSum, ScatterND
 MAX_GAP = 255
 # Rough serialized size of one decoding subgraph (nodes, small constants, names): a tensor is
@@ -61,8 +69,8 @@ class StoredTensor:
         shape: its shape.
         elements: its element count.
         nonzeros: its non-zero elements.
-        encoding: ``mask``, ``gaps``, ``dense16`` (float16 values only) or ``dense`` (left as
-            it was).
+        encoding: ``mask``, ``gaps``, ``dense16`` (float16 values only), ``dense8`` (int8
+            values only) or ``dense`` (left as it was).
         dense_bytes: raw bytes of the dense tensor.
         stored_bytes: raw bytes of the tensors that replace it (equal to ``dense_bytes`` when
             left dense).
@@ -131,11 +139,30 @@ def decode_gaps(gaps: np.ndarray, values: np.ndarray, shape: tuple[int, ...]) ->
     return dense.reshape(shape)
 
 
-def encoded_sizes(array: np.ndarray, value_bytes: int | None = None) -> dict[str, int]:
+def quantize_int8(array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(int8 tensor, float32 scale per slice of axis 0) of ``array``, symmetric."""
+    rows = np.asarray(array, np.float32).reshape(array.shape[0], -1)
+    peak = np.abs(rows).max(axis=1)
+    scale = np.where(peak > 0, peak / INT8_LEVELS, 1.0).astype(np.float32)
+    steps = np.rint(rows / scale[:, None])
+    q = np.clip(steps, -INT8_LEVELS, INT8_LEVELS).astype(np.int8)
+    return q.reshape(array.shape), scale
+
+
+def dequantize_int8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Numpy reference of the in-graph int8 decoding (``Cast`` then ``Mul``)."""
+    return q.astype(np.float32) * scale.reshape(-1, *([1] * (q.ndim - 1)))
+
+
+def encoded_sizes(
+    array: np.ndarray, value_bytes: int | None = None, extra_bytes: int = 0
+) -> dict[str, int]:
     """Raw bytes of ``array`` under each encoding (and ``dense``).
 
     Args:
-        value_bytes: bytes per stored value (2 for float16 values); None: the array's own.
+        value_bytes: bytes per stored value (2 for float16 values, 1 for int8); None: the
+            array's own.
+        extra_bytes: added to every encoding but ``dense`` (int8's scales).
     """
     flat = np.asarray(array).reshape(-1)
     item = flat.dtype.itemsize if value_bytes is None else value_bytes
@@ -143,13 +170,14 @@ def encoded_sizes(array: np.ndarray, value_bytes: int | None = None) -> dict[str
     steps = np.diff(nonzero, prepend=0)
     fillers = int(np.maximum(0, (steps - 1) // MAX_GAP).sum())
     sizes = {
-        "dense": flat.size * flat.dtype.itemsize,
         "mask": (flat.size + 7) // 8 + (nonzero.size + 1) * item,
         # ScatterND of nothing is left out: an all-zero tensor takes the mask.
         "gaps": (nonzero.size + fillers) * (1 + item) if nonzero.size else flat.size * item,
     }
     if item < flat.dtype.itemsize:
-        sizes["dense16"] = flat.size * item
+        sizes[f"dense{8 * item}"] = flat.size * item
+    sizes = {key: size + extra_bytes for key, size in sizes.items()}
+    sizes["dense"] = flat.size * flat.dtype.itemsize
     return sizes
 
 
@@ -166,7 +194,8 @@ class _Builder:
 
     def __init__(self, graph: ir.Graph, narrow: bool = False) -> None:
         """Args:
-        narrow: store float32 values as float16, cast back to float32 in the graph.
+        narrow: store float32 values as float16, cast back to float32 in the graph (int8
+            values need no flag: the arrays handed in are int8 already, see ``dequantize``).
         """
         self.graph = graph
         self.narrow = narrow
@@ -237,6 +266,15 @@ class _Builder:
     def decode_dense16(self, name: str, array: np.ndarray) -> ir.Value:
         return self.values(f"{name}.values", array)
 
+    def decode_dense8(self, name: str, array: np.ndarray) -> ir.Value:
+        return self.constant(f"{name}.values", array)
+
+    def dequantize(self, name: str, q: ir.Value, scale: np.ndarray, ndim: int) -> ir.Value:
+        """float32(q) * scale, the scale broadcast along axis 0 of an ``ndim``-D tensor."""
+        column = self.constant(f"{name}.scale", scale.reshape(-1, *([1] * (ndim - 1))))
+        wide = self.op("Cast", [q], to=int(ir.DataType.FLOAT))
+        return self.op("Mul", [wide, column])
+
     def _reshape(self, flat: ir.Value, shape: tuple[int, ...]) -> ir.Value:
         key = "shape_" + "x".join(str(d) for d in shape)
         return self.op("Reshape", [flat, self.shared(key, np.array(shape, np.int64))])
@@ -260,7 +298,9 @@ def store_sparse(
         min_saving: store compactly only when that saves more than this many bytes.
         encoding: force ``mask`` or ``gaps``; None picks the smaller per tensor.
         values: ``float32`` keeps the values exactly; ``float16`` stores float32 values as
-            float16 (lossy, see the module docstring), and may store a tensor ``dense16``.
+            float16 (lossy, see the module docstring), and may store a tensor ``dense16``;
+            ``int8`` quantizes float32 tensors of 2+ dimensions per slice of axis 0 (lossy),
+            and may store a tensor ``dense8``.
 
     Returns:
         One record per considered initializer (``encoding="dense"`` with a reason when left).
@@ -281,6 +321,7 @@ def store_sparse(
         "mask": builder.decode_mask,
         "gaps": builder.decode_gaps,
         "dense16": builder.decode_dense16,
+        "dense8": builder.decode_dense8,
     }
     records: list[StoredTensor] = []
     replaced: list[tuple[ir.Value, ir.Value]] = []
@@ -293,8 +334,16 @@ def store_sparse(
             continue
         array = tensor.numpy()
         narrow = builder.narrow and array.dtype == np.float32
-        sizes = encoded_sizes(array, 2 if narrow else None)
-        nonzeros = int(np.count_nonzero(array))
+        scale: np.ndarray | None = None
+        if values == "int8" and array.dtype == np.float32 and array.ndim >= 2:
+            encoded, scale = quantize_int8(array)
+            sizes = encoded_sizes(encoded, extra_bytes=scale.nbytes)
+            sizes["dense8"] = encoded.nbytes + scale.nbytes
+            sizes["dense"] = array.nbytes
+        else:
+            encoded = array
+            sizes = encoded_sizes(array, 2 if narrow else None)
+        nonzeros = int(np.count_nonzero(encoded))
         record = StoredTensor(
             name, tuple(array.shape), int(array.size), nonzeros, "dense", sizes["dense"],
             sizes["dense"],
@@ -317,7 +366,9 @@ def store_sparse(
             )
         if record.reason:
             continue
-        decoded = decoders[choice](name, array)
+        decoded = decoders[choice](name, encoded)
+        if scale is not None:
+            decoded = builder.dequantize(name, decoded, scale, array.ndim)
         record.encoding, record.stored_bytes = choice, sizes[choice]
         replaced.append((value, decoded))
     if builder.nodes:
@@ -345,8 +396,10 @@ __all__ = [
     "StoredTensor",
     "decode_gaps",
     "decode_mask",
+    "dequantize_int8",
     "encode_gaps",
     "encode_mask",
     "encoded_sizes",
+    "quantize_int8",
     "store_sparse",
 ]

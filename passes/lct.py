@@ -126,7 +126,9 @@ class LctConfig(PassConfig):
         compact: sparse: store the collapsed weights compactly (mask or gap encoding).
         values: sparse: ``float32`` stores the kept values exactly; ``float16`` (opt-in,
             lossy: 11 significant bits) halves their bytes and stores the collapsed layers
-            that stay too dense for a mask as float16 too.
+            that stay too dense for a mask as float16 too; ``int8`` (opt-in, lossy: symmetric
+            per-output-channel quantization, the pruning + quantization of Deep Compression)
+            stores one byte per kept value plus a float32 scale per channel.
         min_saving: lowrank: a layer is factorized only when that saves at least this
             fraction of its MACs (two small convolutions cost more than their MACs say); a
             layer cut less keeps its low-rank weights in one dense layer (same outputs).

@@ -254,7 +254,45 @@ def test_float16_values_halve_the_bytes_and_decode_to_the_float16_rounding(tmp_p
     np.testing.assert_allclose(out, _run(_conv_model(rounded), x), rtol=1e-5, atol=1e-5)
     assert not np.array_equal(out, _run(dense, x))
     with pytest.raises(ValueError, match="values"):
-        store_sparse(narrow, values="int8")
+        store_sparse(narrow, values="int4")
+
+
+@pytest.mark.parametrize("sparsity", [0.9, 0.6, 0.0])
+def test_int8_values_store_a_byte_per_value_and_decode_to_the_per_channel_quantization(
+    tmp_path: Path, sparsity: float
+) -> None:
+    from onnxcompress.sparse_storage import dequantize_int8, quantize_int8
+
+    rng = np.random.default_rng(5)
+    weights = _weights(rng)
+    weights["w2"] = _prune(weights["w2"], sparsity, rng)
+    dense = _conv_model(weights)
+    model = ir.serde.deserialize_model(dense)
+    records = {r.name: r for r in store_sparse(model, ["w2"], min_saving=0, values="int8")}
+    record = records["w2"]
+    q, scale = quantize_int8(weights["w2"])
+    # Zeros stay zeros; every weight moves by at most half a step of its output channel.
+    assert np.array_equal(q == 0, (weights["w2"] == 0) | (q == 0))
+    step = scale.reshape(-1, 1, 1, 1)
+    assert np.all(np.abs(dequantize_int8(q, scale) - weights["w2"]) <= step / 2 + 1e-7)
+    nonzeros = int(np.count_nonzero(q))
+    expected = {
+        "mask": (q.size + 7) // 8 + nonzeros + 1,
+        "dense8": q.size,
+    }
+    if sparsity == 0.9:
+        assert record.encoding in ("mask", "gaps")
+        assert record.stored_bytes < q.size // 4  # under a quarter of int8 dense
+    else:
+        assert record.encoding == min(expected, key=lambda key: expected[key])
+        assert record.stored_bytes == expected[record.encoding] + scale.nbytes
+    path = save_model(model, tmp_path / "int8.onnx")
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    x = rng.standard_normal((4, 3, 12, 12)).astype(np.float32)
+    quantized = {**weights, "w2": dequantize_int8(q, scale)}
+    out = _run(load_model(path), x)
+    np.testing.assert_allclose(out, _run(_conv_model(quantized), x), rtol=1e-5, atol=1e-5)
+    assert not np.array_equal(out, _run(dense, x))
 
 
 def test_old_opsets_keep_weights_dense() -> None:
