@@ -192,6 +192,11 @@ def main(argv: list[str] | None = None) -> int:
         "--retries", type=int, default=2, help="back-offs (halved increment) per rejected stage"
     )
     parser.add_argument("--lr", type=float, default=0.003)
+    parser.add_argument(
+        "--batchnorm",
+        action="store_true",
+        help="train with BatchNormalization after every Conv, folded back after each fine-tune",
+    )
     parser.add_argument("--train-images", type=int, default=None, help="subset (quick runs)")
     parser.add_argument(
         "--test-per-class", type=int, default=500, help="images per class of each test half"
@@ -256,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
             "slack": args.slack,
             "final_share": args.final_share,
             "final_lr": args.final_lr,
+            "batchnorm": args.batchnorm,
         }
         if mode == "sparse":
             options["sparsity"] = args.sparsity

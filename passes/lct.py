@@ -129,6 +129,11 @@ class LctConfig(PassConfig):
             that stay too dense for a mask as float16 too; ``int8`` (opt-in, lossy: symmetric
             per-output-channel quantization, the pruning + quantization of Deep Compression)
             stores one byte per kept value plus a float32 scale per channel.
+        batchnorm: train with a BatchNormalization after every Conv, folded back into the
+            convs after each fine-tune (``FinetuneConfig.batchnorm``; zeros and ranks survive
+            the fold, which scales each output channel). The projection still acts on the
+            conv's own weights, blind to the per-channel scale the BN adds, so the smallest
+            weights of a layer are not exactly the least effective ones; not benchmarked yet.
         min_saving: lowrank: a layer is factorized only when that saves at least this
             fraction of its MACs (two small convolutions cost more than their MACs say); a
             layer cut less keeps its low-rank weights in one dense layer (same outputs).
@@ -174,6 +179,7 @@ class LctConfig(PassConfig):
     time_budget_s: float | None = None
     compact: bool = True
     values: str = "float32"
+    batchnorm: bool = False
     min_saving: float = 0.25
     round_to: int = 8
     exclude: tuple[str, ...] = ()
@@ -266,6 +272,7 @@ class LctConfig(PassConfig):
             weight_decay=self.weight_decay,
             epoch_samples=self.epoch_samples,
             time_budget_s=stage_budget,
+            batchnorm=self.batchnorm,
             device=self.device,
         )
 
@@ -1101,12 +1108,9 @@ class LayerwiseCompressiveTraining(CompressionPass[LctConfig]):
     ) -> tuple[_Accepted | None, list[dict[str, Any]], str | None]:
         """The weights of the furthest check that was within ``max_drop``, if they still are
         on the whole validation set (the check scored ``check_samples`` of it)."""
-        from onnxcompress.torch_bridge.writeback import write_back
-
         assert projector.snapshot is not None
         at, state, _ = projector.snapshot
-        result.module.load_state_dict(state)
-        write_back(result.model, result.module)
+        result.model, result.module = result.model_from_state(state)
         top1 = scorer.score(result.module)
         within = top1 >= reference - self.cfg.max_drop
         for layer, level in zip(projector.ranked, projector.levels(at), strict=True):

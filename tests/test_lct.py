@@ -877,16 +877,32 @@ def test_gradual_schedule_ending_beyond_max_drop_leaves_the_model_unchanged(
     _assert_left_as_it_was(model, original, lct.report.layers)
 
 
+@pytest.mark.parametrize("batchnorm", [False, True])
 def test_gradual_schedule_falls_back_to_the_furthest_check_within_max_drop(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, batchnorm: bool
 ) -> None:
     torch.set_num_threads(1)
     # Only the first check (schedule at 0.25) is within max_drop; the end of the ramp and the
     # recovery are not; the weights of that check, scored again on the whole validation set,
-    # are.
+    # are. With BatchNorms put back for the training, the check's weights come back folded.
+    from onnxcompress.model import load_canonical
+    from onnxcompress.torch_bridge import batchnorm as batchnorm_module
+
     _scripted_scores(monkeypatch, [-0.5, -1.5, -1.5, -1.5, -1.5, -1.4, -0.8])
-    model = load_model(DIGITS_MODEL)
-    lct = create_pass("lct", {**GRADUAL, "max_drop": 1.0, "slack": 1.0}, _held_out_context())
+    inserted: list[int] = []
+    insert = batchnorm_module.insert_batchnorms
+
+    def spy(model: ir.Model, images: np.ndarray) -> list[str]:
+        names = insert(model, images)
+        inserted.append(len(names))
+        return names
+
+    monkeypatch.setattr(batchnorm_module, "insert_batchnorms", spy)
+    # Canonical: the demo model's BatchNorms folded into its convs, as exporters leave them.
+    model, _ = load_canonical(DIGITS_MODEL)
+    assert "BatchNormalization" not in [node.op_type for node in model.graph]
+    options = {**GRADUAL, "max_drop": 1.0, "slack": 1.0, "batchnorm": batchnorm}
+    lct = create_pass("lct", options, _held_out_context())
     assert lct(model).modified
     summary = lct.report.summary
     assert [r["stage"] for r in summary["stages"]][-3:] == ["end", "final", "fallback"]
@@ -898,6 +914,10 @@ def test_gradual_schedule_falls_back_to_the_furthest_check_within_max_drop(
     # The written weights are the check's: each layer at that level's count of zeros.
     for row in rows:
         assert row["zeros"] == round(row["level"] * row["target_zeros"])
+    # Ramp and recovery each trained with a BN after every conv (or none), folded away.
+    convs = sum(1 for node in load_canonical(DIGITS_MODEL)[0].graph if node.op_type == "Conv")
+    assert inserted == ([convs, convs] if batchnorm else [])
+    assert "BatchNormalization" not in [node.op_type for node in model.graph]
 
 
 def test_gradual_lowrank_reaches_the_target_ranks() -> None:

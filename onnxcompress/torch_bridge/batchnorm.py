@@ -9,7 +9,7 @@ calibration batch: its running mean and variance are the channel statistics of t
 output there, its scale ``sqrt(var + eps)`` and its bias the mean, so the student starts exactly
 where it was in eval mode (and close to it in train mode, where batch statistics normalize).
 ``fold_batchnorms`` folds them back into their convs afterwards: the graph comes back with its
-original nodes and tensor names, the weights changed.
+original nodes and tensor names, the weights changed (a conv that had no bias gets one).
 """
 
 from __future__ import annotations

@@ -264,6 +264,9 @@ class FinetuneResult:
         seconds: wall time of the whole run.
         world_size: processes that trained.
         out_of_time: ``time_budget_s`` ended the run before all epochs were done.
+        trained_graph: with ``batchnorm``, the graph that trained (BatchNorms inserted), whose
+            state an ``after_step`` hook saw; None without.
+        inserted: the BatchNormalization nodes inserted into ``trained_graph``.
     """
 
     model: ir.Model
@@ -275,6 +278,25 @@ class FinetuneResult:
     seconds: float
     world_size: int = 1
     out_of_time: bool = False
+    trained_graph: ir.Model | None = dataclasses.field(default=None, repr=False)
+    inserted: tuple[str, ...] = ()
+
+    def model_from_state(self, state: Mapping[str, torch.Tensor]) -> tuple[ir.Model, OnnxModule]:
+        """The student's graph holding the weights of ``state`` (a ``state_dict`` of the module
+        that trained, as an ``after_step`` hook sees it: with ``batchnorm`` the BatchNorms are
+        folded away like in ``model``), and its module in eval mode."""
+        if self.trained_graph is None:
+            module = copy.deepcopy(self.module)
+            module.load_state_dict(state)
+            return write_back(clone_model(self.model), module), module.eval()
+        from onnxcompress.torch_bridge.batchnorm import fold_batchnorms
+
+        trained = OnnxModule(self.trained_graph)
+        trained.load_state_dict(state)
+        model = write_back(clone_model(self.trained_graph), trained)
+        fold_batchnorms(model, self.inserted)
+        device = next(self.module.parameters(), torch.empty(0)).device
+        return model, OnnxModule(model).to(device).eval()
 
     @property
     def initial_top1(self) -> float | None:
@@ -689,6 +711,7 @@ def finetune(
         if inserted:
             from onnxcompress.torch_bridge.batchnorm import fold_batchnorms
 
+            result.trained_graph, result.inserted = student, tuple(inserted)
             fold_batchnorms(result.model, inserted)
             result.module = (
                 OnnxModule(result.model, trainable=config.trainable).to(trainer.device).eval()
