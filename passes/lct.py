@@ -658,6 +658,12 @@ class LayerwiseCompressiveTraining(CompressionPass[LctConfig]):
                 "schedule": cfg.schedule,
             }
         )
+        if cfg.batchnorm:
+            from onnxcompress.torch_bridge.batchnorm import add_missing_biases
+
+            # The BNs folded after training leave biases (zeros where none were): the same
+            # initializers here, so the trained module writes back by name.
+            add_missing_biases(model)
         if cfg.schedule == "gradual":
             accepted, history, stopped = self._train_gradual(
                 model, teacher, train, scorer, layers, lowrank, reference

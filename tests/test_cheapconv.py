@@ -509,8 +509,12 @@ def digits_model() -> ir.Model:
     return model
 
 
-@pytest.mark.parametrize("distill", ["online", "offline"])
-def test_training_updates_the_cheap_convs_but_never_the_fixed_shift(distill: str):
+@pytest.mark.parametrize(
+    ("distill", "batchnorm"), [("online", False), ("offline", False), ("offline", True)]
+)
+def test_training_updates_the_cheap_convs_but_never_the_fixed_shift(
+    distill: str, batchnorm: bool
+):
     model = digits_model()
     options = {
         "kind": "shift",
@@ -519,6 +523,7 @@ def test_training_updates_the_cheap_convs_but_never_the_fixed_shift(distill: str
         "distill": distill,
         "students": 2,
         "batch_size": 32,
+        "batchnorm": batchnorm,
     }
     compression = create_pass("cheapconv", options, PassContext(train_spec="digits[:256]"))
     untrained = clone_model(model)
@@ -538,6 +543,8 @@ def test_training_updates_the_cheap_convs_but_never_the_fixed_shift(distill: str
         )  # type: ignore[union-attr]
     for name in trained:
         assert not np.allclose(inits[name].const_value.numpy(), before[name].const_value.numpy())  # type: ignore[union-attr]
+    # BatchNorms put back for the training (after the trained convs only) are folded away.
+    assert [n.op_type for n in model.graph] == [n.op_type for n in untrained.graph]
     check_valid(model)
 
 

@@ -9,13 +9,15 @@ calibration batch: its running mean and variance are the channel statistics of t
 output there, its scale ``sqrt(var + eps)`` and its bias the mean, so the student starts exactly
 where it was in eval mode (and close to it in train mode, where batch statistics normalize).
 ``fold_batchnorms`` folds them back into their convs afterwards: the graph comes back with its
-original nodes and tensor names, the weights changed (a conv that had no bias gets one).
+original nodes and tensor names, the weights changed; a conv that had no bias gets one
+(``add_missing_biases``).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -75,15 +77,65 @@ def channel_statistics(
     return statistics
 
 
-def insert_batchnorms(model: ir.Model, images: np.ndarray) -> list[str]:
+def selected_by(trainable: str | tuple[str, ...]) -> Callable[[str], bool]:
+    """Whether ``OnnxModule``'s ``trainable`` spec selects a node, by its name."""
+
+    def select(node: str) -> bool:
+        if trainable == "all":
+            return True
+        if trainable == "none":
+            return False
+        if isinstance(trainable, str):
+            return re.search(trainable, node) is not None
+        return node in trainable
+
+    return select
+
+
+def add_missing_biases(model: ir.Model, select: Callable[[str], bool] | None = None) -> list[str]:
+    """Give every eligible Conv (``select``: as in ``insert_batchnorms``) that has no bias a
+    zero one named ``<conv>.bias``, in place; returns the new initializers' names.
+
+    Folding a BN needs a bias (the BN's shift lands there). ``insert_batchnorms`` calls this
+    first; a caller that writes the trained module back into its own copy of the graph
+    (``write_back``) calls it on that copy too, so that both have the same initializers.
+    """
+    graph = model.graph
+    added = []
+    for node in list(graph):
+        if not _eligible(node) or (select is not None and not select(node.name or "")):
+            continue
+        if len(node.inputs) > 2 and node.inputs[2] is not None:
+            continue
+        weight = node.inputs[1].const_value.numpy()  # type: ignore[union-attr]
+        zeros = np.zeros(weight.shape[0], weight.dtype)
+        bias = new_initializer(graph, f"{node.name or 'conv'}.bias", zeros)
+        if len(node.inputs) == 2:
+            node.resize_inputs(3)
+        node.replace_input_with(2, bias)
+        added.append(str(bias.name))
+    return added
+
+
+def insert_batchnorms(
+    model: ir.Model, images: np.ndarray, select: Callable[[str], bool] | None = None
+) -> list[str]:
     """Put an identity-initialized BatchNormalization after every eligible Conv, in place.
 
     The BN's output takes the conv's output name (consumers, hint tensors and graph outputs see
     the same names as before); the conv writes a fresh ``<name>__pre_bn``. Returns the inserted
     nodes' names (for ``fold_batchnorms``); empty when no Conv qualifies.
+
+    Args:
+        select: only convs whose node name it accepts (None: all). Give it the convs whose
+            weights train: folding a trained BN into a frozen conv (a fixed shift kernel)
+            would change that conv.
     """
     graph = model.graph
-    convs = [node for node in graph if _eligible(node)]
+    add_missing_biases(model, select)
+    convs = [
+        node for node in graph if _eligible(node) and (select is None or select(node.name or ""))
+    ]
     if not convs:
         return []
     outputs = [conv.outputs[0].name or "" for conv in convs]
@@ -92,7 +144,7 @@ def insert_batchnorms(model: ir.Model, images: np.ndarray) -> list[str]:
     for conv, name in zip(convs, outputs, strict=True):
         out = conv.outputs[0]
         mean, variance = statistics[name]
-        dtype = np.dtype(conv.inputs[1].const_value.dtype.numpy())  # type: ignore[union-attr]
+        dtype = conv.inputs[1].const_value.numpy().dtype  # type: ignore[union-attr]
         label = f"{conv.name or name}{SUFFIX}"
         params = [
             new_initializer(graph, f"{label}.{role}", array.astype(dtype))

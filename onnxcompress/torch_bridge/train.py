@@ -132,8 +132,10 @@ class FinetuneConfig:
             identity on ``BATCHNORM_CALIBRATION`` training images), folded back into the convs
             at the end, so the result has the student's nodes and names (see
             ``torch_bridge.batchnorm``): exporters fold BN away, and a BN-free network trains
-            worse conditioned than the one that was trained. With ``trainable`` naming nodes,
-            the inserted BNs (``<conv>/inserted_bn``) train only if named too.
+            worse conditioned than the one that was trained. Only convs that train get one
+            (folding a trained BN into a frozen conv would change it); with ``trainable``
+            naming nodes a BN trains with its conv, with a pattern only if it matches the BN's
+            name too (``<conv>/inserted_bn``).
         num_workers: background batch loaders (0: in the training process).
         eval_batch_size: batch size for validation.
         checkpoint_dir: write ``last.pt`` here after every epoch (None: no checkpoints).
@@ -697,12 +699,20 @@ def finetune(
     if val is not None:
         _check_dataset(val, "validation")
     inserted: list[str] = []
+    trainable = config.trainable
     if config.batchnorm:
-        from onnxcompress.torch_bridge.batchnorm import insert_batchnorms
+        from onnxcompress.torch_bridge.batchnorm import insert_batchnorms, selected_by
 
         # Deterministic (the same images, eval mode): every process inserts the same.
         student = clone_model(student)
-        inserted = insert_batchnorms(student, train.spread(BATCHNORM_CALIBRATION).x)
+        inserted = insert_batchnorms(
+            student,
+            train.spread(BATCHNORM_CALIBRATION).x,
+            select=selected_by(trainable),
+        )
+        if isinstance(trainable, tuple):
+            # A BN trains with the conv it follows.
+            config = dataclasses.replace(config, trainable=trainable + tuple(inserted))
     context = setup_distributed(config.device)
     try:
         trainer = _Trainer(student, teacher, train, val, config, context, progress)
@@ -713,9 +723,8 @@ def finetune(
 
             result.trained_graph, result.inserted = student, tuple(inserted)
             fold_batchnorms(result.model, inserted)
-            result.module = (
-                OnnxModule(result.model, trainable=config.trainable).to(trainer.device).eval()
-            )
+            result.module = OnnxModule(result.model, trainable=trainable)
+            result.module = result.module.to(trainer.device).eval()
     except BaseException:
         # No barrier on the way out: the other processes may be gone or stuck elsewhere.
         teardown_distributed(context, clean=False)
