@@ -892,8 +892,8 @@ def test_gradual_schedule_falls_back_to_the_furthest_check_within_max_drop(
     inserted: list[int] = []
     insert = batchnorm_module.insert_batchnorms
 
-    def spy(model: ir.Model, images: np.ndarray) -> list[str]:
-        names = insert(model, images)
+    def spy(model: ir.Model, images: np.ndarray, **kw: Any) -> list[str]:
+        names = insert(model, images, **kw)
         inserted.append(len(names))
         return names
 
