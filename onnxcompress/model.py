@@ -689,13 +689,7 @@ def new_initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
 
 def fresh_node_name(graph: ir.Graph, base: str) -> str:
     """A node name not yet used in ``graph`` (node names must be unique for the report)."""
-    taken = {node.name for node in graph}
-    if base not in taken:
-        return base
-    index = 1
-    while f"{base}_{index}" in taken:
-        index += 1
-    return f"{base}_{index}"
+    return _unused(base, {node.name for node in graph})
 
 
 def fold_batchnorm(graph: ir.Graph, bn: ir.Node) -> bool:
@@ -705,9 +699,14 @@ def fold_batchnorm(graph: ir.Graph, bn: ir.Node) -> bool:
 
 
 def _fresh_name(graph: ir.Graph, base: str) -> str:
-    taken = set(graph.initializers)
+    taken: set[str | None] = set(graph.initializers)
     taken.update(v.name for n in graph for v in n.outputs if v.name)
     taken.update(v.name for v in graph.inputs if v.name)
+    return _unused(base, taken)
+
+
+def _unused(base: str, taken: set[str | None]) -> str:
+    """``base``, or ``base_1``, ``base_2``... the first not in ``taken``."""
     if base not in taken:
         return base
     index = 1
