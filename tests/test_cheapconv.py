@@ -512,9 +512,7 @@ def digits_model() -> ir.Model:
 @pytest.mark.parametrize(
     ("distill", "batchnorm"), [("online", False), ("offline", False), ("offline", True)]
 )
-def test_training_updates_the_cheap_convs_but_never_the_fixed_shift(
-    distill: str, batchnorm: bool
-):
+def test_training_updates_the_cheap_convs_but_never_the_fixed_shift(distill: str, batchnorm: bool):
     model = digits_model()
     options = {
         "kind": "shift",
