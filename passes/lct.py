@@ -117,9 +117,10 @@ class LctConfig(PassConfig):
             gradual: the share of the run (time, or ``epochs`` rounded) after the ramp.
         final_epochs: epochs of the final fine-tune without a time budget (0: none).
         final_lr: learning rate of the final fine-tune (a full cosine cycle). Gradual: the
-            recovery restarts here because the ramp's own cosine has decayed by its end (a
-            single cosine over ramp and recovery won back about 1 point in the last 30 % of a
-            27-minute ResNet-20 run, a restarted final fine-tune about 1.6 in 7.5 minutes).
+            recovery restarts here because the ramp's own cosine has decayed by its end (on
+            ResNet-20 CIFAR-10 a single cosine over ramp and recovery won back about 1 point
+            in its last 30 %; restarted, the recovery won back 4.1 points in 7.5 minutes,
+            ``benchmarks/results/lct_sparse_gradual2.md``).
         time_budget_s: wall time for all the training and stage scoring; each attempt gets
             what is left (less the final share) divided by the stages left, so retries shorten
             later stages.
