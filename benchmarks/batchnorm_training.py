@@ -166,10 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             ]
         )
     total = time.perf_counter() - started
-    reproduce = command_line()
-    if world_size > 1:
-        launcher = f"-m torch.distributed.run --standalone --nproc_per_node={world_size} "
-        reproduce = reproduce.replace("python ", f"python {launcher}", 1)
+    reproduce = command_line(world_size)
     markdown = "\n\n".join(
         [
             "# Fine-tuning with BatchNormalization put back (ResNet-20 CIFAR-10 students)",

@@ -49,7 +49,14 @@ from harness import (
     setup_logging,
     write_results,
 )
-from recovery import _broadcast, _rank, add_training_options, plan_epochs, probe_throughput
+from recovery import (
+    BATCHNORM_NOTE,
+    _broadcast,
+    _rank,
+    add_training_options,
+    plan_epochs,
+    probe_throughput,
+)
 
 from onnxcompress.bench import benchmark
 from onnxcompress.evaluate import accuracy, dataset_for_model
@@ -389,10 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         for kind in trained
         for r in trained[kind]["finetune"]["history"]
     ]
-    reproduce = command_line()
-    if world_size > 1:
-        launcher = f"-m torch.distributed.run --standalone --nproc_per_node={world_size} "
-        reproduce = reproduce.replace("python ", f"python {launcher}", 1)
+    reproduce = command_line(world_size)
     first = (
         trained[train_kinds[0]]["config"] if train_kinds else dataclasses.asdict(FinetuneConfig())
     )
@@ -414,10 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         f"labels{hint_text}"
     )
     if first.get("batchnorm"):
-        distill_text += (
-            "; trained with a BatchNormalization after every conv (identity-initialized on "
-            "training images, folded back into the convs at the end)"
-        )
+        distill_text += BATCHNORM_NOTE
     init_text = (
         "Closed-form init: the paper's data-free factorization (per-input-channel rank-1 SVD "
         "for separable, kernel energy peak plus least-squares 1x1 for shift); error = relative "

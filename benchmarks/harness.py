@@ -135,14 +135,18 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join([line(cells[0]), rule + "|", *(line(row) for row in cells[1:])])
 
 
-def command_line() -> str:
-    """How this script was run, relative to the repository root where possible."""
+def command_line(processes: int = 1) -> str:
+    """How this script was run, relative to the repository root where possible; with
+    ``processes`` > 1, under ``torch.distributed.run`` with that many processes."""
     script = Path(sys.argv[0]).resolve()
     try:
         shown = str(script.relative_to(REPO_ROOT))
     except ValueError:
         shown = str(script)
-    return " ".join([".venv/bin/python", shown, *sys.argv[1:]])
+    python = [".venv/bin/python"]
+    if processes > 1:
+        python += ["-m torch.distributed.run --standalone", f"--nproc_per_node={processes}"]
+    return " ".join([*python, shown, *sys.argv[1:]])
 
 
 def write_results(out_dir: Path, name: str, markdown: str, payload: dict[str, Any]) -> Path:

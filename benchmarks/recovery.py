@@ -61,6 +61,11 @@ TARGET_GAP = 1.5
 # Time kept back from the training budget for the last validation, ORT evaluation and writing.
 RESERVE_SECONDS = 90.0
 PROBE_IMAGES = 640
+# How the training benchmarks' reports describe FinetuneConfig.batchnorm.
+BATCHNORM_NOTE = (
+    "; trained with a BatchNormalization after every conv (identity-initialized on training "
+    "images, folded back into the convs at the end)"
+)
 # Where ResNet-20's three stages end (same names in the teacher and in lrf's output).
 STAGE_OUTPUTS = tuple(f"/layer{i}/layer{i}.2/Relu_1_output_0" for i in (1, 2, 3))
 
@@ -298,14 +303,8 @@ def main(argv: list[str] | None = None) -> int:
         else ""
     )
     if config.batchnorm:
-        hint_text += (
-            "; trained with a BatchNormalization after every conv (identity-initialized, "
-            "folded back at the end)"
-        )
-    reproduce = command_line()
-    if world_size > 1:
-        launcher = f"-m torch.distributed.run --standalone --nproc_per_node={world_size} "
-        reproduce = reproduce.replace("python ", f"python {launcher}", 1)
+        hint_text += BATCHNORM_NOTE
+    reproduce = command_line(world_size)
     met = gap <= TARGET_GAP
     within_budget = total <= 20 * 60
     markdown = "\n\n".join(

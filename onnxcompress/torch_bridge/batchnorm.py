@@ -47,6 +47,13 @@ def _eligible(node: ir.Node) -> bool:
     return all(user.op_type != "BatchNormalization" for user, _ in out.uses())
 
 
+def _selected_convs(graph: ir.Graph, select: Callable[[str], bool] | None) -> list[ir.Node]:
+    """The eligible convs that ``select`` accepts by node name (None: all)."""
+    return [
+        node for node in graph if _eligible(node) and (select is None or select(node.name or ""))
+    ]
+
+
 def channel_statistics(
     model: ir.Model, names: Sequence[str], images: np.ndarray
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -102,9 +109,7 @@ def add_missing_biases(model: ir.Model, select: Callable[[str], bool] | None = N
     """
     graph = model.graph
     added = []
-    for node in list(graph):
-        if not _eligible(node) or (select is not None and not select(node.name or "")):
-            continue
+    for node in _selected_convs(graph, select):
         if len(node.inputs) > 2 and node.inputs[2] is not None:
             continue
         weight = node.inputs[1].const_value.numpy()  # type: ignore[union-attr]
@@ -133,9 +138,7 @@ def insert_batchnorms(
     """
     graph = model.graph
     add_missing_biases(model, select)
-    convs = [
-        node for node in graph if _eligible(node) and (select is None or select(node.name or ""))
-    ]
+    convs = _selected_convs(graph, select)
     if not convs:
         return []
     outputs = [conv.outputs[0].name or "" for conv in convs]
