@@ -142,6 +142,21 @@ def test_hint_loss_is_relative() -> None:
     assert float(hint_loss(torch.zeros_like(t), t)) == pytest.approx(1.0)
 
 
+def test_hint_loss_gradient_keeps_the_channels_last_layout() -> None:
+    # finetune feeds channels-last batches; a hint gradient in NCHW order (F.mse_loss's
+    # backward) sent BatchNorm's backward down a slow mixed-layout path
+    # (benchmarks/distill_step.py), so the gradient must keep the activation's layout.
+    x = torch.randn(2, 8, 5, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
+    t = torch.randn(2, 8, 5, 5).contiguous(memory_format=torch.channels_last)
+    s = torch.nn.functional.batch_norm(x, None, None, training=True)
+    seen: list[torch.Tensor] = []
+    s.register_hook(seen.append)
+    hint_loss(s, t).backward()
+    (grad,) = seen
+    assert grad.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(grad, 2 * (s.detach() - t) / t.square().sum())
+
+
 def test_augment_crops_are_shifted_windows_and_flips_mirror() -> None:
     x = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).reshape(2, 3, 6, 6) + 1
     generator = torch.Generator().manual_seed(1)
