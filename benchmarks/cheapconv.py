@@ -50,10 +50,10 @@ from harness import (
     write_results,
 )
 from recovery import (
-    BATCHNORM_NOTE,
     _broadcast,
     _rank,
     add_training_options,
+    batchnorm_note,
     plan_epochs,
     probe_throughput,
 )
@@ -247,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
             hint_tensors=hints,
             hint_weight=args.hint_weight,
             batchnorm=args.batchnorm,
+            batchnorm_between_convs=args.batchnorm_between_convs,
             peers=args.students - 1 if online else None,
             lr=args.lr,
             schedule=args.schedule,
@@ -417,8 +418,9 @@ def main(argv: list[str] | None = None) -> int:
         f"student) at T={args.temperature} plus {1 - args.alpha:.1f} x cross-entropy with the "
         f"labels{hint_text}"
     )
-    if first.get("batchnorm"):
-        distill_text += BATCHNORM_NOTE
+    distill_text += batchnorm_note(
+        bool(first.get("batchnorm")), bool(first.get("batchnorm_between_convs", True))
+    )
     init_text = (
         "Closed-form init: the paper's data-free factorization (per-input-channel rank-1 SVD "
         "for separable, kernel energy peak plus least-squares 1x1 for shift); error = relative "

@@ -61,11 +61,24 @@ TARGET_GAP = 1.5
 # Time kept back from the training budget for the last validation, ORT evaluation and writing.
 RESERVE_SECONDS = 90.0
 PROBE_IMAGES = 640
-# How the training benchmarks' reports describe FinetuneConfig.batchnorm.
-BATCHNORM_NOTE = (
-    "; trained with a BatchNormalization after every conv (identity-initialized on training "
-    "images, folded back into the convs at the end)"
-)
+
+
+def batchnorm_note(batchnorm: bool, between_convs: bool = True) -> str:
+    """How the training benchmarks' reports describe ``FinetuneConfig.batchnorm`` (and
+    ``batchnorm_between_convs``)."""
+    if not batchnorm:
+        return ""
+    where = (
+        "every conv"
+        if between_convs
+        else "every conv whose output feeds more than other convs (none between two convs)"
+    )
+    return (
+        f"; trained with a BatchNormalization after {where} (identity-initialized on training "
+        "images, folded back into the convs at the end)"
+    )
+
+
 # Where ResNet-20's three stages end (same names in the teacher and in lrf's output).
 STAGE_OUTPUTS = tuple(f"/layer{i}/layer{i}.2/Relu_1_output_0" for i in (1, 2, 3))
 
@@ -105,6 +118,13 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="train with BatchNormalization after every Conv, folded back at the end "
         "(FinetuneConfig.batchnorm)",
+    )
+    parser.add_argument(
+        "--batchnorm-between-convs",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with --batchnorm, also a BatchNorm after convs that feed only other convs (the "
+        "depthwise half of a separable pair; FinetuneConfig.batchnorm_between_convs)",
     )
     parser.add_argument(
         "--speed-headroom",
@@ -223,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         hint_tensors=tuple((name, name) for name in STAGE_OUTPUTS) if args.loss == "hint" else (),
         hint_weight=args.hint_weight,
         batchnorm=args.batchnorm,
+        batchnorm_between_convs=args.batchnorm_between_convs,
         lr=args.lr,
         batch_size=args.batch_size,
         temperature=args.temperature,
@@ -302,8 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         if config.loss == "hint"
         else ""
     )
-    if config.batchnorm:
-        hint_text += BATCHNORM_NOTE
+    hint_text += batchnorm_note(config.batchnorm, config.batchnorm_between_convs)
     reproduce = command_line(world_size)
     met = gap <= TARGET_GAP
     within_budget = total <= 20 * 60

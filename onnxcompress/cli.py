@@ -323,6 +323,14 @@ def build_parser() -> argparse.ArgumentParser:
         "conditioned training",
     )
     p.add_argument(
+        "--batchnorm-between-convs",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with --batchnorm, also after a conv whose output feeds only other convs (the "
+        "depthwise half of a separable pair); --no-batchnorm-between-convs leaves those out, "
+        "a separable network's step ~1.2x faster",
+    )
+    p.add_argument(
         "--augment",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -706,6 +714,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         peers=args.peers,
         augment=args.augment,
         batchnorm=args.batchnorm,
+        batchnorm_between_convs=args.batchnorm_between_convs,
         epoch_samples=args.epoch_samples,
         time_budget_s=args.time_budget * 60 if args.time_budget is not None else None,
         seed=args.seed,

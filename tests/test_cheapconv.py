@@ -546,6 +546,43 @@ def test_training_updates_the_cheap_convs_but_never_the_fixed_shift(distill: str
     check_valid(model)
 
 
+def test_separable_training_with_batchnorm_only_where_a_nonlinearity_follows(monkeypatch):
+    from onnxcompress.torch_bridge import batchnorm
+
+    inserted: list[list[str]] = []
+    original = batchnorm.insert_batchnorms
+
+    def spy(*args, **kwargs):
+        inserted.append(original(*args, **kwargs))
+        return inserted[-1]
+
+    monkeypatch.setattr(batchnorm, "insert_batchnorms", spy)
+    model = digits_model()
+    options = {
+        "kind": "separable",
+        "epochs": 1,
+        "batch_size": 32,
+        "batchnorm": True,
+        "batchnorm_between_convs": False,
+    }
+    compression = create_pass("cheapconv", options, PassContext(train_spec="digits[:256]"))
+    untrained = clone_model(model)
+    cheapconv(untrained, kind="separable")
+    compression(model)
+    assert compression.report.summary["training"]["ran"]
+    # A BN after every conv but the depthwise halves (each feeds only its 1x1 conv).
+    convs = [n.name or "" for n in untrained.graph if n.op_type == "Conv"]
+    not_depthwise = [name for name in convs if not name.endswith("/depthwise")]
+    assert len(inserted) == 1 and len(inserted[0]) == len(not_depthwise) < len(convs)
+    inits, before = model.graph.initializers, untrained.graph.initializers
+    depthwise = [n for n in inits if n.endswith(".depthwise.weight")]
+    assert depthwise
+    for name in depthwise:  # trained, though no BatchNorm followed them
+        assert not np.allclose(inits[name].const_value.numpy(), before[name].const_value.numpy())  # type: ignore[union-attr]
+    assert [n.op_type for n in model.graph] == [n.op_type for n in untrained.graph]
+    check_valid(model)
+
+
 def test_no_training_without_data():
     model = digits_model()
     compression = create_pass("cheapconv", {"epochs": 3}, PassContext())

@@ -623,7 +623,10 @@ def test_the_time_budget_holds_across_stages_and_retries() -> None:
     lct(model)
     seconds = time.perf_counter() - tic
     records = lct.report.summary["stages"]
-    assert len(records) >= 2
+    # Unloaded, several attempts fit the budget; on a loaded machine the first one may take all
+    # of it, so the count is not asserted (it made this test fail beside a benchmark), only
+    # that the attempts together stayed within the budget.
+    assert records
     # 50 epochs per stage would take minutes: the budget cut every attempt short.
     assert sum(record["seconds"] for record in records) <= budget + 1.0
     assert seconds < budget + 15.0  # + ranking, scoring and writing

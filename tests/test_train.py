@@ -723,6 +723,39 @@ def test_inserted_batchnorms_start_as_the_identity_and_fold_back_to_the_graph(
         fold_batchnorms(model, ["no such node"])
 
 
+def test_batchnorms_between_convs_can_be_left_out(student: ir.Model, train_data: Dataset) -> None:
+    from onnxcompress.model import clone_model
+    from onnxcompress.passes import create_pass
+    from onnxcompress.torch_bridge.batchnorm import fold_batchnorms, insert_batchnorms
+
+    separable = clone_model(student)  # BN-free, as compress leaves graphs
+    create_pass("cheapconv", {"kind": "separable", "init": "weights"})(separable)
+    depthwise = {n.name for n in separable.graph if (n.name or "").endswith("/depthwise")}
+    convs = [n for n in separable.graph if n.op_type == "Conv"]
+    assert depthwise and len(convs) > len(depthwise)
+    x = train_data.x[:64]
+    model = clone_model(separable)
+    inserted = insert_batchnorms(model, train_data.x[:256], between_convs=False)
+    # One BN per conv except the depthwise ones (each feeds only its 1x1 conv).
+    assert len(inserted) == len(convs) - len(depthwise)
+    followed = {
+        node.inputs[0].producer().name  # type: ignore[union-attr]
+        for node in model.graph
+        if node.op_type == "BatchNormalization"
+    }
+    assert not followed & depthwise
+    np.testing.assert_allclose(
+        ort_outputs(model, x), ort_outputs(separable, x), rtol=1e-4, atol=1e-5
+    )
+    fold_batchnorms(model, inserted)
+    assert [n.op_type for n in model.graph] == [n.op_type for n in separable.graph]
+    np.testing.assert_allclose(
+        ort_outputs(model, x), ort_outputs(separable, x), rtol=1e-4, atol=1e-5
+    )
+    # The default puts one after every conv, depthwise ones included.
+    assert len(insert_batchnorms(clone_model(separable), train_data.x[:256])) == len(convs)
+
+
 def test_finetune_with_batchnorm_trains_and_returns_the_students_graph(
     student: ir.Model, teacher: ir.Model, train_data: Dataset, val_data: Dataset
 ) -> None:
