@@ -50,6 +50,7 @@ from harness import (
     write_results,
 )
 from recovery import (
+    STAGE_OUTPUTS,
     _broadcast,
     _rank,
     add_training_options,
@@ -113,6 +114,13 @@ def main(argv: list[str] | None = None) -> int:
         default=10.0,
         help="offline: weight of the relative-MSE hints at every replaced conv's output (their "
         "mean starts near 0.3 against a T^2 KL near 20: weight 1 would barely register)",
+    )
+    parser.add_argument(
+        "--hints",
+        choices=("convs", "stages"),
+        default="convs",
+        help="offline: where the hints are: every replaced conv's output (18 tensors) or the "
+        "three stage outputs",
     )
     parser.add_argument("--lr", type=float, default=0.02)
     parser.add_argument(
@@ -231,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         student = load_model(init[kind]["path"])
         online = args.distill == "online"
         hints: tuple[tuple[str, str], ...] = ()
-        if not online and args.hint_weight > 0:
+        if not online and args.hint_weight > 0 and args.hints == "convs":
             # The replacement's 1x1 keeps the replaced conv's output name.
             hints = tuple(
                 (name, name)
@@ -242,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 if name
             )
+        elif not online and args.hint_weight > 0 and args.hints == "stages":
+            # The substitution leaves the ReLU outputs' names alone.
+            hints = tuple((name, name) for name in STAGE_OUTPUTS)
         config = FinetuneConfig(
             loss="mutual" if online else ("hint" if hints else "kd"),
             hint_tensors=hints,
@@ -401,10 +412,14 @@ def main(argv: list[str] | None = None) -> int:
     first = (
         trained[train_kinds[0]]["config"] if train_kinds else dataclasses.asdict(FinetuneConfig())
     )
+    where = (
+        f"{len(first['hint_tensors'])} replaced convs"
+        if args.hints == "convs"
+        else f"{len(first['hint_tensors'])} stage outputs"
+    )
     hint_text = (
-        f" plus {args.hint_weight} x the mean over the {len(first['hint_tensors'])} replaced "
-        "convs of the relative MSE ||s - t||^2 / ||t||^2 between the student's and the "
-        "original's outputs of that conv"
+        f" plus {args.hint_weight} x the mean over the {where} of the relative MSE "
+        "||s - t||^2 / ||t||^2 between the student's and the original's tensors there"
         if first["hint_tensors"]
         else ""
     )
