@@ -328,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="with --batchnorm, also after a conv whose output feeds only other convs (the "
         "depthwise half of a separable pair); --no-batchnorm-between-convs leaves those out, "
-        "a separable network's step ~1.2x faster",
+        "a separable network's step 1.1-1.2x faster",
     )
     p.add_argument(
         "--augment",

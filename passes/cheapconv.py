@@ -117,7 +117,7 @@ class CheapConvConfig(PassConfig):
             more for ResNet-20's separable version after the same 30,000 images).
         batchnorm_between_convs: with ``batchnorm``, a BN after the depthwise half of each
             separable pair too (False: only after the convs that feed more than other convs;
-            ``FinetuneConfig.batchnorm_between_convs``, a distillation step 1.2x faster).
+            ``FinetuneConfig.batchnorm_between_convs``, a distillation step 1.1-1.2x faster).
         device: torch device for training (None: a GPU when visible).
     """
 

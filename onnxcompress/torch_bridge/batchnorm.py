@@ -156,7 +156,7 @@ def insert_batchnorms(
             would change that conv.
         between_convs: also after convs whose output feeds only other convs (False: not
             there, see ``feeds_only_convs``; a separable ResNet-20 then trains with 19
-            BatchNorms instead of 37, a distillation step 1.2x faster,
+            BatchNorms instead of 37, a distillation step 1.1-1.2x faster,
             ``benchmarks/distill_step.py``).
     """
     graph = model.graph

@@ -139,7 +139,7 @@ class FinetuneConfig:
         batchnorm_between_convs: with ``batchnorm``, also after convs whose output feeds only
             other convs (the depthwise half of a separable pair); False leaves those out
             (``torch_bridge.batchnorm.feeds_only_convs``): half the BatchNorms of a separable
-            network, its distillation step 1.2x faster (``benchmarks/distill_step.py``).
+            network, its distillation step 1.1-1.2x faster (``benchmarks/distill_step.py``).
         num_workers: background batch loaders (0: in the training process).
         eval_batch_size: batch size for validation.
         checkpoint_dir: write ``last.pt`` here after every epoch (None: no checkpoints).
@@ -345,8 +345,8 @@ def hint_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     Written as ``(s - t).square().sum()`` rather than ``F.mse_loss``: the latter's backward
     returns an NCHW gradient for channels-last activations, and that gradient, added to the
     channels-last one from the next layer, sent BatchNorm's backward down a slow mixed-layout
-    path (a hinted step with BatchNorm 1.8x the time of one without hints on the 2-core CPU;
-    1.3x with this form, ``benchmarks/distill_step.py``).
+    path (a hinted step with BatchNorm ~1.8x the time of one without hints on the 2-core CPU;
+    ~1.2-1.3x with this form, ``benchmarks/distill_step.py``).
     """
     t = teacher.float()
     return (student.float() - t).square().sum() / t.square().sum().clamp_min(1e-12)
