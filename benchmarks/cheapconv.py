@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     add_training_options(parser)
     parser.add_argument("--latency-runs", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--name", default="cheapconv", help="results file stem")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     started = time.perf_counter()
@@ -506,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     write_results(
         args.out_dir,
-        "cheapconv",
+        args.name,
         markdown,
         {
             "teacher": teacher_info,
