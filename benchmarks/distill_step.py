@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -48,6 +47,7 @@ from harness import (
     markdown_table,
     resnet20_path,
     setup_logging,
+    time_alternating,
     write_results,
 )
 
@@ -197,15 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
         wanted = hints if VARIANTS[variant][0] else []
         steps[variant] = distillation_step(separable, original, wanted, variant, args.batch, 0)
-    for step in steps.values():
-        for _ in range(3):
-            step()
-    times: dict[str, list[float]] = {v: [] for v in steps}
-    for _ in range(args.steps):
-        for variant, step in steps.items():
-            tic = time.perf_counter()
-            step()
-            times[variant].append(time.perf_counter() - tic)
+    times, _ = time_alternating(steps, args.steps)
     base = statistics.median(times["kd"])
     rows = []
     for variant, measured in times.items():

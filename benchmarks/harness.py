@@ -12,7 +12,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +157,26 @@ def write_results(out_dir: Path, name: str, markdown: str, payload: dict[str, An
     (out_dir / f"{name}.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
     logger.info("wrote %s and %s.json", md_path, name)
     return md_path
+
+
+def time_alternating(
+    steps: dict[str, Callable[[], None]], repeats: int, warmup: int = 3
+) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Seconds of each of ``repeats`` calls per step, the steps taking turns (load from other
+    jobs then hits them alike), after ``warmup`` untimed calls each; also the warm-up seconds."""
+    warmup_seconds = {}
+    for name, step in steps.items():
+        tic = time.perf_counter()
+        for _ in range(warmup):
+            step()
+        warmup_seconds[name] = time.perf_counter() - tic
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            tic = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - tic)
+    return times, warmup_seconds
 
 
 def setup_logging(verbose: bool) -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ from harness import (
     markdown_table,
     resnet20_path,
     setup_logging,
+    time_alternating,
     write_results,
 )
 
@@ -98,18 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     payload: dict[str, Any] = {"batch": args.batch, "threads": args.threads, "models": {}}
     for name, model in (("resnet20", original), ("resnet20 separable", separable)):
         steps = {v: training_step(model, v, args.batch, seed=0) for v in variants}
-        warmup = {}
-        for variant, step in steps.items():
-            tic = time.perf_counter()
-            for _ in range(3):
-                step()
-            warmup[variant] = time.perf_counter() - tic
-        times: dict[str, list[float]] = {v: [] for v in variants}
-        for _ in range(args.steps):
-            for variant, step in steps.items():
-                tic = time.perf_counter()
-                step()
-                times[variant].append(time.perf_counter() - tic)
+        times, warmup = time_alternating(steps, args.steps)
         base = statistics.median(times["nchw"])
         payload["models"][name] = {
             v: {"median_s": statistics.median(t), "warmup_s": warmup[v], "times": t}
