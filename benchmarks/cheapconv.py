@@ -241,20 +241,15 @@ def main(argv: list[str] | None = None) -> int:
         student = load_model(init[kind]["path"])
         online = args.distill == "online"
         hints: tuple[tuple[str, str], ...] = ()
-        if not online and args.hint_weight > 0 and args.hints == "convs":
-            # The replacement's 1x1 keeps the replaced conv's output name.
-            hints = tuple(
-                (name, name)
-                for name in (
-                    node.outputs[0].name
-                    for node in student.graph
-                    if (node.name or "").endswith("/pointwise")
-                )
-                if name
+        if not online and args.hint_weight > 0:
+            names = (
+                # The replacement's 1x1 keeps the replaced conv's output name.
+                [n.outputs[0].name for n in student.graph if (n.name or "").endswith("/pointwise")]
+                if args.hints == "convs"
+                # The substitution leaves the ReLU outputs' names alone.
+                else list(STAGE_OUTPUTS)
             )
-        elif not online and args.hint_weight > 0 and args.hints == "stages":
-            # The substitution leaves the ReLU outputs' names alone.
-            hints = tuple((name, name) for name in STAGE_OUTPUTS)
+            hints = tuple((name, name) for name in names if name)
         config = FinetuneConfig(
             loss="mutual" if online else ("hint" if hints else "kd"),
             hint_tensors=hints,
@@ -414,14 +409,11 @@ def main(argv: list[str] | None = None) -> int:
     first = (
         trained[train_kinds[0]]["config"] if train_kinds else dataclasses.asdict(FinetuneConfig())
     )
-    where = (
-        f"{len(first['hint_tensors'])} replaced convs"
-        if args.hints == "convs"
-        else f"{len(first['hint_tensors'])} stage outputs"
-    )
+    where = "replaced convs" if args.hints == "convs" else "stage outputs"
     hint_text = (
-        f" plus {args.hint_weight} x the mean over the {where} of the relative MSE "
-        "||s - t||^2 / ||t||^2 between the student's and the original's tensors there"
+        f" plus {args.hint_weight} x the mean over the {len(first['hint_tensors'])} {where} "
+        "of the relative MSE ||s - t||^2 / ||t||^2 between the student's and the original's "
+        "tensors there"
         if first["hint_tensors"]
         else ""
     )

@@ -13,8 +13,8 @@ feeds them). Variants:
   2026-11-22 (its backward hands channels-last activations an NCHW gradient);
 * each with ``+ bn`` (a BatchNormalization after every conv, ``FinetuneConfig.batchnorm``), and
   ``+ bn pointwise``: BN after the 1x1 convs only (none after the depthwise ones);
-* ``teacher in ORT``: the teacher's forward in ONNX Runtime (``teacher_runtime``), the others
-  run it through the bridge.
+* ``teacher in ORT``: the teacher's forward in ONNX Runtime (``RuntimeTeacher`` below), the
+  others run it through the bridge, as ``finetune`` does.
 
 Steps of all variants alternate after a warm-up, so load from other jobs hits them alike;
 medians are reported, with the ratio to ``kd``.
@@ -52,7 +52,7 @@ from harness import (
 )
 
 from onnxcompress.calibration import with_extra_outputs
-from onnxcompress.model import load_canonical, model_to_bytes
+from onnxcompress.model import clone_model, load_canonical, model_to_bytes
 from onnxcompress.passes import create_pass
 from onnxcompress.torch_bridge import OnnxModule
 from onnxcompress.torch_bridge.batchnorm import insert_batchnorms
@@ -125,14 +125,14 @@ def distillation_step(
     batch: int,
     seed: int,
 ) -> Callable[[], None]:
-    """One distillation SGD step of a fresh copy of ``student_model``, as ``variant`` says."""
+    """One distillation SGD step of ``student_model`` (a copy of its own: BatchNorms go in
+    place), as ``variant`` says."""
     hint_form, batchnorm, runtime = VARIANTS[variant]
     teacher: Any = (
         RuntimeTeacher(teacher_model, hints)
         if runtime == "onnxruntime"
         else BridgeTeacher(teacher_model, hints)
     )
-    model = student_model  # a fresh copy per variant: BatchNorms go in place
     generator = np.random.default_rng(seed)
     if batchnorm is not None:
         images = generator.standard_normal((128, 3, 32, 32)).astype(np.float32)
@@ -140,9 +140,9 @@ def distillation_step(
         def select(name: str) -> bool:
             return batchnorm == "all" or not name.endswith("/depthwise")
 
-        insert_batchnorms(model, images, select)
+        insert_batchnorms(student_model, images, select)
     torch.manual_seed(seed)
-    student = OnnxModule(model).train()
+    student = OnnxModule(student_model).train()
     optimizer = torch.optim.SGD(student.parameters(), lr=0.001, momentum=0.9)
     x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     term = mse_loss_hint if hint_form == "mse_loss" else hint_loss
@@ -185,18 +185,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     state = machine_state()
     original, _ = load_canonical(path)
+    separable = clone_model(original)
+    create_pass("cheapconv", {"kind": "separable", "init": "weights"})(separable)
+    # The replacement's 1x1 keeps the replaced conv's output name (as cheapconv.py hints).
+    hints = [
+        node.outputs[0].name
+        for node in separable.graph
+        if (node.name or "").endswith("/pointwise") and node.outputs[0].name
+    ]
     steps: dict[str, Callable[[], None]] = {}
-    for variant in VARIANTS:
-        separable, _ = load_canonical(path)
-        create_pass("cheapconv", {"kind": "separable", "init": "weights"})(separable)
-        # The replacement's 1x1 keeps the replaced conv's output name (as cheapconv.py hints).
-        hints = [
-            node.outputs[0].name
-            for node in separable.graph
-            if (node.name or "").endswith("/pointwise") and node.outputs[0].name
-        ]
-        wanted = hints if VARIANTS[variant][0] else []
-        steps[variant] = distillation_step(separable, original, wanted, variant, args.batch, 0)
+    for variant, (hint_form, _, _) in VARIANTS.items():
+        steps[variant] = distillation_step(
+            clone_model(separable), original, hints if hint_form else [], variant, args.batch, 0
+        )
     times, _ = time_alternating(steps, args.steps)
     base = statistics.median(times["kd"])
     rows = []
