@@ -440,7 +440,7 @@ def canonicalize(
         summary.batchnorms_folded = _fold_batchnorms(graph)
     summary.reshapes_to_flatten = _reshapes_to_flatten(graph)
     ir_common.RemoveUnusedNodesPass()(model)
-    _drop_unused_initializers(graph)
+    drop_unused_initializers(graph)
     infer_shapes(model)
     ir_common.TopologicalSortPass()(model)
     summary.nodes_after = graph.num_nodes()
@@ -502,7 +502,8 @@ def _drop_initializer_inputs(graph: ir.Graph, keep: tuple[str, ...]) -> int:
     return dropped
 
 
-def _drop_unused_initializers(graph: ir.Graph) -> None:
+def drop_unused_initializers(graph: ir.Graph) -> None:
+    """Delete initializers nothing reads (they would make ONNX Runtime warn at every load)."""
     for name, value in list(graph.initializers.items()):
         if not value.uses() and not value.is_graph_output() and not value.is_graph_input():
             del graph.initializers[name]
@@ -532,7 +533,7 @@ def _fold_constant_nodes(model: ir.Model) -> int:
             ):
                 continue
             try:
-                results = _evaluate_node(node, opset, ReferenceEvaluator)
+                results = evaluate_node(node, opset, ReferenceEvaluator)
             except Exception as exc:
                 logger.debug("not folding %s (%s): %s", node.name, node.op_type, exc)
                 continue
@@ -597,7 +598,8 @@ def _static_gathered_dims(node: ir.Node) -> list[np.ndarray] | None:
     return [np.array(picked, dtype=np.int64)]
 
 
-def _evaluate_node(node: ir.Node, opset: int, evaluator_cls: type) -> list[np.ndarray]:
+def evaluate_node(node: ir.Node, opset: int, evaluator_cls: type) -> list[np.ndarray]:
+    """The outputs of ``node``, whose inputs are all constants, by onnx's reference evaluator."""
     input_names = [f"in{i}" if inp is not None else "" for i, inp in enumerate(node.inputs)]
     output_names = [f"out{i}" for i in range(len(node.outputs))]
     attrs = [ir.serde.serialize_attribute(attr) for attr in node.attributes.values()]

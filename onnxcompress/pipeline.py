@@ -315,6 +315,8 @@ def compress(
             + (f"  top-1 agreement {agreement:.2f}%" if agreement is not None else "")
             + (f"  top-1 {step_accuracy['top1']:.2f}%" if step_accuracy is not None else "")
         )
+        for note in report.get("notes", ()):
+            say(f"  note: {note}")
         if check is None:
             continue
         if not check.constraints_met:
@@ -481,11 +483,14 @@ def _run_finetune(
     validation data would bias the accuracy the report gives, and calibration data is often
     part of the training data. ``select = "calibration"`` or ``"validation"`` picks on those.
     """
+    from onnxcompress.passes.base import PassReport, expand_compact_weights
     from onnxcompress.torch_bridge.train import finetune
 
     config = _finetune_config(options, seed)
     teacher = None if options.get("teacher", "original") == "none" else original
     start = time.perf_counter()
+    expanded = PassReport(FINETUNE, {})
+    expand_compact_weights(model, expanded, FINETUNE)
     result = finetune(model, teacher, train, selection, config, progress=progress)
     report = {
         "name": FINETUNE,
@@ -495,6 +500,7 @@ def _run_finetune(
         "declined": [],
         "summary": result.as_dict(),
         "seconds": round(time.perf_counter() - start, 4),
+        "notes": expanded.notes,
     }
     return result.model, report
 

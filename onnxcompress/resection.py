@@ -34,7 +34,12 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as ir_common
 
-from onnxcompress.model import clone_model, fresh_name, new_initializer
+from onnxcompress.model import (
+    clone_model,
+    drop_unused_initializers,
+    fresh_name,
+    new_initializer,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -696,12 +701,6 @@ def _drop_repeated_idempotent(graph: ir.Graph, value: ir.Value) -> list[str]:
     return removed
 
 
-def _drop_unused_initializers(graph: ir.Graph) -> None:
-    for name, value in list(graph.initializers.items()):
-        if not value.uses() and not value.is_graph_output() and not value.is_graph_input():
-            del graph.initializers[name]
-
-
 def apply_resection(
     model: ir.Model, candidate: Candidate, bridge: BridgeFit | None = None
 ) -> Resection:
@@ -759,7 +758,7 @@ def apply_resection(
     removed += _drop_repeated_idempotent(graph, replacement)
     # Constant-making nodes that only the removed part read are dead now.
     ir_common.RemoveUnusedNodesPass()(model)
-    _drop_unused_initializers(graph)
+    drop_unused_initializers(graph)
     neighbours = _compute_neighbours(entry, forward=False)
     neighbours += _compute_neighbours(replacement, forward=True)
     names = [n.name for n in neighbours if n.name]

@@ -38,6 +38,7 @@ moves by at most half a step (``s / 2``); 1-D tensors (biases) stay float32.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 from collections.abc import Iterable
@@ -46,7 +47,12 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from onnxcompress.model import fresh_name
+from onnxcompress.model import (
+    drop_unused_initializers,
+    evaluate_node,
+    fresh_name,
+    replace_with_initializer,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +64,9 @@ MAX_GAP = 255
 # Rough serialized size of one decoding subgraph (nodes, small constants, names): a tensor is
 # stored compactly only when that saves more than this.
 DECODER_BYTES = 600
+# Metadata key listing the weights a model stores compactly (JSON list of names), so a later
+# step that must edit or train them can turn them back into plain initializers.
+STORED_KEY = "onnxcompress.compact_weights"
 
 
 @dataclasses.dataclass
@@ -385,9 +394,46 @@ def store_sparse(
         decoded.name = name
     stored = [r for r in records if r.encoding != "dense"]
     if stored:
+        known = json.loads(model.metadata_props.get(STORED_KEY, "[]"))
+        model.metadata_props[STORED_KEY] = json.dumps(known + [r.name for r in stored])
         saved = sum(r.dense_bytes - r.stored_bytes for r in stored)
         logger.info("stored %d tensors compactly, %d bytes saved", len(stored), saved)
     return records
+
+
+def expand_stored(model: ir.Model) -> list[str]:
+    """Turn the weights ``store_sparse`` encoded back into plain initializers, in place.
+
+    A pass that slices or trains a weight needs it as an initializer; the decoder's arithmetic
+    is evaluated once here, so the values are bit-identical to what ONNX Runtime decodes. The
+    file grows back to its dense size. Returns the names expanded (none for a plain model).
+    """
+    from onnx.reference import ReferenceEvaluator  # heavy import, only when there is work
+
+    graph = model.graph
+    names = [n for n in json.loads(model.metadata_props.get(STORED_KEY, "[]")) if n]
+    wanted: set[int] = set()
+    producers = {out.name: node for node in graph for out in node.outputs}
+    frontier = [producers.get(name) for name in names]
+    while frontier:
+        node = frontier.pop()
+        if node is None or id(node) in wanted:
+            continue
+        wanted.add(id(node))
+        frontier.extend(inp.producer() for inp in node.inputs if inp is not None)
+    opset = _opset(model)
+    for node in list(graph):
+        if id(node) not in wanted:
+            continue
+        results = evaluate_node(node, opset, ReferenceEvaluator)
+        for out, array in zip(node.outputs, results, strict=True):
+            replace_with_initializer(graph, out, array)
+        graph.remove(node, safe=True)
+    drop_unused_initializers(graph)
+    model.metadata_props.pop(STORED_KEY, None)
+    if names:
+        logger.info("expanded %d compactly stored weights", len(names))
+    return names
 
 
 __all__ = [
@@ -400,6 +446,7 @@ __all__ = [
     "encode_gaps",
     "encode_mask",
     "encoded_sizes",
+    "expand_stored",
     "quantize_int8",
     "store_sparse",
 ]

@@ -48,6 +48,8 @@ class PassReport:
     declined: list[Declined] = dataclasses.field(default_factory=list)
     summary: dict[str, Any] = dataclasses.field(default_factory=dict)
     seconds: float = 0.0
+    # Lines the console prints after the step: what a user must know without opening the report.
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     def decline(self, node: str, reason: str) -> None:
         logger.info("%s: leaving %s alone: %s", self.name, node, reason)
@@ -62,6 +64,7 @@ class PassReport:
             "declined": [d.as_dict() for d in self.declined],
             "summary": _jsonable(self.summary),
             "seconds": round(self.seconds, 4),
+            "notes": list(self.notes),
         }
 
 
@@ -168,12 +171,32 @@ class CompressionPass(InPlacePass, Generic[ConfigT]):
             )
         start = time.perf_counter()
         self.report = PassReport(self.name, dataclasses.asdict(self.config))
+        expand_compact_weights(model, self.report, f"pass {self.name!r}")
         self.run(model, self.report)
         self.report.seconds = time.perf_counter() - start
         return PassResult(model, modified=self.report.modified)
 
     def run(self, model: ir.Model, report: PassReport) -> None:
         raise NotImplementedError
+
+
+def expand_compact_weights(model: ir.Model, report: PassReport, step: str) -> None:
+    """Give ``step`` plain initializers where an earlier step (``lct``) stored weights compactly.
+
+    Slicing or training a weight needs it as an initializer; the file then returns to its dense
+    size, which the user is told, with how to keep it compact.
+    """
+    from onnxcompress.sparse_storage import STORED_KEY, expand_stored
+
+    if STORED_KEY not in model.metadata_props:
+        return
+    names = expand_stored(model)
+    if names:
+        report.modified = True
+        report.notes.append(
+            f"{step} expanded {len(names)} weights an earlier step stored compactly, to edit "
+            "them; the file is dense again (run lct last to keep it compact)"
+        )
 
 
 def parse_options(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -208,6 +209,37 @@ def test_sparse_storage_round_trips_through_save_load_and_ort(
     reloaded = load_model(out_path)
     for optimize in (False, True):
         np.testing.assert_allclose(_run(reloaded, x, optimize), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("values", ["float32", "float16", "int8"])
+def test_stored_weights_expand_back_to_the_decoded_initializers(
+    tmp_path: Path, values: str
+) -> None:
+    """A later step that edits weights gets them back as initializers, equal to what ONNX
+    Runtime decodes; a pass run on a compactly stored model expands first and says so."""
+    from onnxcompress.passes.base import PassReport, expand_compact_weights
+    from onnxcompress.sparse_storage import STORED_KEY, expand_stored
+
+    rng = np.random.default_rng(3)
+    weights = _weights(rng)
+    weights["w2"] = _prune(weights["w2"], 0.9, rng)
+    model = ir.serde.deserialize_model(_conv_model(weights))
+    store_sparse(model, ["w2"], min_saving=0, values=values)
+    assert json.loads(model.metadata_props[STORED_KEY]) == ["w2"]
+    x = rng.standard_normal((2, 3, 12, 12)).astype(np.float32)
+    decoded = _run(model, x, optimize=False)
+    plain = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    assert expand_stored(plain) == ["w2"]
+    assert STORED_KEY not in plain.metadata_props
+    assert [n.op_type for n in plain.graph] == [n.op_type for n in _conv_model(weights).graph.node]
+    assert plain.graph.initializers["w2"].const_value is not None
+    np.testing.assert_array_equal(_run(plain, x, optimize=False), decoded)
+    assert expand_stored(plain) == []  # a plain model is left alone
+    report = PassReport("lrf", {})
+    expand_compact_weights(model, report, "pass 'lrf'")
+    assert report.modified and "expanded 1 weights" in report.notes[0]
+    expand_compact_weights(model, report, "pass 'lrf'")
+    assert len(report.notes) == 1
 
 
 def test_sparse_storage_leaves_small_savings_and_graph_inputs_dense() -> None:

@@ -271,9 +271,20 @@ def conv(attrs: NodeAttrs, inputs: Inputs) -> list[Tensor]:
     kernel = attrs.get_ints("kernel_shape") or list(weight.shape[2:])
     strides, dilations = _window_attrs(attrs, nd, kernel)
     begins, ends = _spatial_pads(attrs, x.shape[2:], kernel, strides, dilations)
-    if begins != ends:
+    pointwise_strided = all(k == 1 for k in kernel) and any(s > 1 for s in strides)
+    if begins != ends or (pointwise_strided and any(begins)):
         x = F.pad(x, _torch_pad_list(begins, ends))
         begins = [0] * nd
+    if pointwise_strided:
+        # A strided 1x1 conv reads every s-th pixel: slice them out and convolve at stride 1
+        # (same values, same gradients). Why: oneDNN's 1x1 backward-weights kernel on a
+        # strided channels-last input with fewer input channels than its vector block (8 on
+        # AVX2, 16 on AVX-512: a pruned ResNet's downsample shortcut) writes past its buffer:
+        # heap corruption with one thread, hangs or silently wrong weight gradients with more
+        # (torch 2.14.1, oneDNN 3.x; https://github.com/uxlfoundation/oneDNN/issues/6035).
+        # At stride 1 oneDNN takes no "reduce to unit stride" path and the bug cannot fire.
+        x = x[(slice(None), slice(None), *(slice(None, None, s) for s in strides))]
+        strides = [1] * nd
     fn = _CONV[nd]
     return [fn(x, weight, bias, strides, begins, dilations, attrs.get_int("group", 1))]
 

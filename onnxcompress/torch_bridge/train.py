@@ -710,6 +710,13 @@ def finetune(
     _check_dataset(train, "training")
     if val is not None:
         _check_dataset(val, "validation")
+    from onnxcompress.sparse_storage import STORED_KEY, expand_stored
+
+    if STORED_KEY in student.metadata_props:
+        # Weights an earlier step stored compactly are computed by the graph: train them as
+        # plain initializers (the result is dense).
+        student = clone_model(student)
+        expand_stored(student)
     inserted: list[str] = []
     trainable = config.trainable
     if config.batchnorm:
