@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import math
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -45,8 +47,9 @@ def allocate(
     *,
     round_to: int = 1,
     slack: float = float("inf"),
+    exact: Callable[[Mapping[int, int]], float] | None = None,
 ) -> dict[int, int]:
-    """How many channels each group removes so that estimated savings reach ``needed``.
+    """How many channels each group removes so that savings reach ``needed``.
 
     Costs along a path are made non-decreasing (running maximum), so a cheap removal that
     only becomes available after an expensive one is not taken out of order.
@@ -57,6 +60,13 @@ def allocate(
             then come in chunks: first down to a multiple, then ``round_to`` at a time, each
             chunk priced by its most expensive channel. Groups of at most ``round_to``
             channels are left alone.
+        slack: how far past ``needed`` the savings may land. Beyond it, chunks are given back
+            while the goal stays met, then while that lands closer to the goal (short of it).
+        exact: the savings of a whole plan (``{key: channels removed}``), for instance
+            ``ExactSavings``: cutting two neighbouring groups saves less than the sum of
+            their per-channel estimates (their shared layer shrinks once), so the stopping and
+            give-back decisions use it when given; the order of removals still follows the
+            per-channel estimates.
 
     Returns:
         ``{key: number of channels to remove}`` (groups with 0 are omitted).
@@ -78,30 +88,123 @@ def allocate(
         first_cost = chunks[path.key][0][1]
         heapq.heappush(heap, (first_cost / path.saving, path.key, 0))
     taken: dict[int, int] = {}  # key -> index of the last chunk taken
-    saved = 0.0
-    while heap and saved < needed:
-        _, key, index = heapq.heappop(heap)
-        saved += _chunk_gain(chunks[key], index, by_key[key].saving)
+
+    def plan(state: Mapping[int, int]) -> dict[int, int]:
+        return {key: chunks[key][index][0] for key, index in state.items() if index >= 0}
+
+    def savings(state: Mapping[int, int]) -> float:
+        if exact is not None:
+            return exact(plan(state))
+        return sum(
+            _chunk_gain(chunks[key], i, by_key[key].saving)
+            for key, index in state.items()
+            for i in range(index + 1)
+        )
+
+    def without(key: int) -> dict[int, int]:
+        return {**taken, key: taken[key] - 1}
+
+    # Within the slack on either side is as good as the goal (a finite slack is a tolerance).
+    enough = needed - slack if math.isfinite(slack) else needed
+    estimate = 0.0
+    while heap:
+        # The cheap running estimate leads; the exact count (when given) has the last word.
+        if estimate >= enough and (exact is None or savings(taken) >= enough):
+            break
+        _, key, index = heap[0]
+        if estimate + _chunk_gain(chunks[key], index, by_key[key].saving) > needed + slack:
+            # The cheapest next chunk overshoots: another group's next chunk may land within
+            # the slack; the cheapest of those (per MAC) goes first instead.
+            landing = [
+                entry
+                for entry in heap
+                if abs(savings({**taken, entry[1]: entry[2]}) - needed) <= slack
+            ]
+            if landing:
+                _, key, index = chosen = min(landing)
+                heap.remove(chosen)
+                heapq.heapify(heap)
+            else:
+                heapq.heappop(heap)
+        else:
+            heapq.heappop(heap)
+        estimate += _chunk_gain(chunks[key], index, by_key[key].saving)
         taken[key] = index
         if index + 1 < len(chunks[key]):
             heapq.heappush(heap, (chunks[key][index + 1][1] / by_key[key].saving, key, index + 1))
+    saved = savings(taken)
     # Coarse chunks can overshoot the goal. Rather than skipping the cheap coarse chunk for an
     # expensive fine one, give back the costliest last chunks while the goal stays met.
     while saved > needed + slack:
         undo = [
-            (chunks[key][index][1], key)
+            (chunks[key][index][1], key, after)
             for key, index in taken.items()
-            if saved - _chunk_gain(chunks[key], index, by_key[key].saving) >= needed
+            if (after := savings(without(key))) >= needed
         ]
         if not undo:
             break
-        _, key = max(undo)
-        saved -= _chunk_gain(chunks[key], taken[key], by_key[key].saving)
-        if taken[key] == 0:
-            del taken[key]
-        else:
-            taken[key] -= 1
-    return {key: chunks[key][index][0] for key, index in taken.items()}
+        _, key, saved = max(undo)
+        taken = _shrunk(without(key))
+    # Still past the goal by more than the slack: give a chunk back when that lands closer to
+    # the goal, short of it. An overshoot spends accuracy nobody asked to spend; a caller that
+    # re-plans against the measured total can still approach the goal from above.
+    while saved > needed + slack and taken:
+        options = [(savings(without(key)), key) for key in taken]
+        distance, _, key, after = min(
+            (abs(after - needed), -chunks[key][taken[key]][1], key, after) for after, key in options
+        )
+        if distance >= saved - needed:
+            break
+        saved, taken = after, _shrunk(without(key))
+    return plan(taken)
+
+
+def _shrunk(state: Mapping[int, int]) -> dict[int, int]:
+    """``state`` without the groups that no longer remove anything."""
+    return {key: index for key, index in state.items() if index >= 0}
+
+
+class ExactSavings:
+    """MACs (or parameters) a whole removal plan saves, counted on the weights it shrinks.
+
+    The MACs of a Conv, ConvTranspose, Gemm or MatMul are its weight's element count times how
+    often each element is used per sample, so they scale with the product of the weight's axis
+    lengths. A plan that removes channels from a group shortens every weight axis the group
+    slices (by its channels times their multiplicity: ``H*W`` columns after a Flatten), and the
+    saving of a weight sliced by two groups (a Conv between two pruned layers) is counted once.
+    Parameters are the sliced weights' elements, biases included.
+    """
+
+    def __init__(self, groups: Sequence[Any], params: bool = False) -> None:
+        # weight -> [shape, factor, {axis: [(group key, positions per channel)]}]
+        self._weights: dict[tuple[int, int], tuple[list[int], float, dict[int, list]]] = {}
+        for group in groups:
+            for ws in group.slices:
+                if not params and (ws.is_bias or ws.macs_factor == 0):
+                    continue
+                # A weight two nodes share costs MACs in each, but its parameters once.
+                key = (id(ws.value), 0) if params else (id(ws.node), ws.input_index)
+                if key not in self._weights:
+                    value = ws.value.const_value
+                    shape = [int(d) for d in value.shape]
+                    self._weights[key] = (shape, 1.0 if params else float(ws.macs_factor), {})
+                cuts = self._weights[key][2].setdefault(ws.axis, [])
+                entry = (group.id, group.multiplicity(ws.tensor))
+                if entry not in cuts:  # the same axis seen through both of its readers
+                    cuts.append(entry)
+
+    def __call__(self, removed: Mapping[int, int]) -> float:
+        total = 0.0
+        for shape, factor, axes in self._weights.values():
+            kept = 1.0
+            hit = False
+            for axis, length in enumerate(shape):
+                cut = sum(removed.get(key, 0) * per for key, per in axes.get(axis, ()))
+                hit = hit or cut > 0
+                kept *= max(length - cut, 0)
+            if hit:
+                total += factor * (float(np.prod(shape)) - kept)
+        return total
 
 
 def _chunk_gain(ends: list[tuple[int, float]], index: int, saving: float) -> float:

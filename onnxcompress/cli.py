@@ -19,7 +19,7 @@ from typing import Any
 from onnxcompress import __version__
 from onnxcompress.errors import OnnxCompressError
 
-EXIT_OK, EXIT_BUG, EXIT_USER = 0, 1, 2
+EXIT_OK, EXIT_BUG, EXIT_USER, EXIT_MISSED = 0, 1, 2, 3
 
 DESCRIPTION = """\
 Make trained CNNs smaller and faster by rewriting their ONNX graphs.
@@ -34,6 +34,11 @@ Typical session:
       --data digits[:500] --train-data digits[:1400] --val-data digits[1400:] --report out/
   onnxcompress sweep model.onnx --pass lrf --targets 0.9,0.7,0.5 --data digits[:500] \
       --eval-data digits[1400:] --out sweep/
+
+Exit codes: 0 done; 1 a bug (a traceback: please report it); 2 a user error (one line on
+stderr: a missing file, a bad option, data that does not fit the model); 3 compress --strict
+only: a step missed a target it was given or left the model unchanged, or the result misses
+the budget (the output is still written; each miss is a `warning:` line on stderr).
 """
 
 DATA_HELP = """dataset spec: KIND[:PATH][SLICE][?key=value&...]. KIND is digits (built in),
@@ -144,8 +149,14 @@ def _add_compress_args(p: argparse.ArgumentParser) -> None:
     )
     out.add_argument("--force", action="store_true", help="replace OUT if it exists")
     out.add_argument("--seed", type=int, default=None, help="default 0 (recipe: seed)")
-    out.add_argument("--quiet", action="store_true", help="print only errors")
+    out.add_argument("--quiet", action="store_true", help="print only errors and warnings")
     out.add_argument("--json", action="store_true", help="print the run's result as JSON")
+    out.add_argument(
+        "--strict",
+        action="store_true",
+        help="exit with code 3 when a step misses a target it was given or changes nothing, or "
+        "the result misses the budget (default: warn on stderr and exit 0)",
+    )
 
 
 class _OneLineErrorParser(argparse.ArgumentParser):
@@ -607,8 +618,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
             latency = (rows[("original", 1)], rows[("compressed", 1)])
     if args.json:
         print(json.dumps(payload, indent=2, default=str))
-        return EXIT_OK
-    if not args.quiet:
+    elif not args.quiet:
         # BatchNorm folding is not compression: compare with the canonicalized original.
         before = {**result.before, "params": result.steps[0].metrics["params"]}
         print(
@@ -618,11 +628,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
         )
         if result.stopped:
             print(f"note: {result.stopped}")
-        missed = (result.budget_check or {}).get("missed")
-        if missed:
-            print(f"warning: budget targets not met: {'; '.join(missed)}")
         print(f"wrote {result.output_path}")
-    return EXIT_OK
+    # Always on stderr, whatever --quiet or --json say: a miss must not pass unnoticed.
+    for line in result.missed:
+        print(f"warning: {line}", file=sys.stderr)
+    return EXIT_MISSED if args.strict and not result.targets_met else EXIT_OK
 
 
 def cmd_report(args: argparse.Namespace) -> int:

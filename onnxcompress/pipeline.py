@@ -72,6 +72,13 @@ class CompressionResult:
     budget_check: dict[str, Any] | None = None
     recipe: dict[str, Any] | None = None
     data: dict[str, Any] | None = None
+    # What the user must hear: kept steps that missed a target or changed nothing, and budget
+    # targets the result misses. Empty when every target was met.
+    missed: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def targets_met(self) -> bool:
+        return not self.missed
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -90,6 +97,8 @@ class CompressionResult:
             "budget_check": self.budget_check,
             "recipe": self.recipe,
             "data": self.data,
+            "targets_met": self.targets_met,
+            "missed": self.missed,
         }
 
 
@@ -180,12 +189,14 @@ def compress(
     steps = list(passes)
     if not steps or steps[0][0] != "canonicalize":
         steps.insert(0, ("canonicalize", {}))
-    # Validate every pass and option before any work, so a typo fails in a second.
+    # Validate every pass and option before any work, so a typo fails in a second, with the
+    # budget each step will be handed (its value depends on the model then; the goal stands in).
     for name, options in steps:
         if name == FINETUNE:
             _finetune_config(options, seed)
         else:
-            parse_options(pass_class(name).config_class, options, name)
+            injected = _injected_budget(name, options, budget)
+            parse_options(pass_class(name).config_class, {**options, **injected}, name)
     if budget.max_drop is not None and eval_data is None:
         raise PassConfigError(
             "budget max_drop needs labelled validation data: give --val-data SPEC "
@@ -334,13 +345,15 @@ def compress(
     bar.close()
     assert kept is not None and kept_step is not None  # step 0 always ends a stage
     model = kept
-    if last_check is not None and budget.targets and not last_check.targets_met:
-        say(f"warning: budget targets not met: {'; '.join(last_check.missed)}")
 
     _stamp_provenance(model, input_path, steps[: kept_step + 1], budget, recipe)
     after = model_metrics(model).as_dict()
     result = CompressionResult(str(input_path), None, records, before, after)
     result.kept_step, result.stopped = kept_step, stopped
+    for record in records[: kept_step + 1]:
+        result.missed.extend(record.report.get("warnings", ()))
+    if last_check is not None:
+        result.missed.extend(f"budget target missed: {m}" for m in last_check.missed)
     result.budget = budget.as_dict()
     result.budget_check = last_check.as_dict() if last_check is not None else None
     result.recipe = recipe
@@ -361,8 +374,20 @@ def compress(
     return result
 
 
-# What a pass option may already say about its budget; a pass given one keeps it.
-_BUDGET_OPTIONS = ("target_macs", "target_params", "ratio", "threshold")
+def _injected_budget(name: str, options: dict[str, Any], budget: Budget) -> dict[str, float]:
+    """The budget option the pipeline hands step ``name``: the first of the run's targets the
+    pass can aim at, unless its options already say how much it removes (as the goal of the
+    whole run: ``_options_with_budget`` converts it to the model the step receives)."""
+    from onnxcompress.passes import pass_class
+
+    cls = pass_class(name)
+    if any(key.replace("-", "_") in cls.budget_options for key in options):
+        return {}
+    for key in cls.budget_targets(options):
+        goal = getattr(budget, key, None)
+        if goal is not None:
+            return {key: float(goal)}
+    return {}
 
 
 def _options_with_budget(
@@ -378,14 +403,10 @@ def _options_with_budget(
     original; a target the model already meets becomes 1 (remove nothing).
     """
     from onnxcompress.metrics import model_metrics
-    from onnxcompress.passes import pass_class
 
-    fields = {f.name for f in dataclasses.fields(pass_class(name).config_class)}
-    if any(key.replace("-", "_") in _BUDGET_OPTIONS for key in options):
-        return options
-    for key, total in (("target_macs", "macs"), ("target_params", "params")):
-        goal = getattr(budget, key)
-        if goal is None or key not in fields or not before[total]:
+    for key, goal in _injected_budget(name, options, budget).items():
+        total = key.removeprefix("target_")
+        if not before[total]:
             continue
         current = getattr(model_metrics(model), total)
         fraction = min(1.0, goal * before[total] / current) if current else 1.0
@@ -408,9 +429,9 @@ def _searches_latency(name: str, options: dict[str, Any], budget: Budget) -> boo
         return False
     if budget.target_params is not None:
         return False
-    fields = {f.name for f in dataclasses.fields(pass_class(name).config_class)}
-    explicit = any(key.replace("-", "_") in _BUDGET_OPTIONS for key in options)
-    return "target_macs" in fields and not explicit
+    cls = pass_class(name)
+    explicit = any(key.replace("-", "_") in cls.budget_options for key in options)
+    return "target_macs" in cls.budget_targets(options) and not explicit
 
 
 def _latency_search(

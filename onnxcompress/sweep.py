@@ -36,6 +36,7 @@ class SweepRow:
         max_rel: largest relative output deviation from the original.
         latency_ms / original_latency_ms: p50 at ``batch``, measured interleaved.
         error: why the point failed (verification or the pass), else None.
+        warnings: the pass's missed targets (``lrf did not reach target_macs=0.5 ...``).
     """
 
     target: float
@@ -52,6 +53,7 @@ class SweepRow:
     batch: int = 1
     seconds: float = 0.0
     error: str | None = None
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -107,7 +109,9 @@ def sweep(
             f"pass {pass_name!r} has no option {key!r} to sweep "
             f"(options: {', '.join(sorted(fields))})"
         )
-    base = {k: v for k, v in options.items() if k not in ("target_macs", "target_params", "ratio")}
+    # The swept option replaces whatever else the options say about how much to remove.
+    budget_options = pass_class(pass_name).budget_options
+    base = {k: v for k, v in options.items() if k.replace("-", "_") not in budget_options}
     for target in targets:
         parse_options(pass_class(pass_name).config_class, {**base, key: target}, pass_name)
     original = load_model(model_path)
@@ -135,7 +139,11 @@ def sweep(
         row = SweepRow(target=target, original_top1=original_top1, batch=settings.batch)
         model = clone_model(canonical)
         try:
-            create_pass(pass_name, {**base, key: target}, context)(model)
+            compression = create_pass(pass_name, {**base, key: target}, context)
+            compression(model)
+            row.warnings = compression.report.warnings
+            for warning in row.warnings:
+                say(f"warning: {warning}")
             verification = verify_step(original, model, pass_name, verify_x, seed)
         except OnnxCompressError as exc:
             row.error = str(exc)

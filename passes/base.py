@@ -22,6 +22,7 @@ from onnxcompress.errors import PassConfigError
 
 if TYPE_CHECKING:
     from onnxcompress.data import Dataset
+    from onnxcompress.metrics import ModelMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,36 @@ class Declined:
 
 
 @dataclasses.dataclass
+class TargetOutcome:
+    """How far a pass got towards one target it was given (``target_macs=0.5``...).
+
+    Attributes:
+        option: the option that set the target.
+        goal: the value asked for.
+        reached: the value the result has, on the same scale (None when nothing was measured).
+        met: within the target's tolerance (on both sides: overshooting a size target spends
+            accuracy the user did not agree to spend).
+        reason: why it was missed; empty when met.
+    """
+
+    option: str
+    goal: float
+    reached: float | None
+    met: bool
+    reason: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def warning(self, pass_name: str) -> str:
+        reached = "nothing" if self.reached is None else f"{self.reached:.4g}"
+        return (
+            f"{pass_name} did not reach {self.option}={self.goal:g} (reached {reached}): "
+            f"{self.reason}"
+        )
+
+
+@dataclasses.dataclass
 class PassReport:
     """What a pass did, in data the report can print."""
 
@@ -50,10 +81,53 @@ class PassReport:
     seconds: float = 0.0
     # Lines the console prints after the step: what a user must know without opening the report.
     notes: list[str] = dataclasses.field(default_factory=list)
+    targets: list[TargetOutcome] = dataclasses.field(default_factory=list)
+    # Why the pass left the model as it was (set by CompressionPass.call when run changed nothing).
+    unchanged: str | None = None
 
     def decline(self, node: str, reason: str) -> None:
         logger.info("%s: leaving %s alone: %s", self.name, node, reason)
         self.declined.append(Declined(node, reason))
+
+    def check_target(
+        self,
+        option: str,
+        goal: float,
+        reached: float | None,
+        *,
+        tolerance: float = 0.0,
+        met: bool | None = None,
+        reason: str = "",
+    ) -> TargetOutcome:
+        """Record how the result stands against ``option=goal``.
+
+        ``met`` defaults to ``|reached - goal| <= tolerance``; ``reason`` explains a miss (a
+        generic one is written when the pass gives none).
+        """
+        if met is None:
+            met = reached is not None and abs(reached - goal) <= tolerance + 1e-12
+        if not met and not reason:
+            if reached is None:
+                reason = "nothing was measured"
+            elif reached > goal:
+                reason = f"short of the target by more than the tolerance {tolerance:g}"
+            else:
+                reason = f"overshot the target by more than the tolerance {tolerance:g}"
+        outcome = TargetOutcome(option, float(goal), reached, bool(met), "" if met else reason)
+        self.targets = [t for t in self.targets if t.option != option] + [outcome]
+        return outcome
+
+    @property
+    def warnings(self) -> list[str]:
+        """One line per missed target, or why the model came back unchanged."""
+        lines = [t.warning(self.name) for t in self.targets if not t.met]
+        if self.unchanged is not None and not lines:
+            lines.append(f"{self.name} left the model unchanged: {self.unchanged}")
+        return lines
+
+    @property
+    def targets_met(self) -> bool:
+        return all(t.met for t in self.targets)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -65,6 +139,9 @@ class PassReport:
             "summary": _jsonable(self.summary),
             "seconds": round(self.seconds, 4),
             "notes": list(self.notes),
+            "targets": [t.as_dict() for t in self.targets],
+            "targets_met": self.targets_met,
+            "warnings": self.warnings,
         }
 
 
@@ -147,6 +224,18 @@ class CompressionPass(InPlacePass, Generic[ConfigT]):
     summary_line: ClassVar[str] = ""
     config_class: ClassVar[type[PassConfig]] = PassConfig
     needs_data: ClassVar[bool] = False
+    # Options that say how much the pass removes. A step given one of them keeps it; otherwise
+    # the pipeline hands it the run's budget through ``budget_targets``.
+    budget_options: ClassVar[tuple[str, ...]] = ()
+    # Whether the pass exists to change the model (a compression pass that changes nothing
+    # says why on the console); canonicalization may rightly find nothing to do.
+    compresses: ClassVar[bool] = True
+
+    @classmethod
+    def budget_targets(cls, options: Mapping[str, Any]) -> tuple[str, ...]:
+        """The run budget's targets (``target_macs``, ``target_params``) this step can aim at,
+        given its options; the pipeline injects the first one the budget sets."""
+        return tuple(t for t in ("target_macs", "target_params") if t in cls.budget_options)
 
     def __init__(self, config: PassConfig | None = None, context: PassContext | None = None):
         super().__init__()
@@ -171,16 +260,52 @@ class CompressionPass(InPlacePass, Generic[ConfigT]):
             )
         start = time.perf_counter()
         self.report = PassReport(self.name, dataclasses.asdict(self.config))
-        expand_compact_weights(model, self.report, f"pass {self.name!r}")
+        expanded = expand_compact_weights(model, self.report, f"pass {self.name!r}")
+        before = self._metrics(model)
         self.run(model, self.report)
+        after = self._metrics(model) if before is not None else None
+        if before is not None and after is not None:
+            self.check_targets(before, after, self.report)
+        if self.compresses and not self.report.modified:
+            self.report.unchanged = unchanged_reason(self.report)
+        self.report.modified = self.report.modified or expanded
         self.report.seconds = time.perf_counter() - start
         return PassResult(model, modified=self.report.modified)
 
     def run(self, model: ir.Model, report: PassReport) -> None:
         raise NotImplementedError
 
+    def check_targets(self, before: ModelMetrics, after: ModelMetrics, report: PassReport) -> None:
+        """Record in ``report`` how the result stands against the targets the options set
+        (``report.check_target``), for passes that do not do so in ``run``."""
 
-def expand_compact_weights(model: ir.Model, report: PassReport, step: str) -> None:
+    def _metrics(self, model: ir.Model) -> ModelMetrics | None:
+        if type(self).check_targets is CompressionPass.check_targets:
+            return None
+        from onnxcompress.metrics import model_metrics
+
+        return model_metrics(model)
+
+
+def unchanged_reason(report: PassReport) -> str:
+    """Why a pass changed nothing, from what it recorded (its stop reason, its declines)."""
+    stopped = report.summary.get("stopped")
+    if stopped:
+        return str(stopped)
+    if report.declined:
+        reasons: dict[str, int] = {}
+        for declined in report.declined:
+            reasons[declined.reason] = reasons.get(declined.reason, 0) + 1
+        common = max(reasons, key=lambda r: reasons[r])
+        return (
+            f"{len(report.declined)} candidate(s) declined, e.g. {common!r}"
+            + (f" ({reasons[common]}x)" if reasons[common] > 1 else "")
+            + "; the report lists every one"
+        )
+    return "it found nothing it could change"
+
+
+def expand_compact_weights(model: ir.Model, report: PassReport, step: str) -> bool:
     """Give ``step`` plain initializers where an earlier step (``lct``) stored weights compactly.
 
     Slicing or training a weight needs it as an initializer; the file then returns to its dense
@@ -189,14 +314,14 @@ def expand_compact_weights(model: ir.Model, report: PassReport, step: str) -> No
     from onnxcompress.sparse_storage import STORED_KEY, expand_stored
 
     if STORED_KEY not in model.metadata_props:
-        return
+        return False
     names = expand_stored(model)
     if names:
-        report.modified = True
         report.notes.append(
             f"{step} expanded {len(names)} weights an earlier step stored compactly, to edit "
             "them; the file is dense again (run lct last to keep it compact)"
         )
+    return bool(names)
 
 
 def parse_options(

@@ -28,6 +28,7 @@ class Canonicalize(CompressionPass):
     """Fold constants and BatchNorm, rewrite dynamic flattens, infer shapes."""
 
     name = "canonicalize"
+    compresses = False
     config_class = CanonicalizeConfig
 
     def run(self, model: ir.Model, report: PassReport) -> None:
@@ -55,6 +56,7 @@ class Simplify(CompressionPass):
     """
 
     name = "simplify"
+    compresses = False
     config_class = SimplifyConfig
 
     def run(self, model: ir.Model, report: PassReport) -> None:

@@ -27,7 +27,7 @@ import fnmatch
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     import torch
 
     from onnxcompress.data import Dataset
+    from onnxcompress.metrics import ModelMetrics
     from onnxcompress.torch_bridge.module import OnnxModule
 
 logger = logging.getLogger(__name__)
@@ -61,6 +62,8 @@ THRESHOLD_STEPS = 60
 EVAL_BATCH = 256
 # An attempt with less training time than this is not started (the budget is spent).
 MIN_ATTEMPT_SECONDS = 1.0
+# The sparsity or MAC fraction reached counts as the target within this much on either side.
+TARGET_TOLERANCE = 0.02
 
 
 @dataclasses.dataclass
@@ -621,6 +624,38 @@ class LayerwiseCompressiveTraining(CompressionPass[LctConfig]):
     name = "lct"
     config_class = LctConfig
     needs_data = True
+    budget_options = ("target_macs", "energy")
+
+    @classmethod
+    def budget_targets(cls, options: Mapping[str, Any]) -> tuple[str, ...]:
+        # Only low-rank factorization saves MACs; sparse weights cost ONNX Runtime the same.
+        lowrank = str(options.get("subspace", "sparse")) == "lowrank"
+        return ("target_macs",) if lowrank else ()
+
+    def check_targets(self, before: ModelMetrics, after: ModelMetrics, report: PassReport) -> None:
+        cfg = self.cfg
+        summary = report.summary
+        why = summary.get("stopped") or (report.declined[-1].reason if report.declined else "")
+        if cfg.subspace == "lowrank" and cfg.target_macs is not None:
+            reached = after.macs / before.macs if before.macs else 1.0
+            report.check_target(
+                "target_macs",
+                cfg.target_macs,
+                reached,
+                tolerance=TARGET_TOLERANCE,
+                reason=why
+                or summary.get("budget_note", "")
+                or "ranks are multiples of round_to and a layer is factorized only when that "
+                "saves min_saving of its MACs",
+            )
+        elif cfg.subspace == "sparse":
+            report.check_target(
+                "sparsity",
+                cfg.sparsity,
+                float(summary.get("candidate_sparsity", 0.0)),
+                tolerance=TARGET_TOLERANCE,
+                reason=why or "stages that broke max_drop were left dense",
+            )
 
     def run(self, model: ir.Model, report: PassReport) -> None:
         from onnxcompress.metrics import model_metrics

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
-from onnxcompress.allocation import GroupPath, allocate
+from onnxcompress.allocation import ExactSavings, GroupPath, allocate
 from onnxcompress.channels import ChannelAnalysis, ChannelGroup, WeightSlice, analyze_channels
 from onnxcompress.errors import PassConfigError
 from onnxcompress.model import drop_resident_external_pages
@@ -66,8 +66,10 @@ class LrfConfig(PassConfig):
             output channels are never removed.
         min_channels: never leave a group with fewer channels than this.
         ridge: relative ridge term of the least-squares fits.
-        tolerance: the result lands within this fraction of the original total of the target
-            (from below by at most this much, from above by a quarter of it).
+        tolerance: the target counts as met when the result lands within this fraction of
+            the original total on either side (below it, the cut spent accuracy nobody asked
+            to spend). When coarse chunks (``round_to`` on narrow groups) cannot land inside,
+            the pass stops at the closest point it finds and says so.
         max_rounds: re-plan at most this many times against the measured total.
     """
 
@@ -129,6 +131,7 @@ class LinearlyReplaceableFilters(CompressionPass[LrfConfig]):
 
     name = "lrf"
     config_class = LrfConfig
+    budget_options = ("target_macs", "target_params", "ratio")
 
     def run(self, model: ir.Model, report: PassReport) -> None:
         from onnxcompress.metrics import model_metrics
@@ -151,8 +154,10 @@ class LinearlyReplaceableFilters(CompressionPass[LrfConfig]):
         errors: dict[int, list[float]] = {}
         rounds = 0
         current = start_total
+        slack = start_total * cfg.tolerance
         while candidates:
-            if target is not None and current <= target + start_total * cfg.tolerance / 4:
+            # Within the tolerance, or past the target (removed channels do not come back).
+            if target is not None and current <= target + slack:
                 break
             if rounds >= (1 if self._per_layer() else cfg.max_rounds):
                 break
@@ -195,6 +200,16 @@ class LinearlyReplaceableFilters(CompressionPass[LrfConfig]):
                     }
                 )
         report.modified = after.macs != before.macs or after.params != before.params
+        if target is not None:
+            option = "target_params" if cfg.target_params is not None else "target_macs"
+            reached = measure(after) / start_total if start_total else 1.0
+            report.check_target(
+                option,
+                float(fraction or 1.0),
+                reached,
+                tolerance=cfg.tolerance,
+                reason=self._miss_reason(reached, float(fraction or 1.0), candidates, rounds),
+            )
         report.summary = {
             "criterion": cfg.criterion,
             "macs_before": before.macs,
@@ -204,11 +219,33 @@ class LinearlyReplaceableFilters(CompressionPass[LrfConfig]):
             "macs_ratio": after.macs / before.macs if before.macs else 1.0,
             "params_ratio": after.params / before.params if before.params else 1.0,
             "target": None if self._per_layer() else fraction,
-            "target_met": target is None or measure(after) <= target + start_total * cfg.tolerance,
+            "target_met": report.targets_met,
             "rounds": rounds,
             "groups_prunable": len(analysis.prunable),
             "groups_frozen": len(analysis.frozen),
         }
+
+    def _miss_reason(
+        self, reached: float, goal: float, candidates: Sequence[ChannelGroup], rounds: int
+    ) -> str:
+        """Why the result is outside the tolerance (read only when it is)."""
+        cfg = self.cfg
+        if reached < goal:
+            return (
+                f"round_to={cfg.round_to} moves whole chunks of channels, and the closest point "
+                "found lies below the target; a smaller round_to lands closer"
+            )
+        if not any(g.size > max(cfg.round_to, self._min_keep(g)) for g in candidates):
+            return (
+                f"no group left can lose a chunk of round_to={cfg.round_to} channels (the rest "
+                "are that narrow, at min_channels, or frozen: the report lists why)"
+            )
+        if rounds >= cfg.max_rounds:
+            return f"max_rounds={cfg.max_rounds} re-plans were not enough"
+        return (
+            f"the next chunk of round_to={cfg.round_to} channels would overshoot the target by "
+            "more than it falls short; a smaller round_to lands closer"
+        )
 
     # -- selection ---------------------------------------------------------------------------
 
@@ -270,8 +307,13 @@ class LinearlyReplaceableFilters(CompressionPass[LrfConfig]):
                     min_keep=self._min_keep(fit.group),
                 )
             )
+        exact = ExactSavings([fit.group for fit in fits], params=cfg.target_params is not None)
         return allocate(
-            paths, current - target, round_to=cfg.round_to, slack=cfg.tolerance * self._start_total
+            paths,
+            current - target,
+            round_to=cfg.round_to,
+            slack=cfg.tolerance * self._start_total,
+            exact=exact,
         )
 
     # -- fitting -----------------------------------------------------------------------------

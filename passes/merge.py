@@ -193,6 +193,7 @@ class MergeSimilarNeurons(LinearlyReplaceableFilters):
 
     name = "merge"
     config_class = MergeConfig
+    budget_options = ("target_macs", "target_params", "ratio", "threshold")
 
     @property
     def cfg(self) -> MergeConfig:

@@ -54,11 +54,14 @@ from onnxcompress.resection import (
 
 if TYPE_CHECKING:
     from onnxcompress.data import Dataset
+    from onnxcompress.metrics import ModelMetrics
 
 logger = logging.getLogger(__name__)
 
 # Logits are compared at this temperature for the significance ranking (plain softmax).
 RANK_TEMPERATURE = 1.0
+# A MAC or parameter fraction counts as the target within this much on either side.
+TARGET_TOLERANCE = 0.02
 # Under a time budget the final distillation is skipped when less than this is left: a
 # run that short ends before its first validation.
 MIN_FINAL_SECONDS = 2.0
@@ -244,6 +247,7 @@ class IncrementalResection(CompressionPass[ResectConfig]):
     """Cut layers and blocks stage by stage, bridging and distilling after each cut."""
 
     name = "resect"
+    budget_options = ("target_layers", "target_macs", "target_params")
     summary_line = "remove residual blocks/layers, bridge shape changes, distill in stages"
     config_class = ResectConfig
     needs_data = True
@@ -392,6 +396,31 @@ class IncrementalResection(CompressionPass[ResectConfig]):
         if t is None:
             return None
         return t * self._before.layers if t < 1 else t
+
+    def check_targets(self, before: ModelMetrics, after: ModelMetrics, report: PassReport) -> None:
+        cfg, summary = self.cfg, report.summary
+        why = str(summary.get("stopped", ""))
+        if why == "target met":
+            why = ""
+        coarse = (
+            "whole blocks and layers go at once: the last stage's cut took the model past the "
+            "target by more than the tolerance (a smaller per_stage, or kinds=layer, cuts finer)"
+        )
+        layers = self._layer_target()
+        if layers is not None and "layers_after" in summary:
+            reached = float(summary["layers_after"])
+            report.check_target(
+                "target_layers", layers, reached, met=reached <= layers, reason=why or coarse
+            )
+        for option, total in (("target_macs", "macs"), ("target_params", "params")):
+            goal = getattr(cfg, option)
+            if goal is None:
+                continue
+            reached = getattr(after, total) / max(getattr(before, total), 1)
+            short = reached > goal + TARGET_TOLERANCE
+            report.check_target(
+                option, goal, reached, tolerance=TARGET_TOLERANCE, reason=why if short else coarse
+            )
 
     def _met(self, size: _Size) -> bool:
         cfg, before = self.cfg, self._before

@@ -236,9 +236,9 @@ def test_stored_weights_expand_back_to_the_decoded_initializers(
     np.testing.assert_array_equal(_run(plain, x, optimize=False), decoded)
     assert expand_stored(plain) == []  # a plain model is left alone
     report = PassReport("lrf", {})
-    expand_compact_weights(model, report, "pass 'lrf'")
-    assert report.modified and "expanded 1 weights" in report.notes[0]
-    expand_compact_weights(model, report, "pass 'lrf'")
+    assert expand_compact_weights(model, report, "pass 'lrf'")
+    assert "expanded 1 weights" in report.notes[0]
+    assert not expand_compact_weights(model, report, "pass 'lrf'")
     assert len(report.notes) == 1
 
 
