@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
-import math
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 

@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import typing
 from collections.abc import Sequence
@@ -391,13 +392,54 @@ def _pass_list() -> str:
     return "; ".join(f"{entry.name} ({entry.summary})" for entry in available_passes())
 
 
+# A checker message longer than this is cut: the warning stays one readable line.
+_MAX_CHECKER_MESSAGE = 240
+
+
+def _checker_failure(path: str) -> str | None:
+    """What ``onnx.checker`` with full shape inference finds wrong in the file, in one line.
+
+    Loading ran the plain checker already; ``full_check`` adds strict shape inference, which
+    catches shapes that contradict each other (a declared shape that inference disagrees with,
+    operands that do not broadcast). Such a model still loads and is counted, so inspect only
+    warns. It does not catch a Conv weight with the wrong input channels: see
+    ``metrics.channel_mismatches``.
+    """
+    import onnx
+
+    try:
+        # Given the path, the checker finds external data beside the model.
+        onnx.checker.check_model(path, full_check=True)
+    except Exception as exc:  # the checker and shape inference raise several unrelated types
+        # "[ShapeInferenceError] Inference error(s): (op_type:Conv, node name: c): [Shape...":
+        # the bracketed class names repeat what the warning says; the rest names the node.
+        text = " ".join(re.sub(r"\[\w*Error\]", " ", str(exc)).split()) or type(exc).__name__
+        if len(text) > _MAX_CHECKER_MESSAGE:
+            text = text[: _MAX_CHECKER_MESSAGE - 3].rstrip() + "..."
+        return text
+    return None
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from onnxcompress.metrics import fix_input_shapes, format_table, model_metrics, symbolic_dims
+    from onnxcompress.metrics import (
+        channel_mismatches,
+        fix_input_shapes,
+        format_table,
+        model_metrics,
+        symbolic_dims,
+        uncounted_ops,
+    )
     from onnxcompress.model import canonicalize, load_model
     from onnxcompress.runtime import parse_shape_overrides
 
     overrides = parse_shape_overrides(args.shape)
     model = load_model(args.model)
+    # Inspect reports what it can: a defect the counts cannot be trusted for is a warning on
+    # stderr (and in the JSON), the exit code stays 0; an unreadable file failed above (exit 2).
+    warnings = []
+    failure = _checker_failure(args.model)
+    if failure is not None:
+        warnings.append(f"{args.model} fails onnx.checker: {failure}")
     if overrides:
         fix_input_shapes(model, overrides, args.model)
     if not args.raw:
@@ -409,10 +451,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     metrics = model_metrics(model, batch=args.batch, file_size=Path(args.model).stat().st_size)
+    warnings += [f"{args.model}: {found.message()}" for found in channel_mismatches(model)]
+    warnings += [op.message() for op in uncounted_ops(model)]
     if args.json:
-        print(json.dumps(metrics.as_dict(), indent=2))
+        print(json.dumps({**metrics.as_dict(), "warnings": warnings}, indent=2))
     else:
         print(format_table(metrics))
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     return EXIT_OK
 
 

@@ -19,6 +19,11 @@ publish leave them out, so ours can be compared with those. Parameters are the e
 the float initializers and float Constant nodes (float16, bfloat16, float, double and the float8
 formats); integer tensors such as Reshape targets are not parameters. An initializer shared by
 several nodes counts once.
+
+What the counter cannot count, :func:`uncounted_ops` lists: ops outside the default ONNX domain
+(their semantics are unknown here) and default-domain ops that multiply-accumulate but are not
+modelled (``UNCOUNTED_COMPUTE_OPS``); both count 0 MACs. :func:`channel_mismatches` lists the
+convolutions whose weight does not fit their input, a defect ONNX's checker lets through.
 """
 
 from __future__ import annotations
@@ -35,6 +40,25 @@ logger = logging.getLogger(__name__)
 
 # The ops whose MACs are counted; every other op contributes 0 and is not listed as a layer.
 COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+# Default-domain ops that multiply-accumulate like the counted ones but whose MACs are not
+# modelled (quantized, deformable and recurrent layers, Einsum, attention, Fourier transforms):
+# they count 0, so a model that uses them is understated.
+UNCOUNTED_COMPUTE_OPS = frozenset(
+    {
+        "ConvInteger",
+        "QLinearConv",
+        "DeformConv",
+        "MatMulInteger",
+        "QLinearMatMul",
+        "Einsum",
+        "RNN",
+        "GRU",
+        "LSTM",
+        "Attention",
+        "DFT",
+        "STFT",
+    }
+)
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 # Node names from exporters can be very long paths; the table keeps their informative tail.
 _MAX_NAME_WIDTH = 48
@@ -456,6 +480,121 @@ def model_metrics(model: ir.Model, *, batch: int = 1, file_size: int | None = No
         file_size=file_size,
         batch=batch,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# What the counts cannot be trusted for
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class UncountedOp:
+    """An op whose MACs the counter cannot count: they are taken as 0.
+
+    Attributes:
+        op: the op type.
+        domain: the op's domain, ``""`` for the default ONNX domain.
+        nodes: how many nodes run it (subgraphs included).
+    """
+
+    op: str
+    domain: str
+    nodes: int
+
+    def message(self) -> str:
+        nodes = f"{self.nodes} node" + ("" if self.nodes == 1 else "s")
+        return (
+            f"{self.op} in domain {self.domain or 'ai.onnx'} is not counted "
+            f"({nodes}, taken as 0 MACs)"
+        )
+
+
+def uncounted_ops(model: ir.Model) -> list[UncountedOp]:
+    """The ops whose MACs :func:`model_metrics` cannot count, each (op, domain) once.
+
+    Those are every op outside the default ONNX domain (custom ops, calls of model-local
+    functions: whatever they compute is unknown here) and the default-domain ops in
+    ``UNCOUNTED_COMPUTE_OPS``. Ops with no MACs by this module's definition (activations,
+    pooling, normalization, elementwise and shape ops) are not listed.
+    """
+    counts: dict[tuple[str, str], int] = {}
+    for node in model.graph.all_nodes():
+        if node.domain in _DEFAULT_DOMAINS:
+            if node.op_type not in UNCOUNTED_COMPUTE_OPS:
+                continue
+            key = (node.op_type, "")
+        else:
+            key = (node.op_type, node.domain)
+        counts[key] = counts.get(key, 0) + 1
+    return [UncountedOp(op, domain, nodes) for (op, domain), nodes in counts.items()]
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelMismatch:
+    """A convolution whose weight takes a different number of input channels than it gets.
+
+    ONNX's Conv shape inference does not compare the two, so ``onnx.checker`` (even with
+    ``full_check``) passes such a model; ONNX Runtime refuses to run it. Its MACs are counted
+    from the weight, for a layer that cannot run.
+
+    Attributes:
+        node: the node's name, as in :class:`LayerMetrics`.
+        op: ``Conv`` or ``ConvTranspose``.
+        input_channels: channels of the input tensor.
+        weight_channels: input channels the weight and ``group`` take.
+    """
+
+    node: str
+    op: str
+    input_channels: int
+    weight_channels: int
+
+    def message(self) -> str:
+        return (
+            f"{self.op} {self.node!r} gets {self.input_channels} input channels but its weight "
+            f"takes {self.weight_channels} (ONNX Runtime will refuse to run it); "
+            "its MACs are counted from the weight"
+        )
+
+
+def _static_dims(value: ir.Value | None) -> tuple[int, ...] | None:
+    """The dims of a value when all of them are known numbers, else None."""
+    if value is None:
+        return None
+    if value.const_value is not None:
+        return tuple(int(d) for d in value.const_value.shape.numpy())
+    if value.shape is None:
+        return None
+    dims = tuple(d for d in value.shape if isinstance(d, int))
+    return dims if len(dims) == len(value.shape) else None
+
+
+def channel_mismatches(model: ir.Model) -> list[ChannelMismatch]:
+    """Conv/ConvTranspose nodes whose input channel count disagrees with their weight.
+
+    Reads the shapes on the values: run it after :func:`model_metrics` (or shape inference).
+    Nodes whose input channels or weight shape are unknown are not judged.
+    """
+    found = []
+    for index, node in enumerate(_compute_nodes(model)):
+        if node.op_type not in ("Conv", "ConvTranspose") or len(node.inputs) < 2:
+            continue
+        x = node.inputs[0]
+        weight = _static_dims(node.inputs[1])
+        if x is None or x.shape is None or len(x.shape) < 2 or not weight or len(weight) < 2:
+            continue
+        got = x.shape[1]
+        if not isinstance(got, int):
+            continue
+        # Conv weights are (Cout, Cin/groups, k...); ConvTranspose weights (Cin, Cout/groups, k...).
+        if node.op_type == "ConvTranspose":
+            takes = weight[0]
+        else:
+            takes = weight[1] * _int_attr(node, "group", 1)
+        if got != takes:
+            name = node.name or f"{node.op_type}_{index}"
+            found.append(ChannelMismatch(name, node.op_type, got, takes))
+    return found
 
 
 # ---------------------------------------------------------------------------------------------

@@ -62,6 +62,7 @@ def test_a_chunk_that_overshoots_past_the_slack_is_given_back_when_short_is_clos
 def test_exact_savings_decide_where_per_channel_estimates_double_count() -> None:
     """Two groups whose channels share one weight: each estimate counts the shared weight's
     crossing elements, so the sum overstates the plan; the exact count says it falls short."""
+
     def exact(plan: dict[int, int]) -> float:  # a 10x10 weight: rows and columns of a and b
         return 100.0 - (10 - plan.get(0, 0)) * (10 - plan.get(1, 0))
 

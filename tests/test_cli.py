@@ -237,3 +237,96 @@ def test_inspect_bad_shape_is_a_user_error(
     path = _dynamic_hw_conv(tmp_path / "dynamic.onnx")
     code, _, err = run_cli(["inspect", str(path), "--shape", shape], capsys)
     assert_user_error(code, err, fragment)
+
+
+def _conv_model(
+    path: Path,
+    *,
+    weight_in_channels: int = 3,
+    declared_out_channels: int = 4,
+    custom_op: bool = False,
+) -> Path:
+    """x[1, 3, 8, 8] -> Conv 3x3 (weight 4 x weight_in_channels) -> Relu or a custom op -> y."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.ones((4, weight_in_channels, 3, 3), np.float32), "w")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv")]
+    opsets = [helper.make_opsetid("", 17)]
+    if custom_op:
+        nodes.append(helper.make_node("Fancy", ["c"], ["y"], name="fancy", domain="com.example"))
+        opsets.append(helper.make_opsetid("com.example", 1))
+    else:
+        nodes.append(helper.make_node("Relu", ["c"], ["y"], name="relu"))
+    graph = helper.make_graph(
+        nodes,
+        "conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, declared_out_channels, 6, 6])],
+        initializer=[weight],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=opsets, ir_version=10), str(path))
+    return path
+
+
+def _warnings(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("warning: ")]
+
+
+def test_inspect_warns_about_a_conv_weight_that_does_not_fit_its_input(
+    tmp_path: Path, capsys
+) -> None:
+    # onnx.checker (full_check included) passes this model; ONNX Runtime refuses to run it.
+    path = _conv_model(tmp_path / "bad_channels.onnx", weight_in_channels=5)
+    code, out, err = run_cli(["inspect", str(path)], capsys)
+    assert code == 0
+    assert "conv" in out and "Conv" in out and "MACs" in out  # the table is still printed
+    assert _warnings(err) == [
+        f"warning: {path}: Conv 'conv' gets 3 input channels but its weight takes 5 "
+        "(ONNX Runtime will refuse to run it); its MACs are counted from the weight"
+    ]
+    code, out, err = run_cli(["inspect", str(path), "--json"], capsys)
+    assert code == 0
+    data = json.loads(out)
+    assert data["layers"][0]["node"] == "conv"
+    assert [f"warning: {w}" for w in data["warnings"]] == _warnings(err)
+
+
+def test_inspect_warns_about_an_op_it_cannot_count(tmp_path: Path) -> None:
+    """Through the console entry, in a process of its own: exit code, stdout and stderr."""
+    path = _conv_model(tmp_path / "custom.onnx", custom_op=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "onnxcompress.cli", "inspect", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "conv" in result.stdout and "MACs" in result.stdout
+    assert _warnings(result.stderr) == [
+        "warning: Fancy in domain com.example is not counted (1 node, taken as 0 MACs)"
+    ]
+    assert "Traceback" not in result.stderr
+
+
+def test_inspect_warns_when_the_full_checker_fails(tmp_path: Path, capsys) -> None:
+    # The output is declared with 5 channels; Conv and Relu make 4: strict shape inference objects.
+    path = _conv_model(tmp_path / "contradicts.onnx", declared_out_channels=5)
+    code, out, err = run_cli(["inspect", str(path), "--json"], capsys)
+    assert code == 0
+    assert json.loads(out)["layers"][0]["op"] == "Conv"
+    (warning,) = _warnings(err)
+    assert warning.startswith(f"warning: {path} fails onnx.checker: ")
+    assert "node name: relu" in warning and "(4) vs (5)" in warning
+    assert "[ShapeInferenceError]" not in warning and "\n" not in warning
+
+
+def test_inspect_of_a_clean_model_warns_about_nothing(tmp_path: Path, capsys) -> None:
+    path = _conv_model(tmp_path / "clean.onnx")
+    code, out, err = run_cli(["inspect", str(path)], capsys)
+    assert code == 0 and "conv" in out
+    assert err == ""
+    code, out, err = run_cli(["inspect", str(path), "--json"], capsys)
+    assert code == 0 and err == ""
+    assert json.loads(out)["warnings"] == []

@@ -33,10 +33,6 @@ from onnxcompress.data import (
 )
 from onnxcompress.errors import DataError
 
-# The project's shared data lives next to the checkout (see ../shared/data/README.md).
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-MNIST_DIR = SHARED / "mnist"
-CIFAR_ARCHIVE = SHARED / "cifar10-jpeg.tar.gz"
 # Label counts of the MNIST t10k set, a fixed property of the published files.
 MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 CIFAR_CLASSES = [
@@ -229,15 +225,8 @@ def test_mnist_bad_files(tmp_path: Path) -> None:
     _raises(f"mnist:{tmp_path / 'nowhere'}", "no such file or folder")
 
 
-needs_mnist = pytest.mark.skipif(
-    not (MNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file(),
-    reason=f"real MNIST files not found in {MNIST_DIR}",
-)
-
-
-@needs_mnist
-def test_mnist_real(tmp_path: Path) -> None:
-    ds = load_dataset(f"mnist:{MNIST_DIR}")
+def test_mnist_real(mnist_dir: Path, tmp_path: Path) -> None:
+    ds = load_dataset(f"mnist:{mnist_dir}")
     assert ds.x.shape == (10000, 1, 28, 28)
     assert ds.x.min() == 0.0 and ds.x.max() == 1.0
     np.testing.assert_allclose(ds.x * 255, np.round(ds.x * 255), atol=1e-3)
@@ -247,14 +236,14 @@ def test_mnist_real(tmp_path: Path) -> None:
 
     # The same files, decompressed, load identically.
     for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
-        with gzip.open(MNIST_DIR / f"{name}.gz", "rb") as src:
+        with gzip.open(mnist_dir / f"{name}.gz", "rb") as src:
             (tmp_path / name).write_bytes(src.read())
     plain = load_dataset(f"mnist:{tmp_path}")
     np.testing.assert_array_equal(plain.x, ds.x)
     np.testing.assert_array_equal(plain.y, ds.y)
 
     # The benchmark convention: the last 2,000 images, normalised to [-1, 1].
-    evaluation = load_dataset(f"mnist:{MNIST_DIR}[8000:]?mean=0.5&std=0.5")
+    evaluation = load_dataset(f"mnist:{mnist_dir}[8000:]?mean=0.5&std=0.5")
     assert len(evaluation) == 2000
     np.testing.assert_allclose(evaluation.x, (ds.x[8000:] - 0.5) / 0.5, atol=1e-6)
     assert evaluation.x.min() == -1.0 and evaluation.x.max() == 1.0
@@ -741,11 +730,12 @@ def test_archive_caps_and_garbage(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not CIFAR_ARCHIVE.is_file(), reason=f"{CIFAR_ARCHIVE} not found")
-def test_cifar_evaluation_half(tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_cifar_evaluation_half(
+    cifar_archive: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     cache = tmp_path_factory.mktemp("cifar-cache")
     norm = "mean=0.485,0.456,0.406&std=0.229,0.224,0.225"
-    spec = f"folder:{CIFAR_ARCHIVE}/cifar10-jpeg/test?per_class=500:1000&{norm}"
+    spec = f"folder:{cifar_archive}/cifar10-jpeg/test?per_class=500:1000&{norm}"
     started = time.perf_counter()
     ds = load_dataset(spec, cache_dir=cache)
     elapsed = time.perf_counter() - started
@@ -754,7 +744,7 @@ def test_cifar_evaluation_half(tmp_path_factory: pytest.TempPathFactory) -> None
     assert ds.y is not None and np.bincount(ds.y).tolist() == [500] * 10
     assert fit_to_input(ds, ["batch", 3, 32, 32]) is ds
 
-    tree = data.extract_archive(CIFAR_ARCHIVE, cache, inside=("cifar10-jpeg", "test"))
+    tree = data.extract_archive(cifar_archive, cache, inside=("cifar10-jpeg", "test"))
     test_dir = tree / "cifar10-jpeg" / "test"
     for label, image_name in [(0, "0500.jpg"), (9, "0999.jpg")]:
         index = label * 500 + (0 if image_name == "0500.jpg" else 499)
@@ -766,7 +756,7 @@ def test_cifar_evaluation_half(tmp_path_factory: pytest.TempPathFactory) -> None
 
     # The calibration half is the other 500 files of each class, from the same cache.
     calibration = load_dataset(
-        f"folder:{CIFAR_ARCHIVE}/cifar10-jpeg/test[:3]?per_class=0:500&{norm}", cache_dir=cache
+        f"folder:{cifar_archive}/cifar10-jpeg/test[:3]?per_class=0:500&{norm}", cache_dir=cache
     )
     assert calibration.y is not None and calibration.y.tolist() == [0, 0, 0]
     assert not np.allclose(calibration.x[0], ds.x[0])

@@ -18,11 +18,15 @@ import onnx_ir as ir
 import pytest
 
 from onnxcompress.metrics import (
+    ChannelMismatch,
     ModelMetrics,
+    UncountedOp,
+    channel_mismatches,
     count_params,
     format_table,
     model_metrics,
     node_macs,
+    uncounted_ops,
 )
 from onnxcompress.model import canonicalize, infer_shapes, load_model
 
@@ -256,6 +260,70 @@ def test_other_ops_count_zero_and_are_not_listed() -> None:
     assert "no Conv" in format_table(metrics)
 
 
+def test_uncounted_ops_lists_custom_domains_and_unmodelled_compute_once() -> None:
+    nodes = [
+        oh.make_node("Fancy", ["x"], ["f1"], name="f1", domain="com.example"),
+        oh.make_node("Fancy", ["f1"], ["f2"], name="f2", domain="com.example"),
+        oh.make_node("Relu", ["f2"], ["r"], name="relu"),
+        oh.make_node("Einsum", ["r", "r"], ["y"], name="einsum", equation="nchw,nchw->nc"),
+    ]
+    graph = oh.make_graph(
+        nodes,
+        "g",
+        [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 4, 4])],
+        [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+    )
+    opsets = [oh.make_opsetid("", 17), oh.make_opsetid("com.example", 1)]
+    model = ir.serde.deserialize_model(oh.make_model(graph, opset_imports=opsets, ir_version=10))
+    found = uncounted_ops(model)
+    # Relu has no MACs by definition: not listed; the two Fancy nodes are one entry.
+    assert found == [UncountedOp("Fancy", "com.example", 2), UncountedOp("Einsum", "", 1)]
+    assert found[0].message() == (
+        "Fancy in domain com.example is not counted (2 nodes, taken as 0 MACs)"
+    )
+    assert found[1].message().startswith("Einsum in domain ai.onnx is not counted (1 node,")
+
+
+def test_channel_mismatches_find_a_weight_that_does_not_fit_its_input() -> None:
+    model = _model(
+        [
+            # 8 channels in; weight (6, 4) with group 2 takes 8: fits.
+            oh.make_node("Conv", ["x", "w_ok"], ["a"], name="grouped", group=2),
+            # 6 channels in; a weight (4, 5) takes 5: does not fit.
+            oh.make_node("Conv", ["a", "w_bad"], ["b"], name="bad"),
+            # 4 channels in; ConvTranspose weight (3, 2) takes 3: does not fit.
+            oh.make_node("ConvTranspose", ["b", "w_up"], ["y"]),
+        ],
+        [("x", [1, 8, 9, 9])],
+        ["y"],
+        [
+            _weight("w_ok", (6, 4, 1, 1)),
+            _weight("w_bad", (4, 5, 1, 1)),
+            _weight("w_up", (3, 2, 2, 2)),
+        ],
+    )
+    assert channel_mismatches(model) == [
+        ChannelMismatch("bad", "Conv", 6, 5),
+        ChannelMismatch("ConvTranspose_2", "ConvTranspose", 4, 3),
+    ]
+    # The layer table names the unnamed node the same way.
+    assert model_metrics(model).layers[2].node == "ConvTranspose_2"
+
+
+def test_a_well_formed_model_has_nothing_uncounted_or_mismatched() -> None:
+    model = _model(
+        [
+            oh.make_node("Conv", ["x", "w"], ["c"], name="conv", group=2),
+            oh.make_node("Relu", ["c"], ["r"], name="relu"),
+            oh.make_node("ConvTranspose", ["r", "up"], ["y"], name="up"),
+        ],
+        [("x", ["N", 4, 6, 6])],
+        ["y"],
+        [_weight("w", (6, 2, 3, 3)), _weight("up", (6, 2, 2, 2))],
+    )
+    assert uncounted_ops(model) == [] and channel_mismatches(model) == []
+
+
 def test_model_metrics_infers_missing_shapes() -> None:
     graph = oh.make_graph(
         [
@@ -386,3 +454,6 @@ def test_torchvision_totals_match_published(arch: str, exporter: str, zoo_dir: P
     # The batch axis is symbolic, so MACs scale with the batch asked for.
     assert model_metrics(canonical, batch=4).macs == 4 * canonical_metrics.macs
     assert isinstance(raw_metrics, ModelMetrics)
+    # Real exports hold nothing the counter cannot count and no mis-sized weight.
+    assert uncounted_ops(raw) == [] and uncounted_ops(canonical) == []
+    assert channel_mismatches(raw) == [] and channel_mismatches(canonical) == []
