@@ -28,14 +28,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import harness
 
-from onnxcompress.channels import analyze_channels
 from onnxcompress.data import Dataset, load_dataset
 from onnxcompress.evaluate import accuracy
+from onnxcompress.graph.channels import analyze_channels
+from onnxcompress.graph.surgery import remove_channels
 from onnxcompress.metrics import model_metrics
 from onnxcompress.model import canonicalize, clone_model, load_model
 from onnxcompress.passes import REGISTRY, create_pass
 from onnxcompress.passes.base import PassContext
-from onnxcompress.surgery import remove_channels
 
 logger = logging.getLogger(__name__)
 

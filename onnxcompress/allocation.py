@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import logging
-import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -47,6 +46,7 @@ def allocate(
     *,
     round_to: int = 1,
     slack: float = float("inf"),
+    shortfall: float = 0.0,
     exact: Callable[[Mapping[int, int]], float] | None = None,
 ) -> dict[int, int]:
     """How many channels each group removes so that savings reach ``needed``.
@@ -60,6 +60,7 @@ def allocate(
             then come in chunks: first down to a multiple, then ``round_to`` at a time, each
             chunk priced by its most expensive channel. Groups of at most ``round_to``
             channels are left alone.
+        shortfall: savings this far short of ``needed`` are enough (a tolerance below it).
         slack: how far past ``needed`` the savings may land. Beyond it, chunks are given back
             while the goal stays met, then while that lands closer to the goal (short of it).
         exact: the savings of a whole plan (``{key: channels removed}``), for instance
@@ -104,24 +105,24 @@ def allocate(
     def without(key: int) -> dict[int, int]:
         return {**taken, key: taken[key] - 1}
 
-    # Within the slack on either side is as good as the goal (a finite slack is a tolerance).
-    enough = needed - slack if math.isfinite(slack) else needed
+    enough = needed - shortfall
     estimate = 0.0
-    while heap:
+    settled = False
+    while heap and not settled:
         # The cheap running estimate leads; the exact count (when given) has the last word.
         if estimate >= enough and (exact is None or savings(taken) >= enough):
             break
         _, key, index = heap[0]
         if estimate + _chunk_gain(chunks[key], index, by_key[key].saving) > needed + slack:
             # The cheapest next chunk overshoots: another group's next chunk may land within
-            # the slack; the cheapest of those (per MAC) goes first instead.
-            landing = [
-                entry
-                for entry in heap
-                if abs(savings({**taken, entry[1]: entry[2]}) - needed) <= slack
-            ]
-            if landing:
-                _, key, index = chosen = min(landing)
+            # the slack (best: at least ``enough``; else short of it but within the slack,
+            # which ends the search); the cheapest of those (per MAC) goes first instead.
+            after = {entry: savings({**taken, entry[1]: entry[2]}) for entry in heap}
+            preferred = [e for e, s in after.items() if enough <= s <= needed + slack]
+            near = [e for e, s in after.items() if abs(s - needed) <= slack]
+            if preferred or near:
+                _, key, index = chosen = min(preferred or near)
+                settled = not preferred
                 heap.remove(chosen)
                 heapq.heapify(heap)
             else:
@@ -132,30 +133,23 @@ def allocate(
         taken[key] = index
         if index + 1 < len(chunks[key]):
             heapq.heappush(heap, (chunks[key][index + 1][1] / by_key[key].saving, key, index + 1))
-    saved = savings(taken)
-    # Coarse chunks can overshoot the goal. Rather than skipping the cheap coarse chunk for an
-    # expensive fine one, give back the costliest last chunks while the goal stays met.
-    while saved > needed + slack:
-        undo = [
-            (chunks[key][index][1], key, after)
-            for key, index in taken.items()
-            if (after := savings(without(key))) >= needed
-        ]
-        if not undo:
+
+    # Coarse chunks can land far from the goal. Give chunks back, one at a time, while that
+    # lands better: within [enough, needed + slack] is best; then within the slack on either
+    # side; then closer. An overshoot spends accuracy nobody asked to spend. Among equally good
+    # give-backs the costliest chunk goes back (the cheap coarse chunk stays, fine ones go).
+    def rank(state: Mapping[int, int]) -> tuple[int, float]:
+        saved = savings(state)
+        if enough <= saved <= needed + slack:
+            return (0, 0.0)
+        return (1 if abs(saved - needed) <= slack else 2, abs(saved - needed))
+
+    current = rank(taken)
+    while taken and current != (0, 0.0):
+        best, _, key = min((rank(without(k)), -chunks[k][taken[k]][1], k) for k in taken)
+        if best >= current:
             break
-        _, key, saved = max(undo)
-        taken = _shrunk(without(key))
-    # Still past the goal by more than the slack: give a chunk back when that lands closer to
-    # the goal, short of it. An overshoot spends accuracy nobody asked to spend; a caller that
-    # re-plans against the measured total can still approach the goal from above.
-    while saved > needed + slack and taken:
-        options = [(savings(without(key)), key) for key in taken]
-        distance, _, key, after = min(
-            (abs(after - needed), -chunks[key][taken[key]][1], key, after) for after, key in options
-        )
-        if distance >= saved - needed:
-            break
-        saved, taken = after, _shrunk(without(key))
+        taken, current = _shrunk(without(key)), best
     return plan(taken)
 
 

@@ -28,8 +28,14 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcompress.allocation import ExactSavings, GroupPath, allocate
-from onnxcompress.channels import ChannelAnalysis, ChannelGroup, WeightSlice, analyze_channels
 from onnxcompress.errors import PassConfigError
+from onnxcompress.graph.channels import (
+    ChannelAnalysis,
+    ChannelGroup,
+    WeightSlice,
+    analyze_channels,
+)
+from onnxcompress.graph.surgery import fold_compensation, remove_channels
 from onnxcompress.model import drop_resident_external_pages
 from onnxcompress.passes.base import CompressionPass, PassConfig, PassReport, check_fraction
 from onnxcompress.replaceability import (
@@ -38,7 +44,6 @@ from onnxcompress.replaceability import (
     compensation,
     greedy_removal_views,
 )
-from onnxcompress.surgery import fold_compensation, remove_channels
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +73,9 @@ class LrfConfig(PassConfig):
         ridge: relative ridge term of the least-squares fits.
         tolerance: the target counts as met when the result lands within this fraction of
             the original total on either side (below it, the cut spent accuracy nobody asked
-            to spend). When coarse chunks (``round_to`` on narrow groups) cannot land inside,
-            the pass stops at the closest point it finds and says so.
+            to spend). The pass aims at the target from above, stopping within a quarter of
+            the tolerance; when coarse chunks (``round_to`` on narrow groups) cannot land that
+            near, it stops at the closest point it finds and says so when that is outside.
         max_rounds: re-plan at most this many times against the measured total.
     """
 
@@ -154,10 +160,12 @@ class LinearlyReplaceableFilters(CompressionPass[LrfConfig]):
         errors: dict[int, list[float]] = {}
         rounds = 0
         current = start_total
-        slack = start_total * cfg.tolerance
         while candidates:
-            # Within the tolerance, or past the target (removed channels do not come back).
-            if target is not None and current <= target + slack:
+            # Close enough from above (a quarter of the tolerance: "at most the target" is what
+            # a budget usually means), or past it (removed channels do not come back). Landing
+            # anywhere within the tolerance on either side counts as meeting the target; the
+            # allocator picks the closest point when chunks cannot land that near.
+            if target is not None and current <= target + start_total * cfg.tolerance / 4:
                 break
             if rounds >= (1 if self._per_layer() else cfg.max_rounds):
                 break
@@ -313,6 +321,7 @@ class LinearlyReplaceableFilters(CompressionPass[LrfConfig]):
             current - target,
             round_to=cfg.round_to,
             slack=cfg.tolerance * self._start_total,
+            shortfall=cfg.tolerance * self._start_total / 4,
             exact=exact,
         )
 
@@ -356,7 +365,7 @@ class LinearlyReplaceableFilters(CompressionPass[LrfConfig]):
             return [View(gram, np.zeros((group.size, group.size)), [])]
         views = []
         for slices in by_tensor.values():
-            rows = outgoing_rows(group, slices)
+            rows = group.slice_matrix(slices)
             views.append(View(gram, rows @ rows.T, slices))
         return views
 
@@ -381,7 +390,7 @@ class LinearlyReplaceableFilters(CompressionPass[LrfConfig]):
             (g.id, n): np.zeros((g.size + 1, g.size + 1)) for g in groups for n in readers[g.id]
         }
         positions = {
-            (g.id, n): g.positions(slices[0].tensor)
+            (g.id, n): (g.positions(slices[0].tensor), g.axis(slices[0].tensor))
             for g in groups
             for n, slices in readers[g.id].items()
         }
@@ -389,8 +398,8 @@ class LinearlyReplaceableFilters(CompressionPass[LrfConfig]):
         for start in range(0, len(x), batch):
             outputs = session.run(names, {input_name: x[start : start + batch]})
             arrays = dict(zip(names, outputs, strict=True))
-            for key, pos in positions.items():
-                samples = _channel_samples(arrays[key[1]], pos)
+            for key, (pos, axis) in positions.items():
+                samples = _channel_samples(arrays[key[1]], pos, axis)
                 augmented = np.concatenate([samples, np.ones((samples.shape[0], 1))], axis=1)
                 grams[key] += augmented.T @ augmented
         views: dict[int, list[View]] = {}
@@ -402,7 +411,7 @@ class LinearlyReplaceableFilters(CompressionPass[LrfConfig]):
                 else [View(np.eye(group.size + 1), np.zeros((group.size, group.size)), [])]
             )
             for name, slices in readers[group.id].items():
-                rows = outgoing_rows(group, slices)
+                rows = group.slice_matrix(slices)
                 views[group.id].append(View(grams[(group.id, name)], rows @ rows.T, slices))
         return views
 
@@ -445,23 +454,15 @@ def consumers_by_tensor(group: ChannelGroup) -> dict[str, list[WeightSlice]]:
     return by_tensor
 
 
-def outgoing_rows(group: ChannelGroup, slices: Sequence[WeightSlice]) -> np.ndarray:
-    """Outgoing weights of each channel over ``slices``, one row per channel (float64)."""
-    blocks = [np.zeros((group.size, 0))]
-    for ws in slices:
-        rows = group.positions(ws.tensor)
-        moved = np.moveaxis(ws.array(), ws.axis, 0)
-        blocks.append(moved[rows].reshape(group.size, -1).astype(np.float64))
-    return np.concatenate(blocks, axis=1)
+def _channel_samples(array: np.ndarray, positions: np.ndarray, axis: int) -> np.ndarray:
+    """Rows = samples × positions × other axes, columns = the group's channels (float64).
 
-
-def _channel_samples(array: np.ndarray, positions: np.ndarray) -> np.ndarray:
-    """Rows = samples × positions × spatial, columns = the group's channels (float64).
-
-    ``positions[i]`` lists channel ``i``'s places on axis 1 (several after a Flatten, where
-    channel i owns a block of columns: each block position is paired across channels).
+    ``positions[i]`` lists channel ``i``'s places on the channel ``axis`` (several after a
+    Flatten, where channel i owns a block of columns: each block position is paired across
+    channels).
     """
     size, multiplicity = positions.shape
+    array = np.moveaxis(array, axis, 1)
     taken = np.take(array, positions.reshape(-1), axis=1)
     shaped = taken.reshape(array.shape[0], size, multiplicity, *array.shape[2:])
     moved = np.moveaxis(shaped, 1, -1)

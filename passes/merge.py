@@ -44,8 +44,9 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from onnxcompress.channels import ChannelGroup, WeightSlice
 from onnxcompress.errors import PassConfigError
+from onnxcompress.graph.channels import ChannelGroup, WeightSlice
+from onnxcompress.graph.surgery import fold_compensation, remove_channels
 from onnxcompress.passes.base import PassReport
 from onnxcompress.passes.lrf import (
     GroupFit,
@@ -53,10 +54,8 @@ from onnxcompress.passes.lrf import (
     LrfConfig,
     View,
     consumers_by_tensor,
-    outgoing_rows,
 )
 from onnxcompress.replaceability import RemovalPlan
-from onnxcompress.surgery import fold_compensation, remove_channels
 
 logger = logging.getLogger(__name__)
 
@@ -248,9 +247,9 @@ class MergeSimilarNeurons(LinearlyReplaceableFilters):
         if not self.cfg.scale_aware or group.params or not group.homogeneous_path:
             mode: Mode = "unit"
             # Identical channels need identical per-channel parameters on the way too
-            # (outgoing_rows reads any slices of the group, one row per channel).
+            # (slice_matrix reads any slices of the group, one row per channel).
             filters = np.concatenate(
-                [group.producer_matrix(include_bias=True), outgoing_rows(group, group.params)],
+                [group.producer_matrix(include_bias=True), group.slice_matrix(group.params)],
                 axis=1,
             )
         elif group.linear_path:
@@ -265,7 +264,7 @@ class MergeSimilarNeurons(LinearlyReplaceableFilters):
         relations, views = [], []
         by_tensor = consumers_by_tensor(group) or {"": []}
         for slices in by_tensor.values():
-            outgoing = outgoing_rows(group, slices)
+            outgoing = group.slice_matrix(slices)
             outgoing_gram = outgoing @ outgoing.T
             energy = float(np.sum(outgoing_gram * moments)) or 1.0
             weight = np.diag(outgoing_gram) / energy

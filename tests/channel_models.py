@@ -364,6 +364,53 @@ def shared_weights() -> ir.Model:
 
 
 # ---------------------------------------------------------------------------------------------
+# Graphs that move the channel axis (Transpose to channels-last and back)
+# ---------------------------------------------------------------------------------------------
+
+
+def channels_last() -> ir.Model:
+    """conv -> Transpose to NHWC -> per-channel Mul/Add on the last axis -> Relu -> back -> conv."""
+    net = Net(16)
+    x = image_input(net)
+    h = net.conv(x, 3, 6)
+    nhwc = net.op("Transpose", [h], perm=[0, 2, 3, 1])
+    h = net.op("Mul", [nhwc, net.const(np.abs(net.weight(6)) + 0.5)])
+    h = net.relu(net.op("Add", [h, net.const(net.weight(6, scale=0.1))]))
+    nchw = net.op("Transpose", [h], perm=[0, 3, 1, 2])
+    return net.build([net.head(net.relu(net.conv(nchw, 6, 4)), 4)])
+
+
+def channels_last_head() -> ir.Model:
+    """A tf2onnx-style head: NHWC features averaged over H and W by ReduceMean, then a Gemm."""
+    net = Net(17)
+    x = image_input(net)
+    h = net.relu(net.conv(x, 3, 6))
+    nhwc = net.op("Transpose", [h], perm=[0, 2, 3, 1])
+    pooled = net.op("ReduceMean", [nhwc], axes=[1, 2], keepdims=0)
+    return net.build([net.gemm(pooled, 6, 5)])
+
+
+def channels_last_misread() -> ir.Model:
+    """A Conv and a MaxPool read an NHWC tensor as NCHW (they take its H axis for channels)."""
+    net = Net(18)
+    x = image_input(net, 3, 8)
+    feat = net.relu(net.conv(x, 3, 8))
+    nhwc = net.op("Transpose", [feat], perm=[0, 2, 3, 1])
+    conv = net.relu(net.conv(nhwc, 8, 4))
+    pooled = net.op("MaxPool", [nhwc], kernel_shape=[2, 2], strides=[2, 2])
+    return net.build([net.head(conv, 4), net.head(pooled, 8)])
+
+
+def spatial_transpose() -> ir.Model:
+    """A Transpose that swaps H and W leaves the channels on axis 1."""
+    net = Net(19)
+    x = image_input(net)
+    h = net.relu(net.conv(x, 3, 6))
+    h = net.op("Transpose", [h], perm=[0, 1, 3, 2])
+    return net.build([net.head(net.relu(net.conv(h, 6, 4)), 4)])
+
+
+# ---------------------------------------------------------------------------------------------
 # Models with one exactly replaceable channel (for compensation tests)
 # ---------------------------------------------------------------------------------------------
 
@@ -440,6 +487,15 @@ BUILDERS: dict[str, Callable[[], ir.Model]] = {
     "unknown_op": unknown_op,
     "odd_reshape": odd_reshape,
     "shared_weights": shared_weights,
+}
+
+# Kept apart from BUILDERS (which every pass's generic tests run on): the channel analysis and
+# surgery cover these.
+CHANNEL_AXIS_BUILDERS: dict[str, Callable[[], ir.Model]] = {
+    "channels_last": channels_last,
+    "channels_last_head": channels_last_head,
+    "channels_last_misread": channels_last_misread,
+    "spatial_transpose": spatial_transpose,
 }
 
 # The structures every channel pass must shrink while keeping the model valid.

@@ -77,9 +77,9 @@ def test_exact_savings_decide_where_per_channel_estimates_double_count() -> None
 
 @pytest.mark.parametrize("name", sorted(cm.BUILDERS))
 def test_exact_savings_equal_the_measured_macs_and_params_of_a_cut(name: str) -> None:
-    from onnxcompress.channels import analyze_channels
+    from onnxcompress.graph.channels import analyze_channels
+    from onnxcompress.graph.surgery import remove_channels
     from onnxcompress.metrics import model_metrics
-    from onnxcompress.surgery import remove_channels
 
     model = cm.BUILDERS[name]()
     analysis = analyze_channels(model)

@@ -12,8 +12,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from onnxcompress import channels as channel_analysis
-from onnxcompress.channels import ChannelAnalysis, ChannelGroup, analyze_channels
+from onnxcompress.graph.channels import ChannelAnalysis, ChannelGroup, analyze_channels, registry
 from onnxcompress.model import load_canonical
 
 
@@ -282,9 +281,71 @@ def test_linear_and_homogeneous_paths() -> None:
     assert not clip.homogeneous_path  # Clip (ReLU6) and a depthwise conv
 
 
+def test_channels_last_region_is_carried_on_axis_3() -> None:
+    """Through Transpose(0,2,3,1) and back, the channels are one group; NHWC tensors on axis 3."""
+    model = cm.channels_last()
+    analysis = analyze_channels(model)
+    group = group_by_producer(analysis, "conv_3")
+    assert {t.name: group.axis(t) for t in group.tensors} == {
+        "conv_3_out": 1,
+        "transpose_4_out": 3,
+        "mul_6_out": 3,
+        "add_8_out": 3,
+        "relu_9_out": 3,
+        "transpose_10_out": 1,
+    }
+    assert group.size == 6 and group.multiplicity(node(model, "mul_6").outputs[0]) == 1
+    # The per-channel constants of shape [6] scale the last axis: they are the group's params.
+    assert [(ws.node.op_type, ws.input_index, ws.axis) for ws in group.params] == [
+        ("Mul", 1, 0),
+        ("Add", 1, 0),
+    ]
+    assert [ws.node.name for ws in group.consumers] == ["conv_13"]
+    assert not group.linear_path  # per-channel affine and Relu on the way
+    # Surgery does not cut through a moved channel axis yet: frozen, with the reason.
+    assert group.frozen_reason == (
+        "Transpose transpose_4 moves the channel axis to 3; cutting channels through a moved "
+        "channel axis is not supported yet"
+    )
+    assert [g.name for g in analysis.prunable] == ["conv_13"]
+
+
+def test_channels_last_reduce_head_reaches_the_gemm() -> None:
+    """ReduceMean over H, W of an NHWC tensor (keepdims=0) puts the channels back on axis 1."""
+    model = cm.channels_last_head()
+    analysis = analyze_channels(model)
+    group = group_by_producer(analysis, "conv_3")
+    pooled = node(model, "reducemean_6").outputs[0]
+    assert group.axis(node(model, "transpose_5").outputs[0]) == 3
+    assert group.axis(pooled) == 1
+    np.testing.assert_array_equal(group.positions(pooled).ravel(), np.arange(6))
+    assert [(ws.node.name, ws.axis) for ws in group.consumers] == [("gemm_9", 1)]
+    assert "Transpose transpose_5 moves the channel axis to 3" in (group.frozen_reason or "")
+
+
+def test_fixed_axis_ops_freeze_channels_that_lie_elsewhere() -> None:
+    """A Conv or MaxPool reading an NHWC tensor takes its H axis for channels."""
+    model = cm.channels_last_misread()
+    analysis = analyze_channels(model)
+    reason = group_by_producer(analysis, "conv_3").frozen_reason or ""
+    assert "Conv conv_8 reads axis 1 of 'transpose_5_out', whose channels lie on axis 3" in reason
+    assert "MaxPool maxpool_10 works on channel axis 1, but 'transpose_5_out' holds" in reason
+    # The Conv's own output channels do not depend on what it reads: still prunable.
+    assert [g.name for g in analysis.prunable] == ["conv_8"]
+    pooled = node(model, "maxpool_10").outputs[0]
+    assert all(g.is_frozen for g in analysis.groups_of(pooled))
+
+
+def test_transpose_keeping_channels_on_axis_1_stays_prunable() -> None:
+    analysis = analyze_channels(cm.spatial_transpose())
+    group = group_by_producer(analysis, "conv_3")
+    assert not group.is_frozen and {group.axis(t) for t in group.tensors} == {1}
+    assert "Transpose" in {n.op_type for n in group.path_nodes} and group.homogeneous_path
+
+
 def test_no_slot_is_lost() -> None:
     """Every tracked tensor's channels are covered exactly once by the groups."""
-    for build in cm.BUILDERS.values():
+    for build in [*cm.BUILDERS.values(), *cm.CHANNEL_AXIS_BUILDERS.values()]:
         analysis = analyze_channels(build())
         for value in analysis.tensors:
             covered = np.concatenate(
@@ -307,9 +368,8 @@ def test_resnet20_groups(resnet20_path: Path, monkeypatch: pytest.MonkeyPatch) -
 
         return visit
 
-    for op_type, rule in list(channel_analysis._RULES.items()):
-        monkeypatch.setitem(channel_analysis._RULES, op_type, counted(rule))
-    monkeypatch.setattr(channel_analysis, "_unknown_op", counted(channel_analysis._unknown_op))
+    for rule in [*registry.FAMILIES, registry.UNKNOWN_OP]:
+        monkeypatch.setattr(rule, "analyze", counted(rule.analyze))
     analysis = analyze_channels(model)
     print(analysis.summary())
     assert visits == Counter(id(n) for n in model.graph)

@@ -58,7 +58,7 @@ def test_exactly_replaceable_filter_is_removed_without_output_change(builder) ->
     before = model_metrics(model)
     # Groups behind a ReLU are left out: there a weight-space dependency (e.g. 9 filters of
     # fan-in 8 always have one) is only the paper's approximation, not an exact one.
-    from onnxcompress.channels import analyze_channels
+    from onnxcompress.graph.channels import analyze_channels
 
     groups = analyze_channels(model).prunable
     nonlinear = tuple(g.name for g in groups if not g.linear_path)
@@ -192,3 +192,16 @@ def test_resnet20_reaches_the_target(resnet20_path: Path, criterion: str) -> Non
     ratio = report["summary"]["macs_ratio"]
     assert 0.58 <= ratio <= 0.6 * 1.02, ratio
     assert_valid(model, original)
+
+
+def test_channel_samples_follow_the_channel_axis() -> None:
+    """Activations of an NHWC tensor give the same channel statistics as their NCHW twin."""
+    from onnxcompress.passes.lrf import _channel_samples
+
+    nchw = np.random.default_rng(0).standard_normal((2, 5, 3, 4))
+    positions = np.array([[4], [0], [2]])
+    first = _channel_samples(nchw, positions, 1)
+    last = _channel_samples(np.moveaxis(nchw, 1, 3), positions, 3)
+    assert first.shape == last.shape == (2 * 3 * 4, 3)
+    np.testing.assert_allclose(first.T @ first, last.T @ last)
+    np.testing.assert_array_equal(first[:, 0], nchw[:, 4].reshape(-1))

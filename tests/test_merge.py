@@ -11,8 +11,8 @@ import onnx_ir as ir
 import pytest
 from channel_models import BUILDERS, PRUNABLE, Net, feeds_for, image_input, run
 
-from onnxcompress.channels import analyze_channels
 from onnxcompress.errors import PassConfigError
+from onnxcompress.graph.channels import analyze_channels
 from onnxcompress.metrics import model_metrics
 from onnxcompress.model import canonicalize, clone_model, load_model
 from onnxcompress.passes import create_pass

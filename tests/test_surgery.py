@@ -11,9 +11,9 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from onnxcompress.channels import ChannelAnalysis, ChannelGroup, analyze_channels
+from onnxcompress.graph.channels import ChannelAnalysis, ChannelGroup, analyze_channels
+from onnxcompress.graph.surgery import fold_compensation, remove_channels
 from onnxcompress.model import clone_model, load_canonical
-from onnxcompress.surgery import fold_compensation, remove_channels
 
 RTOL, ATOL = 1e-4, 1e-5
 
@@ -64,12 +64,13 @@ def prunable_ids(build: Callable[[], ir.Model]) -> list[int]:
     return [g.id for g in analyze_channels(build()).prunable]
 
 
-CASES = [(name, gid) for name, build in cm.BUILDERS.items() for gid in prunable_ids(build)]
+BUILDERS = {**cm.BUILDERS, **cm.CHANNEL_AXIS_BUILDERS}
+CASES = [(name, gid) for name, build in BUILDERS.items() for gid in prunable_ids(build)]
 
 
 @pytest.mark.parametrize(("name", "gid"), CASES, ids=[f"{n}-g{g}" for n, g in CASES])
 def test_removing_zero_channels_is_exact(name: str, gid: int) -> None:
-    model = cm.BUILDERS[name]()
+    model = BUILDERS[name]()
     reference = clone_model(model)
     analysis = analyze_channels(model)
     group = analysis.groups[gid]
@@ -84,10 +85,10 @@ def test_removing_zero_channels_is_exact(name: str, gid: int) -> None:
     assert_same(before, cm.run(model, feeds))
 
 
-@pytest.mark.parametrize("name", list(cm.BUILDERS))
+@pytest.mark.parametrize("name", list(BUILDERS))
 def test_successive_removals_across_groups_stay_exact(name: str) -> None:
     """Removals in one group must not invalidate another group's positions (Concat, Split...)."""
-    model = cm.BUILDERS[name]()
+    model = BUILDERS[name]()
     reference = clone_model(model)
     analysis = analyze_channels(model)
     rng = np.random.default_rng(1)
@@ -322,6 +323,19 @@ def test_bad_requests_raise() -> None:
         fold_compensation(model, group, [0], [1, 2], np.ones((2, 2)))
     with pytest.raises(ValueError, match="share"):
         fold_compensation(model, group, [0], [0, 1], np.ones((1, 2)))
+
+
+def test_channels_on_a_moved_axis_are_not_cut() -> None:
+    """The analysis follows channels through a Transpose to NHWC; surgery refuses to cut them."""
+    model = cm.channels_last()
+    analysis = analyze_channels(model)
+    group = replaceable_group(analysis, "conv_3")
+    with pytest.raises(
+        ValueError, match="frozen: Transpose transpose_4 moves the channel axis to 3"
+    ):
+        remove_channels(model, group, [0])
+    with pytest.raises(ValueError, match="frozen"):
+        fold_compensation(model, group, [0], [1], np.ones((1, 1)))
 
 
 def test_removing_a_live_channel_without_compensation_changes_the_output() -> None:
