@@ -6,11 +6,13 @@ params, MACs, file size, p50 latency and held-out accuracy before and after.
 
 from __future__ import annotations
 
+import argparse
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from onnxcompress.cli.exit_codes import EXIT_OK
+from onnxcompress.cli.formatting import format_before_after
 from onnxcompress.errors import OnnxCompressError
 
 # The demo's data: calibrate on the training part of digits, report on the held-out part the
@@ -22,7 +24,8 @@ DEMO_MODEL = "digits_resnet.onnx"
 
 def default_demo_model() -> Path:
     """The shipped model: ``models/`` beside the package in a source checkout."""
-    candidate = Path(__file__).resolve().parent.parent / "models" / DEMO_MODEL
+    # This file is onnxcompress/cli/commands/demo.py; models/ sits beside onnxcompress/.
+    candidate = Path(__file__).resolve().parents[3] / "models" / DEMO_MODEL
     if not candidate.exists():
         raise OnnxCompressError(
             f"the demo model {DEMO_MODEL} is not at {candidate}; run the demo from a clone of the "
@@ -41,8 +44,9 @@ def demo_passes() -> list[tuple[str, dict[str, Any]]]:
 
 
 def run_demo(model: str | None = None, output: str | None = None) -> int:
+    import tempfile
+
     from onnxcompress.bench import benchmark
-    from onnxcompress.cli import format_before_after
     from onnxcompress.pipeline import compress
 
     source = Path(model) if model else default_demo_model()
@@ -78,4 +82,8 @@ def run_demo(model: str | None = None, output: str | None = None) -> int:
         )
         if output:
             print(f"\nwrote {out}")
-    return 0
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    return run_demo(model=args.model, output=args.output)
