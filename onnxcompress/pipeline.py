@@ -22,6 +22,7 @@ import onnx_ir as ir
 
 from onnxcompress import __version__
 from onnxcompress.budget import Budget, BudgetCheck, LatencyMeter, LatencySettings, check_budget
+from onnxcompress.deadline import Deadline
 from onnxcompress.errors import OnnxCompressError, PassConfigError, VerificationError
 from onnxcompress.model import (
     clone_model,
@@ -240,7 +241,11 @@ def compress(
     from onnxcompress.metrics import model_metrics
 
     before = model_metrics(original, file_size=input_path.stat().st_size).as_dict()
+    tic = time.perf_counter()
     accuracy_before = accuracy(original, validation).as_dict() if validation is not None else None
+    # What the pipeline itself runs after every step (verification, accuracy): a finetune
+    # step's time budget keeps it back (the original's accuracy run stands in for it).
+    checks_seconds = time.perf_counter() - tic
     meter = None
     if budget.target_latency is not None:
         meter = LatencyMeter(original, latency or LatencySettings(), seed=seed)
@@ -258,6 +263,9 @@ def compress(
         step_start = time.perf_counter()
         bar.set_postfix_str(name)
         if name == FINETUNE:
+            # The step's time budget starts before its training data loads and ends with the
+            # checks below: the whole step keeps it.
+            deadline = Deadline(_finetune_config(options, seed).time_budget_s, label=FINETUNE)
             if train_set is None:
                 train_set = dataset_for_model(original, train_data or data or "")
                 say(f"training data: {len(train_set)} samples from {train_data or data}")
@@ -265,8 +273,10 @@ def compress(
             selection = {"calibration": calibration, "validation": validation}.get(
                 str(options.get("select", "last"))
             )
+            if deadline.limited:
+                deadline = deadline.within(deadline.remaining() - checks_seconds)
             model, report = _run_finetune(
-                model, original, options, train_set, selection, seed, progress
+                model, original, options, train_set, selection, seed, progress, deadline
             )
         elif meter is not None and _searches_latency(name, options, budget):
             say(f"running {name} {_format_options(options)} (searching target_macs for latency)")
@@ -497,8 +507,10 @@ def _run_finetune(
     selection: Any,
     seed: int,
     progress: bool,
+    deadline: Deadline | None = None,
 ) -> tuple[ir.Model, dict[str, Any]]:
-    """Fine-tune ``model`` (KD from the original unless ``teacher = "none"``).
+    """Fine-tune ``model`` (KD from the original unless ``teacher = "none"``), within
+    ``deadline`` (the step's time budget, started before its data loaded) when given.
 
     By default the last epoch is kept (``select = "last"``): picking the best epoch on the
     validation data would bias the accuracy the report gives, and calibration data is often
@@ -512,7 +524,9 @@ def _run_finetune(
     start = time.perf_counter()
     expanded = PassReport(FINETUNE, {})
     expand_compact_weights(model, expanded, FINETUNE)
-    result = finetune(model, teacher, train, selection, config, progress=progress)
+    result = finetune(
+        model, teacher, train, selection, config, progress=progress, deadline=deadline
+    )
     report = {
         "name": FINETUNE,
         "options": {k: v for k, v in dataclasses.asdict(config).items() if v is not None},

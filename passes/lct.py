@@ -18,6 +18,16 @@ are stored compactly (``onnxcompress.sparse_storage``), so the file really shrin
 truncated SVD to rank ``r_l`` (ranks from a global spectral-energy threshold that meets
 ``target_macs``, or from a per-layer ``energy``); at the end each collapsed Conv becomes a kxk
 Conv (Cin -> r) plus a 1x1 Conv (r -> Cout) and each Gemm two Gemms, so it runs faster.
+
+``time_budget_s`` covers the whole pass from its start: loading the data, scoring the original,
+the sensitivity ranking, every training attempt and its scoring, the final fine-tune and its
+scoring, and writing the result. The minimum work, refused up front (``BudgetTooShortError``)
+when the budget cannot hold it: loading the data and scoring the original on the validation
+data (both measured: they come first) and one training attempt, one step (timed on a batch)
+and its scoring. The sensitivity ranking measures the layers on as many validation images as
+``SENSITIVITY_SHARE`` of the time allows (the paper's order when fewer than
+``MIN_SENSITIVITY_SAMPLES`` fit); the stages, or the gradual ramp, get ``1 - final_share`` of
+what is left then, and the final fine-tune the rest, less its scoring and the write-out.
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx_ir as ir
 
+from onnxcompress.deadline import BudgetTooShortError, Clock, Deadline
 from onnxcompress.errors import DataError, PassConfigError
 from onnxcompress.lowrank import (
     break_even_rank,
@@ -60,8 +71,21 @@ DEFAULT_TARGET_MACS = 0.6
 # Bisection steps on the log of the global spectral-energy threshold (lowrank by budget).
 THRESHOLD_STEPS = 60
 EVAL_BATCH = 256
-# An attempt with less training time than this is not started (the budget is spent).
-MIN_ATTEMPT_SECONDS = 1.0
+# An attempt with less training time than this is not started (the budget is spent): the
+# trainer's own setup (building the networks, timing its minimum work) takes about a second of
+# it on the 2-core CPU, more under load, and an attempt refused for want of one step wastes it.
+MIN_ATTEMPT_SECONDS = 3.0
+# Under a time budget: the share of the time left (after the minimum work) the sensitivity
+# ranking may take, and the fewest validation images worth measuring it on (fewer: the paper's
+# order, from the magnitudes alone).
+SENSITIVITY_SHARE = 0.1
+MIN_SENSITIVITY_SAMPLES = 100
+# Under a time budget the gradual ramp's checks (scoring ``check_samples`` images each) take at
+# most this share of its time; fewer checks are run when ``checks`` would take more.
+CHECK_SHARE = 0.25
+# Kept back at the end of a budget for writing the result (weights, compact storage, sizes),
+# beyond the measured cost of serializing the model once.
+FINISH_SECONDS = 1.0
 # The sparsity or MAC fraction reached counts as the target within this much on either side.
 TARGET_TOLERANCE = 0.02
 
@@ -124,9 +148,9 @@ class LctConfig(PassConfig):
             ResNet-20 CIFAR-10 a single cosine over ramp and recovery won back about 1 point
             in its last 30 %; restarted, the recovery won back 4.1 points in 7.5 minutes,
             ``benchmarks/results/lct_sparse_gradual2.md``).
-        time_budget_s: wall time for all the training and stage scoring; each attempt gets
-            what is left (less the final share) divided by the stages left, so retries shorten
-            later stages.
+        time_budget_s: wall time of the whole pass (see the module docstring); each attempt
+            gets what is left of the stages' share divided by the stages left, so retries
+            shorten later stages.
         compact: sparse: store the collapsed weights compactly (mask or gap encoding).
         values: sparse: ``float32`` stores the kept values exactly; ``float16`` (opt-in,
             lossy: 11 significant bits) halves their bytes and stores the collapsed layers
@@ -457,6 +481,7 @@ class _GradualProjector(_Projector):
         check: Any,
         floor: float,
         keep_above: float | None = None,
+        clock: Clock | None = None,
     ) -> None:
         """Args:
         ranked: the layers, least significant first.
@@ -469,6 +494,7 @@ class _GradualProjector(_Projector):
         floor: the lowest top-1 a check may pass with.
         keep_above: a check at or above this top-1 keeps a copy of the weights (the furthest
             such one is kept): the fallback if the run ends below it.
+        clock: times the checks' records (default ``time.monotonic``).
         """
         super().__init__([], {}, ranked, ramp_end, lowrank)
         self.ranked = list(ranked)
@@ -483,7 +509,8 @@ class _GradualProjector(_Projector):
         self.failed_in_a_row = 0
         self.progress = 0.0
         self.history: list[dict[str, Any]] = []
-        self.started = time.perf_counter()
+        self.clock = clock if clock is not None else time.monotonic
+        self.started = self.clock()
         self.keep_above = keep_above
         # (schedule position, weights, check top-1) of the furthest check at keep_above.
         self.snapshot: tuple[float, dict[str, Any], float] | None = None
@@ -526,8 +553,13 @@ class _GradualProjector(_Projector):
             step = min(progress, self.ramp_end) - min(self.progress, self.ramp_end)
             self.at = min(self.ramp_end, self.at + max(0.0, step))
         self.progress = progress
+        due = False
         while self.check_at and progress >= self.check_at[0]:
             self.check_at.pop(0)
+            due = True
+        if due:
+            # One check however many points the step went past: under a time budget a check
+            # moves the clock, and a check per point passed would cascade past the budget.
             self._project_at(module)
             self._check(module)
         self._project_at(module)
@@ -567,7 +599,7 @@ class _GradualProjector(_Projector):
                 "accepted": ok,
                 "accepted_top1": top1,
                 "steps": self.steps,
-                "seconds": round(time.perf_counter() - self.started, 1),
+                "seconds": round(self.clock() - self.started, 1),
             }
         )
         logger.info(
@@ -657,15 +689,30 @@ class LayerwiseCompressiveTraining(CompressionPass[LctConfig]):
                 reason=why or "stages that broke max_drop were left dense",
             )
 
+    # The clock of ``time_budget_s`` (None: ``time.monotonic``); tests inject a ManualClock.
+    clock: Clock | None = None
+
     def run(self, model: ir.Model, report: PassReport) -> None:
+        # One deadline for the whole pass, started before anything else.
+        self._deadline = Deadline(self.cfg.time_budget_s, clock=self.clock, label="lct")
+        try:
+            self._compress(model, report)
+        finally:
+            report.summary["time"] = self._deadline.report()
+
+    def _compress(self, model: ir.Model, report: PassReport) -> None:
         from onnxcompress.metrics import model_metrics
         from onnxcompress.model import infer_shapes
 
-        cfg = self.cfg
+        cfg, deadline = self.cfg, self._deadline
+        self._report = report
         lowrank = cfg.subspace == "lowrank"
         teacher = clone_model(model)
         infer_shapes(model)
+        tic = deadline.clock()
         bytes_before = len(model_to_bytes(model))
+        # Writing the result serializes the model about three times (sizes, compact storage).
+        self._finish_seconds = FINISH_SECONDS + 3 * (deadline.clock() - tic)
         macs_before = model_metrics(model).macs
         layers = self._candidates(model, report, lowrank)
         if not layers:
@@ -680,10 +727,14 @@ class LayerwiseCompressiveTraining(CompressionPass[LctConfig]):
         if not layers:
             report.decline("<model>", "the global target leaves every candidate layer dense")
             return
-        train, val = self._datasets(model)
-        scorer = _Scorer(teacher, val, cfg.device)
+        with deadline.phase("data"):
+            train, val = self._datasets(model)
+        with deadline.phase("scoring"):
+            scorer = _Scorer(teacher, val, cfg.device, deadline.clock)
+        self._minimum_seconds = self._require_minimum(model, teacher, train, scorer)
         reference = scorer.teacher_score
-        self._rank(model, layers, scorer, lowrank)
+        with deadline.phase("ranking"):
+            self._rank(model, layers, scorer, lowrank, report)
         report.summary.update(
             {
                 "subspace": cfg.subspace,
@@ -700,16 +751,19 @@ class LayerwiseCompressiveTraining(CompressionPass[LctConfig]):
             # The BNs folded after training leave biases (zeros where none were): the same
             # initializers here, so the trained module writes back by name.
             add_missing_biases(model)
-        if cfg.schedule == "gradual":
-            accepted, history, stopped = self._train_gradual(
-                model, teacher, train, scorer, layers, lowrank, reference
-            )
-        else:
-            stages = _split_stages(layers, cfg.stages, lowrank)
-            accepted, history, stopped = self._train_stages(
-                model, teacher, train, scorer, stages, lowrank, reference
-            )
+        with deadline.phase("training"):
+            if cfg.schedule == "gradual":
+                accepted, history, stopped = self._train_gradual(
+                    model, teacher, train, scorer, layers, lowrank, reference
+                )
+            else:
+                stages = _split_stages(layers, cfg.stages, lowrank)
+                accepted, history, stopped = self._train_stages(
+                    model, teacher, train, scorer, stages, lowrank, reference
+                )
         report.summary["stages"] = history
+        if scorer.cut_short:
+            report.summary["scorings_cut_short"] = scorer.cut_short
         if stopped is not None:
             report.summary["stopped"] = stopped
         if accepted is None:
@@ -908,19 +962,67 @@ class LayerwiseCompressiveTraining(CompressionPass[LctConfig]):
             raise DataError(f"{self.name}: the training or validation data holds no images")
         return train, val
 
-    def _rank(self, model: ir.Model, layers: list[Layer], scorer: _Scorer, lowrank: bool) -> None:
+    def _require_minimum(
+        self, model: ir.Model, teacher: ir.Model, train: Dataset, scorer: _Scorer
+    ) -> float:
+        """Under a time budget, refuse one that cannot hold the minimum work still to do (one
+        training attempt: a step and its scoring, and the write-out); returns that minimum."""
+        deadline = self._deadline
+        if not deadline.limited:
+            return 0.0
+        from onnxcompress.torch_bridge.train import minimum_work
+
+        # The budget of the run does not change what one step costs.
+        config = self.cfg.finetune_config(None)
+        with deadline.phase("estimate"):
+            step = minimum_work(model, teacher, train, None, config, deadline.clock)
+        need = step.seconds + scorer.full_seconds + self._finish_seconds
+        done = deadline.phases.get("data", 0.0) + deadline.phases.get("scoring", 0.0)
+        deadline.require(
+            need,
+            f"after loading the data and scoring the original ({done:.1f} s), one training "
+            f"attempt: {step.needs}, scoring it on {len(scorer.val)} images "
+            f"(~{scorer.full_seconds:.1f} s) and writing the result",
+        )
+        return need
+
+    def _sensitivity_samples(
+        self, layers: Sequence[Layer], scorer: _Scorer, deadline: Deadline
+    ) -> int:
+        """Validation images per sensitivity measurement: ``sensitivity_samples``, or as many
+        as ``deadline`` holds at the measured scoring speed."""
+        limit = min(self.cfg.sensitivity_samples, len(scorer.val))
+        if not deadline.limited:
+            return limit
+        per_image = scorer.full_seconds / max(len(scorer.val), 1)
+        # The unchanged model is scored once, then every layer; a tenth is kept back, or a
+        # scoring a little slower than the first would end the measurement before its last
+        # layer (and a partial one is thrown away).
+        share = 0.9 * deadline.remaining()
+        return min(limit, int(share / max((len(layers) + 1) * per_image, 1e-12)))
+
+    def _rank(
+        self,
+        model: ir.Model,
+        layers: list[Layer],
+        scorer: _Scorer,
+        lowrank: bool,
+        report: PassReport,
+    ) -> None:
         """Sort ``layers`` in place, least significant first (the paper's rule, refined)."""
         if self.cfg.sensitivity:
-            module = scorer.module_of(model)
-            limit = self.cfg.sensitivity_samples
-            projector = _Projector([], {}, layers, 1, lowrank)
-            base = scorer.score(module, limit)
-            for layer in layers:
-                param = module.param_for(layer.weight)
-                saved = param.data.clone()
-                projector.project(module, layer, 1.0)
-                layer.sensitivity = round(base - scorer.score(module, limit), 4)
-                param.data.copy_(saved)
+            deadline = self._deadline.share(
+                SENSITIVITY_SHARE, reserve=self._minimum_seconds, label="lct ranking"
+            )
+            limit = self._sensitivity_samples(layers, scorer, deadline)
+            if limit >= min(MIN_SENSITIVITY_SAMPLES, len(scorer.val)):
+                self._measure_sensitivity(model, layers, scorer, lowrank, limit, deadline, report)
+            else:
+                report.summary["sensitivity"] = {
+                    "samples": 0,
+                    "skipped": f"the time budget holds fewer than {MIN_SENSITIVITY_SAMPLES} "
+                    "validation images per layer; the paper's order",
+                }
         layers.sort(
             key=lambda layer: (
                 layer.sensitivity if layer.sensitivity is not None else 0.0,
@@ -929,6 +1031,49 @@ class LayerwiseCompressiveTraining(CompressionPass[LctConfig]):
         )
         for position, layer in enumerate(layers):
             layer.significance = position
+
+    def _measure_sensitivity(
+        self,
+        model: ir.Model,
+        layers: list[Layer],
+        scorer: _Scorer,
+        lowrank: bool,
+        limit: int,
+        deadline: Deadline,
+        report: PassReport,
+    ) -> None:
+        """Each layer's top-1 drop at its target alone, on ``limit`` validation images; none
+        when ``deadline`` runs out half-way (a partial measurement would rank the measured
+        layers behind the others)."""
+        module = scorer.module_of(model)
+        projector = _Projector([], {}, layers, 1, lowrank)
+        base = scorer.score(module, limit)
+        for index, layer in enumerate(layers):
+            if deadline.expired():
+                for measured in layers:
+                    measured.sensitivity = None
+                report.summary["sensitivity"] = {
+                    "samples": limit,
+                    "skipped": f"the time budget ran out after {index} of {len(layers)} layers; "
+                    "the paper's order",
+                }
+                return
+            param = module.param_for(layer.weight)
+            saved = param.data.clone()
+            projector.project(module, layer, 1.0)
+            layer.sensitivity = round(base - scorer.score(module, limit), 4)
+            param.data.copy_(saved)
+        report.summary["sensitivity"] = {"samples": limit}
+
+    def _training_share(self, scorer: _Scorer) -> float | None:
+        """Seconds for the stages or the ramp, with their scoring (None: no budget):
+        ``1 - final_share`` of what is left after the write-out, but at least one attempt
+        (``MIN_ATTEMPT_SECONDS`` and its scoring) when what is left holds one."""
+        if not self._deadline.limited:
+            return None
+        left = self._deadline.remaining() - self._finish_seconds
+        least = min(left, scorer.full_seconds + MIN_ATTEMPT_SECONDS)
+        return max(left * (1.0 - self.cfg.final_share), least, 0.0)
 
     def _train_stages(
         self,
@@ -947,11 +1092,8 @@ class LayerwiseCompressiveTraining(CompressionPass[LctConfig]):
         (None when every stage ran).
         """
         cfg = self.cfg
-        clock = time.perf_counter()
-        # The stages' share of the budget; the final fine-tune gets what they leave.
-        stage_time = None
-        if cfg.time_budget_s is not None:
-            stage_time = cfg.time_budget_s * (1.0 - cfg.final_share)
+        # The stages' share of what is left; the final fine-tune gets what they leave.
+        stage_deadline = self._deadline.within(self._training_share(scorer), label="lct stages")
         every = [layer for stage in stages for layer in stage]
         accepted: _Accepted | None = None
         # The last accepted model that was within max_drop by itself: the fallback.
@@ -959,32 +1101,43 @@ class LayerwiseCompressiveTraining(CompressionPass[LctConfig]):
         student = model
         history: list[dict[str, Any]] = []
         stopped: str | None = None
-        scoring = 0.0
+        scoring = scorer.full_seconds
         for number, stage in enumerate(stages, start=1):
             for layer in stage:
                 layer.stage = number
             increment = 1.0
             for retry in range(cfg.retries + 1):
                 budget: float | None = None
-                if stage_time is not None:
+                spent = (
+                    f"the stages' share of time_budget_s={cfg.time_budget_s} was spent before "
+                    f"stage {number} (attempt {retry + 1})"
+                )
+                if stage_deadline.limited:
                     # What is left, shared by the stages left (retries eat into later stages),
-                    # less the scoring that follows the training.
-                    left = stage_time - (time.perf_counter() - clock)
-                    budget = left / (len(stages) - number + 1) - scoring
-                    if budget < MIN_ATTEMPT_SECONDS:
-                        stopped = (
-                            f"the stages' share of time_budget_s={cfg.time_budget_s} was spent "
-                            f"before stage {number} (attempt {retry + 1})"
-                        )
+                    # less the scoring that follows the training; when the stages left do not
+                    # all fit, shared by as many as do (the later ones will not run).
+                    left = stage_deadline.remaining()
+                    fit = int(left // (scoring + MIN_ATTEMPT_SECONDS))
+                    if fit == 0 and not history and left > scoring:
+                        fit = 1  # the one attempt the budget was checked to hold
+                    share = min(len(stages) - number + 1, fit)
+                    if share < 1:
+                        stopped = spent
                         break
+                    budget = left / share - scoring
                 goal = {layer.node: min(1.0, layer.level + increment) for layer in stage}
                 fixed = [layer for layer in every if layer.level > 0 and layer.node not in goal]
                 config = cfg.finetune_config(budget)
                 projector = _Projector(fixed, goal, stage, cfg.ramp, lowrank)
-                result, top1, seconds = self._attempt(
+                attempt = self._attempt(
                     student, teacher, train, scorer, config, projector, len(history) + 1
                 )
-                scoring = seconds
+                if attempt is None:
+                    stopped = spent
+                    break
+                # The slowest scoring so far is kept back for the next (the load may change).
+                result, top1, seconds = attempt
+                scoring = max(scoring, seconds)
                 ok = top1 >= reference - cfg.max_drop - cfg.slack
                 logger.info(
                     "lct stage %d/%d attempt %d (%d layers, increment %.3g): top-1 %.2f vs "
@@ -1027,7 +1180,7 @@ class LayerwiseCompressiveTraining(CompressionPass[LctConfig]):
                 break
         if accepted is not None:
             accepted = self._final(
-                accepted, teacher, train, scorer, every, lowrank, reference, clock, history
+                accepted, teacher, train, scorer, every, lowrank, reference, history
             )
         if accepted is None or accepted.top1 < reference - cfg.max_drop:
             # Nothing after the last model within budget held up: fall back to it.
@@ -1063,34 +1216,53 @@ class LayerwiseCompressiveTraining(CompressionPass[LctConfig]):
         for layer in ranked:
             layer.stage = 1
         floor = reference - cfg.max_drop - cfg.slack
-        clock = time.perf_counter()
+        deadline = self._deadline
 
         def check(module: OnnxModule) -> float:
-            top1 = scorer.score(module, cfg.check_samples)
+            top1 = scorer.score(module, cfg.check_samples, self._deadline)
             module.train()
             return top1
 
+        budget = None
+        checks = cfg.checks
+        ramp_epochs, final_epochs = cfg.gradual_epochs()
+        ramp = self._training_share(scorer)
+        if ramp is not None:
+            # The ramp's share, less the whole-set scoring at its end; the recovery gets what
+            # is left.
+            budget = max(ramp - scorer.full_seconds, 1e-3)
+            # The checks run inside the ramp's time: no more than CHECK_SHARE of it.
+            check_seconds = scorer.full_seconds * min(cfg.check_samples, len(scorer.val))
+            check_seconds /= max(len(scorer.val), 1)
+            fit = int(CHECK_SHARE * budget / max(check_seconds, 1e-12))
+            if fit < checks:
+                checks = max(1, fit)
+                self._report.summary["checks"] = {
+                    "planned": cfg.checks,
+                    "run": checks,
+                    "why": f"{CHECK_SHARE:.0%} of the ramp's {budget:.0f} s holds {fit} checks "
+                    f"of ~{check_seconds:.1f} s",
+                }
         # The ramp is a fine-tune of its own (its progress 0..1 is the schedule's), so that
         # the recovery can restart its learning rate.
         projector = _GradualProjector(
             ranked,
             1.0,
             cfg.stagger,
-            cfg.checks,
+            checks,
             lowrank,
             check,
             floor,
             keep_above=reference - cfg.max_drop,
+            clock=deadline.clock,
         )
-        budget = cfg.time_budget_s
-        ramp_epochs, final_epochs = cfg.gradual_epochs()
-        if budget is not None:
-            # The ramp's share, less the whole-set scoring at its end; the recovery gets what
-            # is left.
-            budget = budget * (1.0 - cfg.final_share) - scorer.full_seconds
-            budget = max(MIN_ATTEMPT_SECONDS, budget)
         config = cfg.finetune_config(budget, epochs=ramp_epochs)
-        result, top1, _ = self._attempt(model, teacher, train, scorer, config, projector, 1)
+        attempt = self._attempt(model, teacher, train, scorer, config, projector, 1)
+        if attempt is None:
+            for layer in ranked:
+                layer.level = 0.0
+            return None, projector.history, f"time_budget_s={cfg.time_budget_s} was spent"
+        result, top1, _ = attempt
         for layer, level in zip(ranked, projector.levels(), strict=True):
             layer.level = level
         history = projector.history
@@ -1102,7 +1274,7 @@ class LayerwiseCompressiveTraining(CompressionPass[LctConfig]):
             top1,
             reference,
             "within max_drop" if within else "beyond max_drop",
-            time.perf_counter() - clock,
+            deadline.spent(),
         )
         history.append(
             {
@@ -1128,7 +1300,6 @@ class LayerwiseCompressiveTraining(CompressionPass[LctConfig]):
                 ranked,
                 lowrank,
                 reference,
-                clock,
                 history,
                 epochs=final_epochs,
             )
@@ -1153,7 +1324,7 @@ class LayerwiseCompressiveTraining(CompressionPass[LctConfig]):
         assert projector.snapshot is not None
         at, state, _ = projector.snapshot
         result.model, result.module = result.model_from_state(state)
-        top1 = scorer.score(result.module)
+        top1 = scorer.score(result.module, deadline=self._deadline)
         within = top1 >= reference - self.cfg.max_drop
         for layer, level in zip(projector.ranked, projector.levels(at), strict=True):
             layer.level = level if within else 0.0
@@ -1195,8 +1366,9 @@ class LayerwiseCompressiveTraining(CompressionPass[LctConfig]):
         config: Any,
         projector: _Projector,
         number: int,
-    ) -> tuple[Any, float, float]:
-        """One projected fine-tune from ``student``: (result, validation top-1, scoring s)."""
+    ) -> tuple[Any, float, float] | None:
+        """One projected fine-tune from ``student``: (result, validation top-1, scoring s), or
+        None when what is left of the time budget cannot hold its minimum (one step)."""
         import torch
 
         from onnxcompress.torch_bridge.train import finetune
@@ -1204,21 +1376,28 @@ class LayerwiseCompressiveTraining(CompressionPass[LctConfig]):
 
         # Each attempt draws its own images and augmentations (epoch_samples subsets).
         config.seed = self.context.seed * 1009 + number
-        result = finetune(
-            student,
-            teacher,
-            train,
-            None,
-            config,
-            progress=self.context.progress,
-            after_step=projector,
-        )
+        clock = self._deadline.clock
+        try:
+            result = finetune(
+                student,
+                teacher,
+                train,
+                None,
+                config,
+                progress=self.context.progress,
+                after_step=projector,
+                # Never past the pass's deadline, whatever share the attempt was given.
+                deadline=self._deadline,
+            )
+        except BudgetTooShortError as exc:
+            logger.info("lct: attempt %d not started: %s", number, exc)
+            return None
         with torch.no_grad():
             projector.finish(result.module)
         write_back(result.model, result.module)
-        tic = time.perf_counter()
-        top1 = scorer.score(result.module)
-        return result, top1, time.perf_counter() - tic
+        tic = clock()
+        top1 = scorer.score(result.module, deadline=self._deadline)
+        return result, top1, clock() - tic
 
     def _final(
         self,
@@ -1229,21 +1408,23 @@ class LayerwiseCompressiveTraining(CompressionPass[LctConfig]):
         every: list[Layer],
         lowrank: bool,
         reference: float,
-        clock: float,
         history: list[dict[str, Any]],
         epochs: int | None = None,
     ) -> _Accepted:
         """Fine-tune the accepted model at its constraints; the better of before and after.
 
         ``epochs`` (without a time budget): default ``final_epochs``."""
-        cfg = self.cfg
+        cfg, deadline = self.cfg, self._deadline
         epochs = cfg.final_epochs if epochs is None else epochs
         budget: float | None = None
-        if cfg.time_budget_s is not None:
+        if deadline.limited:
             if cfg.final_share <= 0.0:
                 return accepted
-            # Keep back one scoring pass (about what the last stage's took).
-            budget = cfg.time_budget_s - (time.perf_counter() - clock) - 30.0
+            # Keep back its scoring, a second one for a gradual run's fallback, and the
+            # write-out.
+            scorings = 2 if cfg.schedule == "gradual" else 1
+            keep = scorings * scorer.full_seconds + self._finish_seconds
+            budget = deadline.remaining() - keep
             if budget < MIN_ATTEMPT_SECONDS:
                 return accepted
         elif epochs == 0:
@@ -1251,9 +1432,12 @@ class LayerwiseCompressiveTraining(CompressionPass[LctConfig]):
         held = [layer for layer in every if layer.level > 0]
         projector = _Projector(held, {}, every, 0.0, lowrank)
         config = cfg.finetune_config(budget, final=True, epochs=epochs)
-        result, top1, _ = self._attempt(
+        attempt = self._attempt(
             accepted.model, teacher, train, scorer, config, projector, len(history) + 1
         )
+        if attempt is None:
+            return accepted
+        result, top1, _ = attempt
         better = top1 >= accepted.top1
         logger.info(
             "lct final fine-tune: top-1 %.2f (before %.2f, reference %.2f) -> %s",
@@ -1392,7 +1576,9 @@ class _Scorer:
     by class (an image folder is), and the first 500 CIFAR-10 images are all airplanes.
     """
 
-    def __init__(self, teacher: ir.Model, val: Dataset, device: str | None) -> None:
+    def __init__(
+        self, teacher: ir.Model, val: Dataset, device: str | None, clock: Clock | None = None
+    ) -> None:
         import torch
 
         from onnxcompress.torch_bridge.module import OnnxModule
@@ -1401,12 +1587,15 @@ class _Scorer:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         teacher_module = OnnxModule(teacher, trainable="none").to(self.device)
         everything = np.arange(len(val))
-        tic = time.perf_counter()
+        clock = clock if clock is not None else time.monotonic
+        tic = clock()
         self.teacher_predictions = self._predict(teacher_module, everything)
         # What scoring the whole validation set costs (kept back from a time budget).
-        self.full_seconds = time.perf_counter() - tic
+        self.full_seconds = clock() - tic
         self.labels = val.y if val.y is not None else self.teacher_predictions
         self.teacher_score = self._top1(self.teacher_predictions, everything)
+        # Scorings a deadline ended before they had seen every image they were to score.
+        self.cut_short = 0
 
     def module_of(self, model: ir.Model) -> OnnxModule:
         from onnxcompress.torch_bridge.module import OnnxModule
@@ -1437,9 +1626,28 @@ class _Scorer:
         truth = np.asarray(self.labels)[index]
         return round(100.0 * float(np.mean(predictions == truth)), 4)
 
-    def score(self, module: torch.nn.Module, limit: int | None = None) -> float:
+    def score(
+        self,
+        module: torch.nn.Module,
+        limit: int | None = None,
+        deadline: Deadline | None = None,
+    ) -> float:
+        """Top-1 on ``limit`` images (None: all); on fewer when ``deadline`` passes first (a
+        spread subset: the images are scored in a fixed random order), counted in
+        ``cut_short``."""
         index = self.subset(limit)
-        return self._top1(self._predict(module, index), index)
+        if deadline is None or not deadline.limited:
+            return self._top1(self._predict(module, index), index)
+        index = index[np.random.default_rng(0).permutation(index.size)]
+        predictions: list[np.ndarray] = []
+        for start in range(0, index.size, EVAL_BATCH):
+            if predictions and deadline.expired():
+                index = index[:start]
+                self.cut_short += 1
+                logger.info("lct: scoring cut short by the time budget: %d images", start)
+                break
+            predictions.append(self._predict(module, index[start : start + EVAL_BATCH]))
+        return self._top1(np.concatenate(predictions), index)
 
 
 __all__ = [

@@ -24,6 +24,17 @@ Removes whole residual branches, blocks and layers found on the graph
 
 With ``epochs=0`` and ``layer_epochs=0`` nothing trains: the cuts and closed-form bridges alone
 (data-free apart from the calibration batch).
+
+``time_budget_s`` covers the whole pass from its start: loading the data, validating the input
+model, ranking, cuts and bridge fits, every training run with its validations, the final
+distillation and the last validation. The minimum work, refused up front
+(``BudgetTooShortError``, right after the first trial cut times the ranking) when the budget
+cannot hold it: loading the data and validating the input model (measured: they come first),
+ranking every candidate once, and one stage's cut with its validation and the final one.
+Training is not part of it: a run whose share of the time cannot hold its own minimum (its
+validations and one step, see ``finetune``) is skipped and the stage records why. A re-ranking
+that would take more than ``RERANK_SHARE`` of what is left keeps the previous ranking, and
+stages stop once another one no longer fits.
 """
 
 from __future__ import annotations
@@ -31,12 +42,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
-import time
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx_ir as ir
 
+from onnxcompress.deadline import BudgetTooShortError, Clock, Deadline
 from onnxcompress.errors import DataError, PassConfigError
 from onnxcompress.model import clone_model, infer_shapes
 from onnxcompress.passes.base import CompressionPass, PassConfig, PassReport, check_fraction
@@ -70,6 +81,14 @@ MIN_FINAL_SECONDS = 2.0
 # this many when nothing measured the speed yet.
 FINAL_EPOCHS_MARGIN = 1.5
 FINAL_EPOCHS_UNTIMED = 1000
+# Under a time budget a re-ranking is skipped (the previous ranking decides the stage) when it
+# would take more than this share of what is left: the training needs the time more.
+RERANK_SHARE = 0.25
+# Under a time budget a stage's training run gets at least this many times its minimum (its
+# validations and one step) while what is left holds it: as much time to train as to validate.
+RUN_MARGIN = 2.0
+# Kept back at the end of a budget for the report's sizes and handing the graph back.
+FINISH_SECONDS = 1.0
 
 
 @dataclasses.dataclass
@@ -112,10 +131,10 @@ class ResectConfig(PassConfig):
         hint_weight: weight of the hint loss in layer-level learning.
         temperature: distillation temperature.
         alpha: weight of distillation against cross-entropy when labels exist.
-        time_budget_s: wall-clock budget of the whole pass (ranking, data loading, cuts,
-            training): each stage's training run gets at most its share of what is left (in
-            proportion to the planned epochs), the final distillation all that the stages
-            leave (None: no limit).
+        time_budget_s: wall-clock budget of the whole pass (see the module docstring): each
+            stage's training run gets at most its share of what is left (in proportion to the
+            planned epochs), the final distillation all that the stages leave (None: no
+            limit).
         device: torch device for training (None: a GPU when visible, else the CPU).
     """
 
@@ -254,11 +273,21 @@ class IncrementalResection(CompressionPass[ResectConfig]):
 
     # -- the run -----------------------------------------------------------------------------
 
+    # The clock of ``time_budget_s`` (None: ``time.monotonic``); tests inject a ManualClock.
+    clock: Clock | None = None
+
     def run(self, model: ir.Model, report: PassReport) -> None:
-        cfg = self.cfg
+        # One deadline for the whole pass, started before anything else.
+        self._deadline = Deadline(self.cfg.time_budget_s, clock=self.clock, label="resect")
+        try:
+            self._resect(model, report)
+        finally:
+            report.summary["time"] = self._deadline.report()
+
+    def _resect(self, model: ir.Model, report: PassReport) -> None:
+        cfg, deadline = self.cfg, self._deadline
         x = self.context.calibration
         assert x is not None  # CompressionPass.call checked
-        self._clock = time.perf_counter()
         infer_shapes(model)
         teacher = clone_model(model)
         before = _size(model)
@@ -283,15 +312,24 @@ class IncrementalResection(CompressionPass[ResectConfig]):
             return
 
         x_rank = spread_subset(x, cfg.rank_samples, self.context.seed)
-        ranking = self._rank(teacher, search.candidates, x_rank)
+        with deadline.phase("data"):
+            train, val = self._load_data(teacher)
+        with deadline.phase("validation"):
+            reference_top1 = self._validate(teacher, val, teacher, first=True)
+        report.summary["validation"] = val.name
+        report.summary["top1_before"] = reference_top1
+        self._trial_seconds = 0.0
+        self._floor: float | None = None
+        with deadline.phase("ranking"):
+            ranking, complete = self._rank(teacher, search.candidates, x_rank, first=True)
         # The teacher is a copy of the input model: its trial cuts are the input model's too.
         self._trials_of = model
         report.summary["ranking"] = ranking
-
-        train, val = self._load_data(teacher)
-        reference_top1 = self._top1(teacher, val, teacher)
-        report.summary["validation"] = val.name
-        report.summary["top1_before"] = reference_top1
+        if not complete:
+            report.summary["ranking_cut_short"] = (
+                f"the time budget held {len(ranking)} of {len(search.candidates)} trial cuts; "
+                "the stages choose among those"
+            )
         self._say(
             f"resect: {len(ranking)} candidates ranked; validation top-1 of the input model "
             f"{reference_top1:.2f}% on {len(val)} images ({val.name})"
@@ -307,10 +345,12 @@ class IncrementalResection(CompressionPass[ResectConfig]):
             if cfg.max_stages and stage >= cfg.max_stages:
                 stop_reason = f"max_stages={cfg.max_stages} reached"
                 break
+            if not deadline.fits(self._stage_minimum()):
+                stop_reason = f"time_budget_s={cfg.time_budget_s} holds no further stage"
+                break
             if stage > 0 and cfg.rerank:
-                ranking = self._rank(current, self._search(current).candidates, x_rank)
-                if report.layers:
-                    report.layers[-1]["ranking_after"] = [_ranking_brief(r) for r in ranking]
+                with deadline.phase("ranking"):
+                    ranking = self._rerank(current, ranking, x_rank, report)
                 self._planned_epochs = self._spent_epochs + self._plan_epochs(ranking, current_size)
             # A cut that does not shrink what the target measures (a layer swapped for its
             # bridge when layers are counted) only costs accuracy.
@@ -322,26 +362,34 @@ class IncrementalResection(CompressionPass[ResectConfig]):
                 break
             stage += 1
             tried.update(picks)
-            student, cuts = self._cut(current, picks, x_rank)
+            with deadline.phase("cuts"):
+                student, cuts = self._cut(current, picks, x_rank)
             if not cuts:
                 continue
             infer_shapes(student)
             record: dict[str, Any] = {"stage": stage, "cuts": [dataclasses.asdict(c) for c in cuts]}
-            record["top1_cut"] = self._top1(student, val, teacher)
+            with deadline.phase("validation"):
+                record["top1_cut"] = self._validate(student, val, teacher)
             self._say(
                 f"stage {stage}: cut {', '.join(c.key for c in cuts)}; validation top-1 "
                 f"{record['top1_cut']:.2f}% before training"
             )
-            trained = self._train_stage(student, teacher, cuts, train, val, record, stage)
+            with deadline.phase("training"):
+                trained = self._train_stage(student, teacher, cuts, train, val, record, stage)
             size = _size(trained)
-            top1 = record["top1_cut"] if trained is student else self._top1(trained, val, teacher)
+            with deadline.phase("validation"):
+                top1 = (
+                    record["top1_cut"]
+                    if trained is student
+                    else self._validate(trained, val, teacher)
+                )
             student = trained
             record.update(
                 top1=top1,
                 layers=size.layers,
                 macs=size.macs,
                 params=size.params,
-                seconds=round(time.perf_counter() - self._clock, 1),
+                seconds=round(deadline.spent(), 1),
             )
             drop = reference_top1 - top1
             record["accepted"] = drop <= cfg.max_drop
@@ -358,7 +406,8 @@ class IncrementalResection(CompressionPass[ResectConfig]):
             current, current_size = student, size
 
         if current is not model and cfg.final_epochs > 0:
-            current = self._final(current, teacher, train, val, report)
+            with deadline.phase("training"):
+                current = self._final(current, teacher, train, val, report)
             current_size = _size(current)
         changed = current is not model
         if changed:
@@ -368,9 +417,10 @@ class IncrementalResection(CompressionPass[ResectConfig]):
             model.functions.update(current.functions)
         if not stop_reason:
             stop_reason = "target met"
-        report.summary["top1_after"] = (
-            self._top1(model, val, teacher) if changed else reference_top1
-        )
+        with deadline.phase("validation"):
+            report.summary["top1_after"] = (
+                self._validate(model, val, teacher) if changed else reference_top1
+            )
         self._finish(report, before, current_size, stop_reason)
 
     def _finish(self, report: PassReport, before: _Size, after: _Size, reason: str) -> None:
@@ -456,20 +506,87 @@ class IncrementalResection(CompressionPass[ResectConfig]):
     def _search(self, model: ir.Model) -> CandidateSearch:
         return find_candidates(model, kinds=self.cfg.kinds, exclude=self.cfg.exclude)
 
-    def _rank(
-        self, model: ir.Model, candidates: list[Candidate], x: np.ndarray
+    def _stage_minimum(self) -> float:
+        """Seconds a stage needs at the least: a cut with its bridge fit (about a trial cut of
+        the ranking), its validation, the final validation and handing the model back."""
+        return self._trial_seconds + 2 * self._val_seconds + FINISH_SECONDS
+
+    def _require_minimum(self, candidates: int) -> None:
+        """Refuse a budget that cannot hold the minimum work still to do, once the first trial
+        cut has timed the ranking (see the module docstring)."""
+        deadline = self._deadline
+        need = (candidates - 1) * self._trial_seconds + self._stage_minimum()
+        done = deadline.phases.get("data", 0.0) + deadline.phases.get("validation", 0.0)
+        deadline.require(
+            need,
+            f"after loading the data and validating the input model ({done:.1f} s), ranking "
+            f"{candidates} candidates (~{self._trial_seconds:.1f} s each, timed on the first) "
+            f"and one stage: its cut, its validation and the final one "
+            f"(~{self._val_seconds:.1f} s each)",
+        )
+
+    def _rerank(
+        self,
+        current: ir.Model,
+        ranking: list[dict[str, Any]],
+        x: np.ndarray,
+        report: PassReport,
     ) -> list[dict[str, Any]]:
-        """Each candidate cut alone from ``model``: the change of its logits.
+        """The ranking redone on ``current``, or ``ranking`` when the time budget cannot hold
+        a whole re-ranking (the stage record says so)."""
+        deadline = self._deadline
+        candidates = self._search(current).candidates
+        record = report.layers[-1] if report.layers else {}
+        if deadline.limited:
+            # Its share of what is left after the stage's own minimum.
+            share = deadline.share(RERANK_SHARE, reserve=self._stage_minimum())
+            if not share.fits(len(candidates) * self._trial_seconds):
+                record["rerank_skipped"] = (
+                    f"{len(candidates)} trial cuts (~{self._trial_seconds:.1f} s each) would "
+                    f"take more than {RERANK_SHARE:.0%} of the time left"
+                )
+                return ranking
+        else:
+            share = deadline
+        rows, complete = self._rank(current, candidates, x, within=share)
+        if not complete:
+            record["rerank_skipped"] = "the time budget ran out during the re-ranking"
+            return ranking
+        record["ranking_after"] = [_ranking_brief(r) for r in rows]
+        return rows
+
+    def _rank(
+        self,
+        model: ir.Model,
+        candidates: list[Candidate],
+        x: np.ndarray,
+        first: bool = False,
+        within: Deadline | None = None,
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """Each candidate cut alone from ``model``: the change of its logits; and whether every
+        candidate was measured before ``within`` (default: the pass's deadline, less a stage's
+        minimum) ran out. ``first``: the first ranking, whose first trial cut times the ranking
+        for the up-front check of the budget.
 
         The cut copies of the ``per_stage`` least significant useful candidates are kept for
         ``_cut`` (the stage would redo the very same cut and bridge fit).
         """
         from onnxcompress.evaluate import predict
 
+        deadline = self._deadline if within is None else within
+        clock = deadline.clock
         reference = _class_scores(predict(model, x), len(x))
         rows: list[dict[str, Any]] = []
         kept: list[tuple[tuple[float, float], str, ir.Model, list[Resection]]] = []
+        complete = True
         for index, candidate in enumerate(candidates, 1):
+            if index > 1 and deadline.limited:
+                # Keep a stage's minimum back from the pass's deadline.
+                reserve = self._stage_minimum() if within is None else 0.0
+                if not deadline.fits(self._trial_seconds + reserve):
+                    complete = False
+                    break
+            tic = clock()
             trial, cuts = resected_copy(
                 model,
                 [candidate.key],
@@ -479,6 +596,9 @@ class IncrementalResection(CompressionPass[ResectConfig]):
                 ridge=self.cfg.ridge,
             )
             kl, agreement = logit_change(reference, _class_scores(predict(trial, x), len(x)))
+            self._trial_seconds = max(self._trial_seconds, clock() - tic)
+            if first and index == 1 and deadline.limited:
+                self._require_minimum(len(candidates))
             row = {
                 "key": candidate.key,
                 "kind": candidate.kind,
@@ -512,7 +632,7 @@ class IncrementalResection(CompressionPass[ResectConfig]):
                 f"  significance {row['key']}: KL {row['kl']:.4f}, top-1 agreement "
                 f"{row['agreement']:.1f}%"
             )
-        return rows
+        return rows, complete
 
     def _cut(
         self, current: ir.Model, picks: list[str], x: np.ndarray
@@ -552,6 +672,18 @@ class IncrementalResection(CompressionPass[ResectConfig]):
             train = calibration if train is None else train
         return train, val
 
+    def _validate(
+        self, model: ir.Model, val: Dataset, teacher: ir.Model, first: bool = False
+    ) -> float:
+        """``_top1``, timed: the slowest validation so far is what is kept back for the ones
+        that must follow (the machine's load may change)."""
+        clock = self._deadline.clock
+        tic = clock()
+        top1 = self._top1(model, val, teacher)
+        seconds = clock() - tic
+        self._val_seconds: float = seconds if first else max(self._val_seconds, seconds)
+        return top1
+
     @staticmethod
     def _top1(model: ir.Model, val: Dataset, teacher: ir.Model) -> float:
         """Top-1 on ``val`` (with labels), else agreement with the teacher, in percent."""
@@ -566,18 +698,40 @@ class IncrementalResection(CompressionPass[ResectConfig]):
 
     # -- training ----------------------------------------------------------------------------
 
-    def _time_left(self) -> float | None:
-        if self.cfg.time_budget_s is None:
+    def _time_left(self, validations: int = 2) -> float | None:
+        """Seconds left for training (None: no budget), keeping back the ``validations`` that
+        follow (a stage's after its training, and the final one) and handing the model back."""
+        if not self._deadline.limited:
             return None
-        return self.cfg.time_budget_s - (time.perf_counter() - self._clock)
+        return self._deadline.remaining() - validations * self._val_seconds - FINISH_SECONDS
 
-    def _budget(self, epochs: int) -> float | None:
-        """A stage run's share of what is left of ``time_budget_s``."""
+    def _budget(self, epochs: int, floor: float = 0.0, runs_after: int = 0) -> float | None:
+        """A stage run's share of what is left of ``time_budget_s``: in proportion to the
+        planned epochs, but at least ``RUN_MARGIN`` times the run's minimum ``floor`` (its
+        validations and a step), as far as what is left holds that for this run and the
+        ``runs_after`` it in the stage: a run that cannot do its validations and train too is
+        wasted, while the final distillation can run shorter."""
         left = self._time_left()
         if left is None:
             return None
+        left = max(left, 1.0)
         remaining_epochs = max(self._planned_epochs - self._spent_epochs, epochs)
-        return max(1.0, max(left, 1.0) * epochs / remaining_epochs)
+        share = left * epochs / remaining_epochs
+        return max(1.0, share, min(RUN_MARGIN * floor, left / (runs_after + 1)))
+
+    def _run_floor(
+        self, student: ir.Model, teacher: ir.Model, train: Dataset, val: Dataset, config: Any
+    ) -> float:
+        """The minimum of a stage's training run (``finetune``'s estimate), measured once: the
+        runs of every stage validate on the same data with the same teacher."""
+        if self._floor is None:
+            from onnxcompress.torch_bridge.train import minimum_work
+
+            deadline = self._deadline
+            with deadline.phase("estimate"):
+                work = minimum_work(student, teacher, train, val, config, deadline.clock)
+            self._floor = work.seconds
+        return self._floor
 
     def _finetune(
         self,
@@ -587,8 +741,12 @@ class IncrementalResection(CompressionPass[ResectConfig]):
         val: Dataset,
         epochs: int,
         budget_s: float | None = None,
+        runs_after: int = 0,
         **options: Any,
     ) -> Any:
+        """A training run through ``finetune``, within the pass's deadline (``budget_s``: its
+        budget; default: its share, see ``_budget``); None when what it gets cannot hold its
+        minimum (``self._skipped`` says why)."""
         from onnxcompress.torch_bridge.train import FinetuneConfig, finetune
 
         cfg = self.cfg
@@ -598,13 +756,31 @@ class IncrementalResection(CompressionPass[ResectConfig]):
             temperature=cfg.temperature,
             alpha=cfg.alpha,
             epoch_samples=cfg.epoch_samples,
-            time_budget_s=self._budget(epochs) if budget_s is None else budget_s,
             seed=self.context.seed,
             device=cfg.device,
             **options,
         )
-        result = finetune(student, teacher, train, val, config, progress=self.context.progress)
+        budget = budget_s
+        if budget is None and self._deadline.limited:
+            floor = self._run_floor(student, teacher, train, val, config)
+            budget = self._budget(epochs, floor, runs_after)
+        config.time_budget_s = budget if budget is None else max(budget, 1e-3)
         self._spent_epochs += epochs
+        try:
+            result = finetune(
+                student,
+                teacher,
+                train,
+                val,
+                config,
+                progress=self.context.progress,
+                deadline=self._deadline,
+            )
+        except BudgetTooShortError as exc:
+            # The stage goes on untrained (and is likely undone by max_drop).
+            self._skipped = str(exc)
+            self._say(f"resect: training skipped: {exc}")
+            return None
         speeds = [r.images_per_second for r in result.history if r.images_per_second]
         if speeds and options.get("trainable", "all") == "all":
             # Whole-network training speed: what the final distillation will run at.
@@ -638,26 +814,33 @@ class IncrementalResection(CompressionPass[ResectConfig]):
                 train,
                 val,
                 cfg.layer_epochs,
+                runs_after=int(cfg.epochs > 0),
                 loss="hint",
                 hint_tensors=pairs,
                 hint_weight=cfg.hint_weight,
                 trainable=trainable,
                 lr=cfg.layer_lr,
             )
-            student = result.model
-            record["layer_learning"] = self._history(result)
-            self._say(
-                f"stage {stage}: layer-level learning of {len(trainable)} layers, loss "
-                f"{record['layer_learning']['loss']}, validation top-1 {result.best_top1}"
-            )
+            if result is None:
+                record["layer_learning"] = {"skipped": self._skipped}
+            else:
+                student = result.model
+                record["layer_learning"] = self._history(result)
+                self._say(
+                    f"stage {stage}: layer-level learning of {len(trainable)} layers, loss "
+                    f"{record['layer_learning']['loss']}, validation top-1 {result.best_top1}"
+                )
         if cfg.epochs > 0:
             result = self._finetune(student, teacher, train, val, cfg.epochs, loss="kd", lr=cfg.lr)
-            student = result.model
-            record["overall_learning"] = self._history(result)
-            self._say(
-                f"stage {stage}: overall learning, loss {record['overall_learning']['loss']}, "
-                f"validation top-1 {result.best_top1}"
-            )
+            if result is None:
+                record["overall_learning"] = {"skipped": self._skipped}
+            else:
+                student = result.model
+                record["overall_learning"] = self._history(result)
+                self._say(
+                    f"stage {stage}: overall learning, loss {record['overall_learning']['loss']}, "
+                    f"validation top-1 {result.best_top1}"
+                )
         return student
 
     def _final(
@@ -671,7 +854,7 @@ class IncrementalResection(CompressionPass[ResectConfig]):
         cfg = self.cfg
         if train is None:
             return current
-        epochs, budget = cfg.final_epochs, self._time_left()
+        epochs, budget = cfg.final_epochs, self._time_left(validations=1)
         if budget is not None:
             if budget < MIN_FINAL_SECONDS:
                 self._say(f"final distillation skipped: {max(budget, 0):.0f} s of the budget left")
@@ -696,6 +879,9 @@ class IncrementalResection(CompressionPass[ResectConfig]):
             + (f", hints at {', '.join(t for t, _ in hints)}" if hints else "")
         )
         result = self._finetune(current, teacher, train, val, epochs, budget_s=budget, **options)
+        if result is None:
+            report.summary["final_learning"] = {"skipped": self._skipped}
+            return current
         report.summary["final_learning"] = self._history(result)
         report.summary["final_learning"]["epochs"] = len(result.history) - 1
         report.summary["final_learning"]["budget_s"] = None if budget is None else round(budget, 1)

@@ -13,7 +13,9 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+import onnxcompress.passes.cheapconv as cheapconv_module
 from onnxcompress import cheap_kernels
+from onnxcompress.deadline import BudgetTooShortError, ManualClock
 from onnxcompress.errors import PassConfigError
 from onnxcompress.metrics import model_metrics
 from onnxcompress.model import canonicalize, clone_model, load_model
@@ -591,6 +593,177 @@ def test_no_training_without_data():
         "ran": False,
         "reason": "no training data (give --data)",
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Time budget: on a clock that moves per unit of work, never the wall clock
+# ---------------------------------------------------------------------------------------------
+
+
+def digits_chain(bodies: int = 4) -> ir.Model:
+    """``digits_model`` with ``bodies`` 8->8 3x3 convs after the stem: one fit each."""
+    rng = np.random.default_rng(0)
+    shapes = {"w0": (8, 1, 3, 3), **{f"w{i}": (8, 8, 3, 3) for i in range(1, bodies + 1)}}
+    shapes["fc"] = (10, 8)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal(s).astype(np.float32) * 0.4, n)
+        for n, s in shapes.items()
+    ]
+    nodes = [helper.make_node("Conv", ["input", "w0"], ["a0"], name="stem", pads=[1] * 4)]
+    for i in range(1, bodies + 1):
+        nodes.append(helper.make_node("Relu", [f"a{i - 1}"], [f"r{i}"], name=f"relu{i}"))
+        nodes.append(
+            helper.make_node("Conv", [f"r{i}", f"w{i}"], [f"a{i}"], name=f"body{i}", pads=[1] * 4)
+        )
+    nodes += [
+        helper.make_node("GlobalAveragePool", [f"a{bodies}"], ["e"], name="gap"),
+        helper.make_node("Flatten", ["e"], ["f"], name="flat"),
+        helper.make_node("Gemm", ["f", "fc"], ["output"], name="head", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "digits_chain",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 8, 8])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 10])],
+        inits,
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    model = ir.serde.deserialize_model(proto)
+    canonicalize(model)
+    return model
+
+
+def digits_images(count: int) -> np.ndarray:
+    from onnxcompress.evaluate import dataset_for_model
+
+    return dataset_for_model(digits_chain(), f"digits[:{count}]").x
+
+
+@pytest.fixture
+def fit_clock(monkeypatch: pytest.MonkeyPatch) -> ManualClock:
+    """A clock that moves 0.01 s per calibration image a layer's init fit reads."""
+    clock = ManualClock()
+    real = cheapconv_module._pair_statistics
+
+    def timed(source: ir.Model, target: ir.Model, x: np.ndarray, batch: int) -> object:
+        clock.advance(0.01 * len(x))
+        return real(source, target, x, batch)
+
+    monkeypatch.setattr(cheapconv_module, "_pair_statistics", timed)
+    return clock
+
+
+def budgeted(options: dict, context: PassContext, clock: ManualClock) -> object:
+    compression = create_pass("cheapconv", options, context)
+    compression.clock = clock  # type: ignore[attr-defined]
+    return compression
+
+
+@pytest.mark.parametrize(
+    ("budget", "images", "closed_form"),
+    [
+        # Unhurried: every layer fits on all 64 images.
+        (100.0, [64, 64, 64, 64], 0),
+        # 0.64 s for the first fit (untimed: all images), then an even share of what is left
+        # for each of the others (0.86 s / 3, 0.58 s / 2, ...), at the 0.01 s per image the
+        # first one measured (rounded down).
+        (1.5, [64, 28, 28, 29], 0),
+        # 0.16 s left after the first: a third or half of it holds fewer than MIN_FIT_IMAGES
+        # (16), the closed form stays; the last layer has it all, 16 images.
+        (0.8, [64, 0, 0, 16], 2),
+    ],
+)
+def test_the_init_fits_on_fewer_images_when_its_share_of_the_budget_runs_out(
+    fit_clock: ManualClock, budget: float, images: list[int], closed_form: int
+) -> None:
+    model = digits_chain(4)
+    options = {"epochs": 0, "init": "activations", "time_budget_s": budget}
+    compression = budgeted(options, PassContext(calibration=digits_images(64)), fit_clock)
+    compression(model)  # type: ignore[operator]
+    report = compression.report  # type: ignore[attr-defined]
+    assert [layer["init_images"] for layer in report.layers] == images
+    assert report.summary["time"]["spent_s"] <= budget
+    shortened = report.summary.get("init_shortened")
+    if images == [64] * 4:
+        assert shortened is None
+    else:
+        assert len(shortened["fewer_images"]) + len(shortened["closed_form"]) == 3
+        assert len(shortened["closed_form"]) == closed_form
+    # A layer that kept the closed form has no activation error; the others improved on it.
+    for layer in report.layers:
+        assert ("act_rel_error" in layer) == (layer["init_images"] > 0)
+    check_valid(model)
+
+
+def test_the_whole_pass_with_training_ends_within_its_budget(
+    fit_clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Loading the data (1 s a set), the init fits and the training steps (0.05 s each) all
+    draw from the one deadline; the init takes half of what the training's minimum leaves."""
+    from onnxcompress.torch_bridge import train as train_module
+
+    real_load, real_step = PassContext.load, train_module._Trainer._step
+
+    def load(model: ir.Model, spec: str | None) -> object:
+        fit_clock.advance(1.0)
+        return real_load(model, spec)
+
+    def step(self: object, *args: object) -> float:
+        fit_clock.advance(0.05)
+        return real_step(self, *args)
+
+    monkeypatch.setattr(PassContext, "load", staticmethod(load))
+    monkeypatch.setattr(train_module._Trainer, "_step", step)
+    budget = 6.0
+    options = {"epochs": 1000, "batch_size": 32, "time_budget_s": budget, "init": "activations"}
+    context = PassContext(calibration=digits_images(64), train_spec="digits[:256]")
+    compression = budgeted(options, context, fit_clock)
+    model = digits_chain(4)
+    compression(model)  # type: ignore[operator]
+    summary = compression.report.summary  # type: ignore[attr-defined]
+    phases = summary["time"]["phases_s"]
+    assert phases["data"] == 2.0  # training and validation sets, loaded inside the budget
+    assert phases["init"] <= (budget - 2.0) / 2 + 0.01
+    assert summary["training"]["ran"] and summary["training"]["out_of_time"]
+    assert summary["time"]["spent_s"] <= budget + 0.05 + 1e-9  # at most one step past it
+    check_valid(model)
+
+
+def test_a_budget_that_cannot_hold_the_training_is_refused_before_the_init(
+    fit_clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_load = PassContext.load
+    fits: list[str] = []
+
+    def load(model: ir.Model, spec: str | None) -> object:
+        fit_clock.advance(2.5)
+        return real_load(model, spec)
+
+    from onnxcompress.torch_bridge.module import OnnxModule
+
+    real_forward = OnnxModule.forward
+
+    def forward(self: OnnxModule, *args: object, **kwargs: object) -> object:
+        fit_clock.advance(0.1)
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(PassContext, "load", staticmethod(load))
+    monkeypatch.setattr(OnnxModule, "forward", forward)
+    monkeypatch.setattr(
+        cheapconv_module.CheapConvolutions,
+        "_fit_layer",
+        lambda self, model, original, layer, *rest: fits.append(layer["node"]),
+    )
+    # Loading the training data and (no) validation data: 5 s of a 4 s budget.
+    options = {"epochs": 5, "time_budget_s": 4.0, "init": "activations"}
+    context = PassContext(calibration=digits_images(64), train_spec="digits[:256]")
+    compression = budgeted(options, context, fit_clock)
+    with pytest.raises(BudgetTooShortError) as caught:
+        compression(digits_chain(2))  # type: ignore[operator]
+    message = str(caught.value)
+    assert message.startswith("cheapconv: time_budget_s=4 cannot hold the minimum work")
+    assert "after loading the data (5.0 s), training: " in message
+    assert fits == []  # refused before the init spent anything
 
 
 # ---------------------------------------------------------------------------------------------

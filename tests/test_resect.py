@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
 from channel_models import BUILDERS, Net, feeds_for, image_input, run
 
+from onnxcompress.deadline import BudgetTooShortError, ManualClock
 from onnxcompress.errors import PassConfigError
 from onnxcompress.metrics import model_metrics
 from onnxcompress.model import clone_model, load_model
@@ -24,9 +27,11 @@ def resect(
     model: ir.Model,
     x: np.ndarray | None = None,
     labels: np.ndarray | None = None,
+    clock: ManualClock | None = None,
     **options: object,
 ) -> dict:
-    """Run the pass data-free (closed-form stage only) unless options ask for training."""
+    """Run the pass data-free (closed-form stage only) unless options ask for training;
+    ``clock``: the clock of its time budget."""
     options.setdefault("epochs", 0)
     options.setdefault("layer_epochs", 0)
     options.setdefault("max_drop", 100.0)
@@ -34,8 +39,42 @@ def resect(
     compression = create_pass(
         "resect", options, PassContext(calibration=x, calibration_labels=labels)
     )
+    compression.clock = clock  # type: ignore[attr-defined]
     compression(model)
     return compression.report.as_dict()
+
+
+def work_clock(
+    monkeypatch: pytest.MonkeyPatch,
+    step: float = 0.05,
+    trial: float = 0.1,
+    validation: float = 0.1,
+    batch: float = 0.01,
+) -> ManualClock:
+    """A clock that moves per unit of work: a training step, a trial cut (with its bridge fit
+    and logits), a validation of the pass, a forward batch of the trainer's validations."""
+    from onnxcompress.passes import resect as resect_module
+    from onnxcompress.torch_bridge import train as train_module
+
+    clock = ManualClock()
+
+    def timed(real: Any, seconds: float) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            clock.advance(seconds)
+            return real(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(train_module._Trainer, "_step", timed(train_module._Trainer._step, step))
+    monkeypatch.setattr(
+        train_module._Trainer, "_predict", timed(train_module._Trainer._predict, batch)
+    )
+    monkeypatch.setattr(resect_module, "resected_copy", timed(resect_module.resected_copy, trial))
+    top1 = resect_module.IncrementalResection._top1
+    monkeypatch.setattr(
+        resect_module.IncrementalResection, "_top1", staticmethod(timed(top1, validation))
+    )
+    return clock
 
 
 def assert_valid(model: ir.Model, original: ir.Model) -> None:
@@ -334,15 +373,19 @@ def test_ranking_samples_come_from_the_whole_calibration_batch() -> None:
     assert spread_subset(x[:50], 100).shape == (50, 1)
 
 
-def test_final_distillation_spends_what_the_time_budget_leaves() -> None:
+def test_final_distillation_spends_what_the_time_budget_leaves(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """With time_budget_s the final distillation runs past final_epochs=1 on the clock, and
-    stops within the time the stages left it."""
+    stops within the time the stages left it; the whole pass ends within the budget."""
+    clock = work_clock(monkeypatch)
     model = two_block_resnet()
     x = calibration(model, 32)
     budget = 12.0
     report = resect(
         model,
         x,
+        clock=clock,
         kinds="branch",
         target_layers=4,
         epochs=1,
@@ -353,9 +396,54 @@ def test_final_distillation_spends_what_the_time_budget_leaves() -> None:
     )
     final = report["summary"]["final_learning"]
     assert final["epochs"] > 1
-    assert 0 < final["budget_s"] <= budget - report["layers"][-1]["seconds"] + 0.5
-    assert final["seconds"] <= final["budget_s"] + 1.0
+    assert 0 < final["budget_s"] <= budget - report["layers"][-1]["seconds"]
+    assert final["seconds"] <= final["budget_s"] + 0.05 + 1e-9  # at most one step past it
     assert len(final["curve"]) == final["epochs"] + 1
+    time_report = report["summary"]["time"]
+    assert time_report["spent_s"] <= budget + 0.05 + 1e-9
+    assert {"data", "validation", "ranking", "cuts", "training"} <= set(time_report["phases_s"])
+
+
+def test_a_budget_that_cannot_hold_the_ranking_and_a_stage_is_refused_up_front(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first trial cut times the ranking: 2 candidates at 2 s each, then a stage (its cut,
+    its validation and the final one at 1 s each, and a second to hand the model back)."""
+    clock = work_clock(monkeypatch, trial=2.0, validation=1.0)
+    model = two_block_resnet()
+    with pytest.raises(BudgetTooShortError) as caught:
+        resect(model, clock=clock, kinds="branch", target_layers=4, time_budget_s=5.0)
+    message = str(caught.value)
+    assert message.startswith("resect: time_budget_s=5 cannot hold the minimum work")
+    assert "validating the input model (1.0 s), ranking 2 candidates (~2.0 s each" in message
+    assert "about 7.0 s; 3.0 s already spent; give a budget of at least 10 s" in message
+    # That budget holds it, and the pass keeps to it.
+    clock = work_clock(monkeypatch, trial=2.0, validation=1.0)
+    report = resect(model, clock=clock, kinds="branch", target_layers=4, time_budget_s=10.0)
+    assert report["modified"] and report["summary"]["time"]["spent_s"] <= 10.0
+
+
+def test_training_that_does_not_fit_its_share_is_skipped_and_a_rerank_that_does_not_is_too(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Trial cuts of 1 s: after stage 1 a re-ranking of the 2 candidates left takes 2 s, more
+    than a quarter of what is left; validations of 1 s a batch leave no training run room for
+    its three. Both are skipped and recorded, and the pass ends within its budget."""
+    clock = work_clock(monkeypatch, trial=1.0, validation=0.1, batch=1.0)
+    model = three_block_resnet()
+    x = calibration(model, 48)
+    budget = 12.0
+    options = {"kinds": "branch", "target_layers": 3, "max_stages": 2, "epochs": 1}
+    report = resect(model, x, clock=clock, **options, time_budget_s=budget)
+    first, second = report["layers"]
+    assert "rerank_skipped" in first and "ranking_after" not in first
+    for stage in (first, second):
+        assert "cannot hold the minimum work" in stage["overall_learning"]["skipped"]
+    assert report["summary"]["time"]["spent_s"] <= budget
+    # Without the budget both run.
+    unhurried = resect(three_block_resnet(), x, clock=clock, **options)
+    assert "ranking_after" in unhurried["layers"][0]
+    assert "loss" in unhurried["layers"][0]["overall_learning"]
 
 
 def test_final_distillation_hints_at_the_shared_feature_maps() -> None:

@@ -3,6 +3,7 @@ checkpoints resume exactly, the CLI reports bad input in one line, and DDP runs 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -22,6 +23,7 @@ from torch import nn
 
 from onnxcompress.cli import main
 from onnxcompress.data import Dataset
+from onnxcompress.deadline import BudgetTooShortError, Deadline, ManualClock
 from onnxcompress.errors import DataError, PassConfigError, UnsupportedOpError
 from onnxcompress.evaluate import dataset_for_model
 from onnxcompress.model import load_model, model_to_bytes, save_model
@@ -366,17 +368,204 @@ def test_cross_entropy_only_without_teacher(
     assert result.best_top1 is not None and result.best_top1 > result.history[0].val_top1  # type: ignore[operator]
 
 
+def _clock_per_unit(
+    monkeypatch: pytest.MonkeyPatch, step_s: float, batch_s: float = 0.0
+) -> tuple[ManualClock, dict[str, int]]:
+    """A clock that moves ``step_s`` per training step and ``batch_s`` per forward pass of a
+    validation (or estimate) batch; and counters of both."""
+    clock = ManualClock()
+    counts = {"steps": 0, "batches": 0}
+    real_step, real_predict = train_module._Trainer._step, train_module._Trainer._predict
+
+    def step(self: Any, *args: Any) -> float:
+        counts["steps"] += 1
+        clock.advance(step_s)
+        return real_step(self, *args)
+
+    def predict(self: Any, *args: Any) -> torch.Tensor:
+        counts["batches"] += 1
+        clock.advance(batch_s)
+        return real_predict(self, *args)
+
+    monkeypatch.setattr(train_module._Trainer, "_step", step)
+    monkeypatch.setattr(train_module._Trainer, "_predict", predict)
+    return clock, counts
+
+
 def test_time_budget_stops_the_run_and_anneals_the_learning_rate(
-    student: ir.Model, teacher: ir.Model, small_train: Dataset, val_data: Dataset
+    student: ir.Model,
+    teacher: ir.Model,
+    small_train: Dataset,
+    val_data: Dataset,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # 0.1 s per step, 0.05 s per validation batch (397 images: 2 batches, 0.1 s a validation).
+    clock, counts = _clock_per_unit(monkeypatch, step_s=0.1, batch_s=0.05)
     config = FinetuneConfig(epochs=1000, batch_size=32, time_budget_s=4.0)
-    result = finetune(student, teacher, small_train, val_data, config, progress=False)
+    result = finetune(
+        student,
+        teacher,
+        small_train,
+        val_data,
+        config,
+        progress=False,
+        deadline=Deadline(None, clock=clock),
+    )
     assert result.out_of_time
     trained = [r for r in result.history if r.epoch > 0]
     assert 1 <= len(trained) < 1000
     assert trained[-1].lr == pytest.approx(0.0, abs=1e-9)  # the schedule ran out with the time
-    assert result.seconds < 4.0 + 3.0  # the budget, plus the last step and model write-back
+    # The whole call, its validations included, ends within the budget: the last validation
+    # and one more step were kept back for.
+    assert result.seconds <= 4.0 + 1e-9 and clock() <= 4.0 + 1e-9
+    assert result.validations_cut_short == 0
+    assert 20 < counts["steps"] < 40
     assert result.best_top1 is not None and result.best_top1 > result.history[0].val_top1  # type: ignore[operator]
+
+
+def test_a_deadline_handed_over_bounds_the_run_from_where_it_stands(
+    student: ir.Model,
+    teacher: ir.Model,
+    small_train: Dataset,
+    val_data: Dataset,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A pass's deadline, half spent before the call, ends the run at its own end, however
+    long ``time_budget_s`` is; and without a budget the run does every epoch."""
+    clock, counts = _clock_per_unit(monkeypatch, step_s=0.1, batch_s=0.05)
+    parent = Deadline(6.0, clock=clock, label="resect")
+    clock.advance(3.0)
+    config = FinetuneConfig(epochs=1000, batch_size=32, time_budget_s=100.0)
+    result = finetune(
+        student, teacher, small_train, val_data, config, progress=False, deadline=parent
+    )
+    assert result.out_of_time and clock() <= parent.end + 1e-9
+    assert result.seconds <= 3.0 + 0.1 + 1e-9
+
+    counts["steps"] = 0
+    unlimited = Deadline(None, clock=clock)
+    config = FinetuneConfig(epochs=2, batch_size=128)
+    result = finetune(
+        student, teacher, small_train, val_data, config, progress=False, deadline=unlimited
+    )
+    assert not result.out_of_time and counts["steps"] == 2 * 3  # 384 images, 3 batches an epoch
+
+
+def test_the_users_own_deadline_counts_what_the_caller_did_before_the_run(
+    student: ir.Model,
+    teacher: ir.Model,
+    small_train: Dataset,
+    val_data: Dataset,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``onnxcompress finetune`` starts the user's budget before it loads the models and the
+    data and hands it over without ``time_budget_s``: the run ends where that budget ends,
+    with the loading counted, and the result's seconds are the budget's spent seconds."""
+    clock, _ = _clock_per_unit(monkeypatch, step_s=0.1, batch_s=0.05)
+    own = Deadline(6.0, clock=clock, label="finetune")
+    clock.advance(4.0)  # loading the models and the data
+    config = FinetuneConfig(epochs=1000, batch_size=32)
+    result = finetune(student, teacher, small_train, val_data, config, progress=False, deadline=own)
+    assert result.out_of_time and clock() <= own.end + 1e-9
+    assert 4.0 < result.seconds <= 6.0 + 1e-9
+
+
+def test_a_budget_too_short_for_the_minimum_work_is_refused_before_it_starts(
+    student: ir.Model,
+    teacher: ir.Model,
+    small_train: Dataset,
+    val_data: Dataset,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The minimum: the teacher's validation, the starting point's, the last one (a batch
+    each: 397 images, eval_batch_size 512) and one step; estimated from a batch of the student
+    and one of the teacher, each timed twice (4 s of the fake clock)."""
+    clock, counts = _clock_per_unit(monkeypatch, step_s=0.1, batch_s=1.0)
+    config = FinetuneConfig(epochs=1000, batch_size=32, eval_batch_size=512, time_budget_s=2.5)
+    with pytest.raises(BudgetTooShortError) as caught:
+        finetune(
+            student,
+            teacher,
+            small_train,
+            val_data,
+            config,
+            progress=False,
+            deadline=Deadline(None, clock=clock),
+        )
+    message = str(caught.value)
+    assert message.startswith("finetune: time_budget_s=2.5 cannot hold the minimum work")
+    assert (
+        "validations over 397 images, 2 of the student (~1.0 s each) and 1 of the teacher "
+        "(~1.0 s each), and one training step (~0.16 s), about 3.2 s; 4.0 s already spent; "
+        "give a budget of at least 8 s"
+    ) in message
+    assert counts["steps"] == 0 and counts["batches"] == 4  # only the estimate's batches ran
+    # A budget that holds the minimum is not refused, and is kept: 4 s of estimate, 3 s of
+    # validations and at least one step.
+    counts.update(steps=0, batches=0)
+    config = dataclasses.replace(config, time_budget_s=7.5)
+    start = clock()
+    result = finetune(
+        student,
+        teacher,
+        small_train,
+        val_data,
+        config,
+        progress=False,
+        deadline=Deadline(None, clock=clock),
+    )
+    assert counts["steps"] >= 1 and result.best_epoch >= 0
+    assert clock() - start <= 7.5 and result.validations_cut_short == 0
+
+
+def test_validations_stop_at_the_deadline_when_the_machine_slows_down(
+    student: ir.Model,
+    teacher: ir.Model,
+    small_train: Dataset,
+    val_data: Dataset,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The estimate timed batches at 0.1 s; then each takes 1 s (another job took the cores).
+    Validations score a spread subset rather than run past the deadline."""
+    clock = ManualClock()
+    real_predict = train_module._Trainer._predict
+    batches: list[int] = []
+
+    def predict(self: Any, network: Any, x: torch.Tensor) -> torch.Tensor:
+        batches.append(len(x))
+        clock.advance(0.1 if len(batches) <= 4 else 1.0)
+        return real_predict(self, network, x)
+
+    monkeypatch.setattr(train_module._Trainer, "_predict", predict)
+    config = FinetuneConfig(epochs=1000, batch_size=32, eval_batch_size=64, time_budget_s=6.0)
+    result = finetune(
+        student,
+        teacher,
+        small_train,
+        val_data,
+        config,
+        progress=False,
+        deadline=Deadline(None, clock=clock),
+    )
+    # 397 images are 7 batches: the teacher's validation alone would take 7 s.
+    assert result.validations_cut_short >= 2
+    assert all(record.val_images is not None for record in result.history)
+    assert any(record.val_images < len(val_data) for record in result.history)  # type: ignore[operator]
+    # Past the deadline each of the three validations scores one batch, no more.
+    assert clock() <= 6.0 + 3 * 1.0 + 1e-9
+    assert result.as_dict()["validations_cut_short"] == result.validations_cut_short
+
+
+def test_cli_finetune_refuses_a_time_budget_too_short_in_one_line(
+    student_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out.onnx"
+    args = ["finetune", str(student_path), "--teacher", str(DEMO_MODEL), "--data", "digits[:64]"]
+    # 1e-6 minutes: the setup before the check alone takes longer.
+    args += ["--val", "digits[1400:]", "-o", str(out), "--time-budget", "1e-6"]
+    code, _, err = run_cli(args, capsys)
+    assert_user_error(code, err, "finetune: time_budget_s=6e-05", "cannot hold the minimum work")
+    assert not out.exists()
 
 
 # ---------------------------------------------------------------------------------------------

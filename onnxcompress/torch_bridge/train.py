@@ -20,6 +20,12 @@ Losses (``FinetuneConfig.loss``):
 The same ``finetune`` call runs as one process or under ``torchrun --nproc_per_node=N``
 (DistributedDataParallel, one writer); checkpoints are written every epoch, and a resumed run
 ends with the same weights as an uninterrupted one.
+
+A time budget (``time_budget_s``, or a ``Deadline`` a pass hands over) covers the whole call:
+BatchNorm insertion, building the networks, every validation, checkpoints and the write-back.
+The minimum work (the validations the run must make and one training step) is estimated from a
+timed batch before any of it starts; a budget that cannot hold it is refused with
+``BudgetTooShortError`` (a ``PassConfigError``).
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from onnxcompress.data import Dataset
+from onnxcompress.deadline import Clock, Deadline
 from onnxcompress.errors import (
     DataError,
     OnnxCompressError,
@@ -81,6 +88,9 @@ ONECYCLE_END_DIV = 1e4
 PEER_NOISE = 0.01
 # Training images (spread over the set) whose statistics initialize inserted BatchNorms.
 BATCHNORM_CALIBRATION = 512
+# Forward passes timed to estimate a budgeted run's minimum work; the first one warms up
+# (oneDNN builds its kernels for a new shape then), the fastest one counts.
+MINIMUM_PROBES = 2
 
 
 @dataclasses.dataclass
@@ -111,10 +121,13 @@ class FinetuneConfig:
         flip: horizontal flips when augmenting (off for data where mirroring changes the class).
         epoch_samples: train each epoch on this many images, a fresh random subset every epoch
             (None: all); for time-budgeted runs on large data.
-        time_budget_s: stop when this much wall time is spent (validation included; the last
-            validation is budgeted for), with the learning-rate schedule driven by whichever
-            runs out first, steps or time. Timing is not reproducible, so neither is a run
-            that the budget cut short.
+        time_budget_s: wall time of the whole call, from its start (BatchNorm insertion,
+            network building, validations, checkpoints and the write-back included; the last
+            validation is kept back for), with the learning-rate schedule driven by whichever
+            runs out first, steps or time; a budget that cannot hold the minimum work (the
+            validations and one training step) is refused before it starts. Over resumed runs
+            the budget is their total. Timing is not reproducible, so neither is a run that the
+            budget cut short.
         trainable: which student parameters train (``OnnxModule``'s ``trainable``).
         label_smoothing: of the cross-entropy term.
         max_grad_norm: clip the global gradient norm to this (None: no clipping). Models whose
@@ -242,6 +255,8 @@ class EpochRecord:
         images_per_second: training throughput over all processes.
         lr: learning rate at the end of the epoch.
         images: training images seen in the epoch, over all processes.
+        val_images: images the validation scored: fewer than the validation data holds when
+            the time budget ran out during it.
     """
 
     epoch: int
@@ -251,6 +266,7 @@ class EpochRecord:
     images_per_second: float | None = None
     lr: float | None = None
     images: int | None = None
+    val_images: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -268,9 +284,11 @@ class FinetuneResult:
             starting point on validation and the weights are the ones given.
         best_top1: validation top-1 of that epoch.
         teacher_top1: the teacher's validation top-1, when both exist.
-        seconds: wall time of the whole run.
+        seconds: time of the whole run (on the deadline's clock).
         world_size: processes that trained.
         out_of_time: ``time_budget_s`` ended the run before all epochs were done.
+        validations_cut_short: validations (the teacher's included) the deadline ended before
+            they had scored every image; their top-1 is over a spread subset.
         trained_graph: with ``batchnorm``, the graph that trained (BatchNorms inserted), whose
             state an ``after_step`` hook saw; None without.
         inserted: the BatchNormalization nodes inserted into ``trained_graph``.
@@ -285,6 +303,7 @@ class FinetuneResult:
     seconds: float
     world_size: int = 1
     out_of_time: bool = False
+    validations_cut_short: int = 0
     trained_graph: ir.Model | None = dataclasses.field(default=None, repr=False)
     inserted: tuple[str, ...] = ()
 
@@ -318,6 +337,7 @@ class FinetuneResult:
             "seconds": round(self.seconds, 3),
             "world_size": self.world_size,
             "out_of_time": self.out_of_time,
+            "validations_cut_short": self.validations_cut_short,
             "history": [record.as_dict() for record in self.history],
         }
 
@@ -662,8 +682,169 @@ def _clone_state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Minimum work of a budgeted run
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class MinimumWork:
+    """What a ``finetune`` run must do whatever its budget, estimated before it starts.
+
+    Attributes:
+        seconds: the estimate, a lower bound.
+        needs: what that is, in words, for a message.
+    """
+
+    seconds: float
+    needs: str
+
+
+def _validation_passes(
+    val: Dataset | None, has_teacher: bool, distills: bool, mutual: bool, resumed: bool = False
+) -> tuple[int, int]:
+    """(student, teacher) network passes over the validation data that every run makes: the
+    teacher's top-1 (labelled data), the starting point's validation unless resumed and the
+    last epoch's; without labels each validation also runs the reference (the teacher) whose
+    predictions stand in for them (as ``_measure_top1``)."""
+    if val is None:
+        return 0, 0
+    validations = 1 if resumed else 2
+    if val.y is not None:
+        return validations, int(has_teacher)
+    if distills or (mutual and has_teacher):
+        return validations, validations
+    return 0, 0
+
+
+def _fastest(forward: Callable[[torch.Tensor], Any], x: torch.Tensor, clock: Clock) -> float:
+    """Seconds per image of ``forward`` over ``x``: the fastest of ``MINIMUM_PROBES`` timed
+    calls (the first warms up: oneDNN builds its kernels for a new shape then)."""
+    timings = []
+    for _ in range(MINIMUM_PROBES):
+        tic = clock()
+        forward(x)
+        timings.append(clock() - tic)
+    return min(timings) / max(len(x), 1)
+
+
+def _minimum_work(
+    student: Callable[[torch.Tensor], Any],
+    teacher: Callable[[torch.Tensor], Any] | None,
+    clock: Clock,
+    train: Dataset,
+    val: Dataset | None,
+    config: FinetuneConfig,
+    passes: tuple[int, int],
+    images: int,
+    students: int,
+    distills: bool,
+) -> MinimumWork:
+    """The validations' ``passes`` (student's, teacher's) over ``images`` validation images
+    and one training step of ``students`` trained networks (and the teacher, when it
+    ``distills``), from timed forward passes of the student and the teacher over one batch.
+
+    A lower bound: a training step also runs the backward pass; so a budget that would work
+    is not refused.
+    """
+    probe = val if sum(passes) and val is not None else train
+    size = config.eval_batch_size if probe is val else config.batch_size
+    x = torch.from_numpy(probe.x[: min(size, len(probe))])
+    per_student = _fastest(student, x, clock)
+    timed_teacher = teacher is not None and (passes[1] > 0 or distills)
+    per_teacher = _fastest(teacher, x, clock) if teacher is not None and timed_teacher else 0.0
+    student_pass, teacher_pass = per_student * images, per_teacher * images
+    step = config.batch_size * (per_student * students + (per_teacher if distills else 0.0))
+    needs = f"one training step (~{step:.2f} s)"
+    if sum(passes):
+        parts = [f"{passes[0]} of the student (~{student_pass:.1f} s each)"]
+        if passes[1]:
+            parts.append(f"{passes[1]} of the teacher (~{teacher_pass:.1f} s each)")
+        needs = f"validations over {images} images, {' and '.join(parts)}, and {needs}"
+    return MinimumWork(passes[0] * student_pass + passes[1] * teacher_pass + step, needs)
+
+
+def _forward_on(
+    module: nn.Module, device: torch.device, config: FinetuneConfig
+) -> Callable[[torch.Tensor], Any]:
+    """A validation forward pass of ``module``, as the trainer runs it (layout, autocast)."""
+    amp = config.amp and device.type == "cuda"
+    amp_dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
+
+    def forward(x: torch.Tensor) -> Any:
+        x = x.to(device)
+        if x.dim() == 4 and config.channels_last in (None, True):
+            x = x.contiguous(memory_format=torch.channels_last)
+        autocast = torch.autocast("cuda", dtype=amp_dtype) if amp else nullcontext()
+        with torch.no_grad(), autocast:
+            return _logits(module(x)).float().argmax(1).cpu()
+
+    return forward
+
+
+def minimum_work(
+    student: ir.Model,
+    teacher: ir.Model | None,
+    train: Dataset,
+    val: Dataset | None,
+    config: FinetuneConfig,
+    clock: Clock | None = None,
+) -> MinimumWork:
+    """The minimum work of ``finetune(student, teacher, train, val, config)``, estimated
+    without running it: for a caller that must know before its own earlier phases whether the
+    training it will start fits.
+
+    Builds the networks on the training device and times their forward passes; the estimate
+    is the one ``finetune`` itself checks its budget against.
+    """
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    mutual = config.loss == "mutual"
+    has_teacher = teacher is not None
+    distills = has_teacher and not mutual
+    student_module = OnnxModule(student, trainable="none").to(device).eval()
+    teacher_forward = None
+    if teacher is not None:
+        teacher_module = OnnxModule(teacher, trainable="none").to(device).eval()
+        teacher_forward = _forward_on(teacher_module, device, config)
+    passes = _validation_passes(val, has_teacher, distills, mutual)
+    students = 1
+    if mutual:
+        students += config.peers if config.peers is not None else (0 if has_teacher else 1)
+        students += int(has_teacher)
+    return _minimum_work(
+        _forward_on(student_module, device, config),
+        teacher_forward,
+        clock or time.monotonic,
+        train,
+        val,
+        config,
+        passes,
+        images=len(val) if sum(passes) and val is not None else 0,
+        students=students,
+        distills=distills,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
 # The trainer
 # ---------------------------------------------------------------------------------------------
+
+
+def run_deadline(config: FinetuneConfig, deadline: Deadline | None = None) -> Deadline:
+    """The deadline of one ``finetune`` call: ``config.time_budget_s``, the caller's
+    ``deadline``, whichever ends first (unlimited without either).
+
+    Without ``config.time_budget_s``, a caller's deadline that is not a share of another
+    (``Deadline.is_share``) is the user's budget for the run, started before the caller loaded
+    the models and data (``onnxcompress finetune``): it is used as it is, so that messages
+    name it as the user's."""
+    if deadline is None or not deadline.limited:
+        # The budget is the user's own: messages name it as such.
+        clock = None if deadline is None else deadline.clock
+        return Deadline(config.time_budget_s, clock=clock, label="finetune")
+    if config.time_budget_s is None and not deadline.is_share:
+        return deadline
+    label = f"{deadline.label} training" if deadline.label else "finetune"
+    return deadline.within(config.time_budget_s, label=label)
 
 
 def finetune(
@@ -674,6 +855,7 @@ def finetune(
     config: FinetuneConfig | None = None,
     progress: bool = True,
     after_step: Callable[[OnnxModule, float], None] | None = None,
+    deadline: Deadline | None = None,
 ) -> FinetuneResult:
     """Train ``student`` (optionally distilling from ``teacher``) and write the weights back.
 
@@ -696,6 +878,8 @@ def finetune(
             on every process) after every optimizer step (under ``no_grad``), e.g. to project
             its weights back onto a constraint set (projected SGD); it must act identically on
             every process.
+        deadline: the time the run may take, from a caller's budget (a pass's sub-deadline);
+            with ``config.time_budget_s`` too, whichever ends first. Its clock times the run.
 
     Raises:
         UnsupportedOpError: a model uses ops the bridge cannot run (before any training).
@@ -703,9 +887,12 @@ def finetune(
             unreadable checkpoint.
         PassConfigError: options out of range, unknown hint tensors, a checkpoint from another
             run.
+        BudgetTooShortError: the time budget cannot hold the minimum work (before it starts).
     """
     config = config if config is not None else FinetuneConfig()
     config.validate()
+    # Started first: everything below (BatchNorm insertion included) is part of the run.
+    deadline = run_deadline(config, deadline)
     _check_float_input(student)
     _check_dataset(train, "training")
     if val is not None:
@@ -735,7 +922,7 @@ def finetune(
             config = dataclasses.replace(config, trainable=trainable + tuple(inserted))
     context = setup_distributed(config.device)
     try:
-        trainer = _Trainer(student, teacher, train, val, config, context, progress)
+        trainer = _Trainer(student, teacher, train, val, config, context, progress, deadline)
         trainer.after_step = after_step
         result = trainer.run()
         if inserted:
@@ -765,7 +952,10 @@ class _Trainer:
         config: FinetuneConfig,
         context: DistributedContext,
         progress: bool,
+        deadline: Deadline | None = None,
     ) -> None:
+        self.deadline = deadline if deadline is not None else run_deadline(config)
+        self.clock = self.deadline.clock
         self.student_model = student_model
         self.train_data, self.val_data = train, val
         self.config = config
@@ -815,12 +1005,19 @@ class _Trainer:
         self.steps_per_epoch = len(
             _batches(_epoch_order(len(train), 0, config, context), config.batch_size)
         )
-        # Fraction of time_budget_s spent, identical on every process (see _spend_time).
+        # Fraction of the time budget spent, identical on every process (see _spend_time).
         self.time_progress = 0.0
         self.out_of_time = False
-        self.clock_start = time.perf_counter()
         self.clock_before = 0.0  # seconds spent by the runs this one resumes
+        # What must still run after the last step, measured as the run goes: the validation,
+        # a checkpoint, copying the best state and writing it back.
         self.validation_seconds = 0.0
+        self.checkpoint_seconds = 0.0
+        self.state_seconds = 0.0
+        self.step_seconds = 0.0  # the last training step's
+        # Images the last validation scored; validations the deadline cut short.
+        self.validation_images: int | None = None
+        self.validations_cut_short = 0
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.amp_dtype = self._amp_dtype()
         self.scaler = torch.amp.GradScaler(
@@ -1016,33 +1213,40 @@ class _Trainer:
 
     def _run(self) -> FinetuneResult:
         config = self.config
-        started = self.clock_start = time.perf_counter()
         checkpoint = (
             Path(config.checkpoint_dir) / CHECKPOINT_FILE if config.checkpoint_dir else None
         )
         fingerprint = _fingerprint(config, self.student, self.train_data, self.context)
+        payload: dict[str, Any] | None = None
+        if config.resume and checkpoint is not None and checkpoint.exists():
+            payload = _load_checkpoint(checkpoint)
+            self.clock_before = float(payload.get("elapsed", 0.0))
+        if self.deadline.limited:
+            self._require_minimum(resumed=payload is not None)
         if checkpoint is not None and self.context.is_main:
             checkpoint.parent.mkdir(parents=True, exist_ok=True)
         teacher_top1 = self._teacher_top1()
         history: list[EpochRecord] = []
         start_epoch = 0
+        tic = self.clock()
         best = _Best(0, None, _clone_state(self.student))
-        if config.resume and checkpoint is not None and checkpoint.exists():
-            payload = _load_checkpoint(checkpoint)
+        self.state_seconds = self.clock() - tic
+        if payload is not None:
+            assert checkpoint is not None
             self._restore(payload, fingerprint, checkpoint)
             start_epoch = int(payload["epoch"])
             history = [EpochRecord(**record) for record in payload["history"]]
             saved = payload["best"]
             best = _Best(int(saved["epoch"]), saved["top1"], saved["student"])
-            self.clock_before = float(payload.get("elapsed", 0.0))
             self.validation_seconds = float(payload.get("validation_seconds", 0.0))
             self._say(f"resumed from {checkpoint} after epoch {start_epoch}")
         else:
             if config.resume:
                 self._say(f"no checkpoint at {checkpoint}; starting from the beginning")
-            tic = time.perf_counter()
+            tic = self.clock()
             best.top1 = self._validate()
-            history.append(EpochRecord(0, None, best.top1, round(time.perf_counter() - tic, 3)))
+            seconds = round(self.clock() - tic, 3)
+            history.append(EpochRecord(0, None, best.top1, seconds, val_images=self._scored()))
             if best.top1 is not None:
                 self._say(f"before training: validation top-1 {best.top1:.2f}%")
 
@@ -1052,12 +1256,15 @@ class _Trainer:
             if record.val_top1 is None or best.top1 is None or record.val_top1 > best.top1:
                 best = _Best(record.epoch, record.val_top1, _clone_state(self.student))
             if checkpoint is not None and self.context.is_main:
+                tic = self.clock()
                 payload = self._checkpoint_payload(epoch + 1, fingerprint, history, best)
                 _save_checkpoint(checkpoint, payload)
+                self.checkpoint_seconds = max(self.checkpoint_seconds, self.clock() - tic)
             barrier(self.context)
             if self.out_of_time:
+                assert self.deadline.budget_s is not None
                 self._say(
-                    f"time budget of {config.time_budget_s:.0f} s reached in epoch {epoch + 1} "
+                    f"time budget of {self.deadline.budget_s:.0f} s reached in epoch {epoch + 1} "
                     f"of {config.epochs}"
                 )
                 break
@@ -1078,9 +1285,10 @@ class _Trainer:
             best_epoch=best.epoch,
             best_top1=best.top1,
             teacher_top1=teacher_top1,
-            seconds=time.perf_counter() - started,
+            seconds=self.deadline.spent(),
             world_size=self.context.world_size,
             out_of_time=self.out_of_time,
+            validations_cut_short=self.validations_cut_short,
         )
 
     def _say(self, message: str) -> None:
@@ -1092,7 +1300,7 @@ class _Trainer:
 
     def _train_epoch(self, epoch: int) -> EpochRecord:
         config, context = self.config, self.context
-        tic = time.perf_counter()
+        tic = self.clock()
         # Every epoch derives its randomness from (seed, epoch): a resumed run replays it.
         torch.manual_seed(config.seed * 1_000_003 + epoch)
         augment_rng = torch.Generator().manual_seed(
@@ -1105,17 +1313,20 @@ class _Trainer:
             self.teacher.network.eval()
         loss_sum, seen = 0.0, 0
         bar = self._bar(len(batches), f"epoch {epoch + 1}/{config.epochs}")
+        # A step's time includes fetching its batch.
+        tic_step = self.clock()
         for x, y in loader:
             x = x.to(self.device, non_blocking=True)
             y = None if y is None else y.to(self.device, non_blocking=True)
             loss = self._step(x, y, augment_rng)
+            self.step_seconds, tic_step = self.clock() - tic_step, self.clock()
             batch = int(x.shape[0])
             loss_sum += loss * batch
             seen += batch
             if self.out_of_time:
                 break
             if bar is not None:
-                elapsed = max(time.perf_counter() - tic, 1e-9)
+                elapsed = max(self.clock() - tic, 1e-9)
                 bar.update(1)
                 bar.set_postfix(
                     loss=f"{loss_sum / seen:.4f}",
@@ -1123,17 +1334,18 @@ class _Trainer:
                 )
         if bar is not None:
             bar.close()
-        train_seconds = time.perf_counter() - tic
+        train_seconds = self.clock() - tic
         total_loss, total_seen = all_reduce_sum([loss_sum, float(seen)], context)
         top1 = self._validate()
         record = EpochRecord(
             epoch=epoch + 1,
             loss=round(total_loss / max(total_seen, 1.0), 6),
             val_top1=top1,
-            seconds=round(time.perf_counter() - tic, 3),
+            seconds=round(self.clock() - tic, 3),
             images_per_second=round(total_seen / max(train_seconds, 1e-9), 1),
             lr=float(self.optimizer.param_groups[0]["lr"]),
             images=int(total_seen),
+            val_images=self._scored(),
         )
         shown = f", validation top-1 {top1:.2f}%" if top1 is not None else ""
         self._say(
@@ -1197,8 +1409,8 @@ class _Trainer:
         if self.after_step is not None:
             with torch.no_grad():
                 self.after_step(self.student, self._progress(self.scheduler.last_epoch + 1))
-        if config.time_budget_s is not None:
-            self._spend_time(config.time_budget_s)
+        if self.deadline.limited:
+            self._spend_time()
         self.scheduler.step()
         value = float(student_loss.detach())
         if not math.isfinite(value):
@@ -1207,21 +1419,72 @@ class _Trainer:
             )
         return value
 
-    def _spend_time(self, budget: float) -> None:
+    def _spend_time(self) -> None:
         """Update the budget fraction spent; every process adopts the slowest clock.
 
         The processes must agree, or they would use different learning rates and one would
         stop while another waits for its gradients.
         """
-        spent = self.clock_before + time.perf_counter() - self.clock_start
-        # Keep room for the validation that follows the last step.
-        fraction = (spent + self.validation_seconds) / budget
-        if self.context.distributed:
-            tensor = torch.tensor([fraction], dtype=torch.float64, device=self.device)
-            torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
-            fraction = float(tensor.item())
+        budget = self.deadline.budget_s
+        assert budget is not None
+        # Earlier runs of a resumed training spent their part of the budget.
+        spent = self.clock_before + self.deadline.spent()
+        # Keep room for what follows the last step: its validation, a checkpoint, copying the
+        # best weights and writing them back; and stop a step early rather than a step late.
+        after = self.validation_seconds + self.checkpoint_seconds + 3 * self.state_seconds
+        after += self.step_seconds
+        fraction = self._slowest((spent + after) / max(budget, 1e-9))
         self.time_progress = min(1.0, fraction)
         self.out_of_time = fraction >= 1.0
+
+    def _slowest(self, value: float) -> float:
+        """The largest ``value`` over all processes."""
+        if not self.context.distributed:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+        return float(tensor.item())
+
+    def _require_minimum(self, resumed: bool) -> None:
+        """Refuse a budget that cannot hold the run's minimum work, before any of it starts.
+
+        The minimum: the validations the run makes whatever the budget (the teacher's top-1,
+        the starting point's unless resumed, the last epoch's) and one training step. Both
+        are estimated from the student's forward pass over one batch, timed after a warm-up:
+        a lower bound (a training step also runs the backward pass, and the teacher is seldom
+        smaller than the student), so a budget that would work is not refused.
+        """
+        has_teacher, distills = self.teacher_net is not None, self.teacher is not None
+        passes = _validation_passes(self.val_data, has_teacher, distills, self.mutual, resumed)
+        teacher_net = self.teacher_net
+        self.student.eval()
+        was_training = teacher_net.training if teacher_net is not None else False
+        if teacher_net is not None:
+            teacher_net.eval()
+        try:
+            work = _minimum_work(
+                lambda x: self._predict(self.student, x),
+                None if teacher_net is None else (lambda x: self._predict(teacher_net, x)),
+                self.clock,
+                self.train_data,
+                self.val_data,
+                self.config,
+                passes,
+                images=len(self._shard()) if sum(passes) else 0,
+                students=1 + len(self.cohort.peers),
+                distills=distills,
+            )
+        finally:
+            self.student.train()
+            if teacher_net is not None:
+                teacher_net.train(was_training)
+        need = self._slowest(work.seconds)
+        needs = work.needs
+        deadline = self.deadline
+        if self.clock_before > 0:
+            # What the resumed runs spent is gone from the budget.
+            deadline = deadline.within(deadline.remaining() - self.clock_before)
+        deadline.require(need, needs)
 
     def _objective(
         self, student: torch.Tensor, target: torch.Tensor | None, y: torch.Tensor | None
@@ -1251,14 +1514,19 @@ class _Trainer:
             return _logits(network(self._layout(x.to(self.device)))).float().argmax(1).cpu()
 
     def _shard(self) -> torch.Tensor:
+        """This process's validation images, in a fixed random order: a validation the time
+        budget cuts short has scored a spread subset (validation data often comes sorted by
+        class), not the first classes."""
         assert self.val_data is not None
-        return torch.arange(len(self.val_data))[self.context.rank :: self.context.world_size]
+        order = torch.randperm(len(self.val_data), generator=torch.Generator().manual_seed(0))
+        return order[self.context.rank :: self.context.world_size]
 
     def _validate(self) -> float | None:
         """Top-1 of the student on the validation data, over all processes."""
-        tic = time.perf_counter()
+        self.validation_images = None
+        tic = self.clock()
         top1 = self._measure_top1()
-        self.validation_seconds = max(self.validation_seconds, time.perf_counter() - tic)
+        self.validation_seconds = max(self.validation_seconds, self.clock() - tic)
         return top1
 
     def _measure_top1(self) -> float | None:
@@ -1278,9 +1546,11 @@ class _Trainer:
             was_training = reference_net.training
             reference_net.eval()
         self.student.eval()
-        correct = 0
+        correct = seen = 0
         try:
             for start in range(0, len(index), self.config.eval_batch_size):
+                if seen and self.deadline.expired():
+                    break
                 chunk = x[start : start + self.config.eval_batch_size]
                 predicted = self._predict(self.student, chunk)
                 if val.y is not None:
@@ -1289,11 +1559,29 @@ class _Trainer:
                     assert reference_net is not None
                     truth = self._predict(reference_net, chunk)
                 correct += int((predicted == truth).sum())
+                seen += len(chunk)
         finally:
             self.student.train()
             if reference_net is not None:
                 reference_net.train(was_training)
-        total_correct, total = all_reduce_sum([float(correct), float(len(index))], self.context)
+        return self._top1_of(correct, seen, len(index))
+
+    def _scored(self) -> int | None:
+        """Images the last validation of the student scored (None: it did not run)."""
+        scored, self.validation_images = self.validation_images, None
+        return scored
+
+    def _top1_of(self, correct: int, seen: int, images: int) -> float:
+        """Top-1 over all processes of the ``seen`` of ``images`` validation images scored."""
+        total_correct, total, planned = all_reduce_sum(
+            [float(correct), float(seen), float(images)], self.context
+        )
+        self.validation_images = int(total)
+        if total < planned:
+            # The deadline passed during the validation: a top-1 on fewer images (a spread
+            # subset, see _shard) beats running past the budget.
+            self.validations_cut_short += 1
+            logger.info("validation cut short by the time budget: %d of %d images", total, planned)
         return round(100.0 * total_correct / max(total, 1.0), 4)
 
     def _teacher_top1(self) -> float | None:
@@ -1304,16 +1592,18 @@ class _Trainer:
         x = torch.from_numpy(val.x)[index]
         was_training = self.teacher_net.training
         self.teacher_net.eval()
-        correct = 0
+        correct = seen = 0
         try:
             for start in range(0, len(index), self.config.eval_batch_size):
+                if seen and self.deadline.expired():
+                    break
                 chunk = x[start : start + self.config.eval_batch_size]
                 truth = torch.from_numpy(val.y)[index[start : start + len(chunk)]]
                 correct += int((self._predict(self.teacher_net, chunk) == truth).sum())
+                seen += len(chunk)
         finally:
             self.teacher_net.train(was_training)
-        total_correct, total = all_reduce_sum([float(correct), float(len(index))], self.context)
-        return round(100.0 * total_correct / max(total, 1.0), 4)
+        return self._top1_of(correct, seen, len(index))
 
     # -- checkpoints -------------------------------------------------------------------------
 
@@ -1337,7 +1627,7 @@ class _Trainer:
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             },
             "history": [record.as_dict() for record in history],
-            "elapsed": self.clock_before + time.perf_counter() - self.clock_start,
+            "elapsed": self.clock_before + self.deadline.spent(),
             "validation_seconds": self.validation_seconds,
             "best": {"epoch": best.epoch, "top1": best.top1, "student": dict(best.state)},
         }
@@ -1365,8 +1655,11 @@ __all__ = [
     "EpochRecord",
     "FinetuneConfig",
     "FinetuneResult",
+    "MinimumWork",
     "augment_batch",
     "distillation_loss",
     "finetune",
     "hint_loss",
+    "minimum_work",
+    "run_deadline",
 ]

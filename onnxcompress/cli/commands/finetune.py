@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +27,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     import contextlib
 
     from onnxcompress.data import Preprocess
+    from onnxcompress.deadline import Deadline
     from onnxcompress.errors import ModelSaveError
     from onnxcompress.evaluate import dataset_for_model
     from onnxcompress.model import load_model, save_model
@@ -66,6 +68,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         resume=args.resume,
         device=args.device,
     )
+    config.validate()
+    # The time budget covers the whole command, loading the models and the data too: its
+    # deadline starts now and the run draws from it (rather than starting its own).
+    deadline = Deadline(config.time_budget_s, label="finetune")
     student = load_model(args.student)
     teacher = load_model(args.teacher) if args.teacher else None
     # A student written by another tool may lack the preprocessing metadata its teacher has.
@@ -78,8 +84,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         teacher,
         train,
         val,
-        config,
+        dataclasses.replace(config, time_budget_s=None),
         progress=not args.quiet and main_process and sys.stderr.isatty(),
+        deadline=deadline,
     )
     if not main_process:
         return EXIT_OK
