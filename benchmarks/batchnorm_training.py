@@ -46,9 +46,9 @@ from harness import (
 )
 from recovery import _broadcast, _rank
 
-from onnxcompress.evaluate import accuracy, dataset_for_model
-from onnxcompress.model import load_model
-from onnxcompress.pipeline import compress
+from onnxcompress.graph.model import load_model
+from onnxcompress.pipeline.run import compress
+from onnxcompress.runtime.evaluate import accuracy, dataset_for_model
 from onnxcompress.torch_bridge.train import FinetuneConfig, finetune
 
 STUDENTS = {

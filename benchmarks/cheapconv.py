@@ -59,11 +59,11 @@ from recovery import (
     probe_throughput,
 )
 
-from onnxcompress.bench import benchmark
-from onnxcompress.evaluate import accuracy, dataset_for_model
-from onnxcompress.metrics import model_metrics
-from onnxcompress.model import load_model, save_model
-from onnxcompress.pipeline import compress
+from onnxcompress.graph.metrics import model_metrics
+from onnxcompress.graph.model import load_model, save_model
+from onnxcompress.pipeline.run import compress
+from onnxcompress.runtime.bench import benchmark
+from onnxcompress.runtime.evaluate import accuracy, dataset_for_model
 from onnxcompress.torch_bridge.train import FinetuneConfig, finetune
 
 logger = logging.getLogger("cheapconv")

@@ -51,9 +51,9 @@ from harness import (
     write_results,
 )
 
-from onnxcompress.calibration import with_extra_outputs
-from onnxcompress.model import clone_model, load_canonical, model_to_bytes
+from onnxcompress.graph.model import clone_model, load_canonical, model_to_bytes
 from onnxcompress.passes import create_pass
+from onnxcompress.runtime.capture import with_extra_outputs
 from onnxcompress.torch_bridge import OnnxModule
 from onnxcompress.torch_bridge.batchnorm import insert_batchnorms
 from onnxcompress.torch_bridge.train import distillation_loss, hint_loss

@@ -1,7 +1,8 @@
 """CPU latency of original vs lrf-compressed ResNet-20 and ResNet-50, and whether the speed-up
 keeps up with the MAC reduction (issue 3, "Latency": speed-up >= 0.8 x the MAC reduction).
 
-Every model set runs through :func:`onnxcompress.bench.benchmark` (one ORT session per model,
+Every model set runs through :func:`onnxcompress.runtime.bench.benchmark` (one ORT session per
+model,
 timed runs interleaved across models, medians), once with one intra-op thread and once with
 ONNX Runtime's default (all cores). ResNet-20 is compressed with ``criterion=activations`` on
 the CIFAR-10 calibration half when ``--shared`` has it (else ``criterion=weights``); ResNet-50
@@ -26,11 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import harness
 
-from onnxcompress.bench import benchmark
-from onnxcompress.metrics import model_metrics
-from onnxcompress.model import canonicalize, clone_model, load_model, save_model
+from onnxcompress.graph.metrics import model_metrics
+from onnxcompress.graph.model import canonicalize, clone_model, load_model, save_model
 from onnxcompress.passes import create_pass
 from onnxcompress.passes.base import PassContext
+from onnxcompress.runtime.bench import benchmark
 
 logger = logging.getLogger(__name__)
 

@@ -46,12 +46,12 @@ from harness import (
     write_results,
 )
 
-from onnxcompress.bench import benchmark
-from onnxcompress.evaluate import accuracy, dataset_for_model
-from onnxcompress.metrics import model_metrics
-from onnxcompress.model import load_canonical, load_model, save_model
+from onnxcompress.graph.metrics import model_metrics
+from onnxcompress.graph.model import load_canonical, load_model, save_model
 from onnxcompress.passes import create_pass
 from onnxcompress.passes.base import PassContext
+from onnxcompress.runtime.bench import benchmark
+from onnxcompress.runtime.evaluate import accuracy, dataset_for_model
 
 logger = logging.getLogger("lct")
 
@@ -124,7 +124,7 @@ def store_variants(
 
     Returns the float32 file (the pass's default output) and a record of every variant.
     """
-    from onnxcompress.sparse_storage import store_sparse
+    from onnxcompress.graph.sparse_storage import store_sparse
 
     names = [row["weight"] for row in report["layers"] if row["collapsed"]]
     variants: dict[str, Any] = {}

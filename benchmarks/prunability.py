@@ -53,7 +53,7 @@ def check_model(model: Any, original_path: Path) -> tuple[bool, str]:
     import onnx
     import onnx_ir as ir
 
-    from onnxcompress.runtime import make_session, random_feeds
+    from onnxcompress.runtime.session import make_session, random_feeds
 
     try:
         onnx.checker.check_model(ir.serde.serialize_model(model), full_check=True)
@@ -109,8 +109,8 @@ def _reason_kind(reason: str) -> str:
 
 def run_case(path: Path, pass_name: str, target_macs: float) -> dict[str, Any]:
     """Load, canonicalize, compress, measure and check one model with one pass."""
-    from onnxcompress.metrics import model_metrics
-    from onnxcompress.model import canonicalize, load_model
+    from onnxcompress.graph.metrics import model_metrics
+    from onnxcompress.graph.model import canonicalize, load_model
     from onnxcompress.passes import create_pass
 
     model = load_model(path)

@@ -102,13 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import torch
 
-    from onnxcompress.bench import benchmark
-    from onnxcompress.evaluate import accuracy, dataset_for_model, verify
-    from onnxcompress.metrics import model_metrics
-    from onnxcompress.model import canonicalize, clone_model, load_model, save_model
+    from onnxcompress.graph.metrics import model_metrics
+    from onnxcompress.graph.model import canonicalize, clone_model, load_model, save_model
+    from onnxcompress.graph.resection import compute_layer_count, residual_add_count
     from onnxcompress.passes import create_pass
     from onnxcompress.passes.base import PassContext
-    from onnxcompress.resection import compute_layer_count, residual_add_count
+    from onnxcompress.runtime.bench import benchmark
+    from onnxcompress.runtime.evaluate import accuracy, dataset_for_model, verify
 
     torch.set_num_threads(args.threads)
     state_before = machine_state()
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
             "# Resect: ResNet-20 CIFAR-10, residual blocks removed, bridged and distilled",
             f"Top-1 on the evaluation half of the JPEG test split (files 0500-0999 of every "
             f"class, {len(evaluation)} images), ONNX Runtime CPU. Latency: median ms per run, "
-            "one intra-op thread, `onnxcompress.bench` (timed runs interleaved).",
+            "one intra-op thread, `onnxcompress.runtime.bench` (timed runs interleaved).",
             markdown_table(
                 ["model", "layers", "MACs", "params", "ms batch 1", "ms batch 64", "top-1 (%)"],
                 rows,

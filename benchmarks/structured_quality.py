@@ -29,13 +29,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness
 
 from onnxcompress.data import Dataset, load_dataset
-from onnxcompress.evaluate import accuracy
 from onnxcompress.graph.channels import analyze_channels
+from onnxcompress.graph.metrics import model_metrics
+from onnxcompress.graph.model import canonicalize, clone_model, load_model
 from onnxcompress.graph.surgery import remove_channels
-from onnxcompress.metrics import model_metrics
-from onnxcompress.model import canonicalize, clone_model, load_model
 from onnxcompress.passes import REGISTRY, create_pass
 from onnxcompress.passes.base import PassContext
+from onnxcompress.runtime.evaluate import accuracy
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ The claim (issue 17, "time budgets are promises"): a step given ``time_budget_s`
 the final evaluation included, for every training pass at every budget; a budget too short for
 a step's minimum work is refused before that work starts (exit code 2, one line).
 
-Each (step, budget) runs in a fresh process through ``onnxcompress.pipeline.compress``, the
+Each (step, budget) runs in a fresh process through ``onnxcompress.pipeline.run.compress``, the
 path ``onnxcompress compress`` takes: the pretrained ResNet-20, calibration on 512 images of
 the calibration half of CIFAR-10's test split (files 0000-0499 of every class), the passes'
 validation on that half (``--val-data``), training on the training split. Steps:
@@ -159,9 +159,9 @@ def run_child(args: argparse.Namespace) -> int:
     import torch
 
     from onnxcompress.errors import OnnxCompressError
-    from onnxcompress.evaluate import accuracy, dataset_for_model
-    from onnxcompress.model import load_model
-    from onnxcompress.pipeline import compress
+    from onnxcompress.graph.model import load_model
+    from onnxcompress.pipeline.run import compress
+    from onnxcompress.runtime.evaluate import accuracy, dataset_for_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -401,8 +401,9 @@ def render(records: list[dict[str, Any]], args: argparse.Namespace, state: dict[
     met = sum(1 for r in records if r.get("met"))
     return f"""# Time budgets: wall time of each training step against ``time_budget_s``
 
-ResNet-20 on CIFAR-10 (JPEG), each step in a fresh process through `onnxcompress.pipeline.compress`
-on {device_name(args.device)}. Target: step wall <= {SLACK_FACTOR} x budget + {SLACK_SECONDS:g} s.
+ResNet-20 on CIFAR-10 (JPEG), each step in a fresh process through
+`onnxcompress.pipeline.compress` on {device_name(args.device)}.
+Target: step wall <= {SLACK_FACTOR} x budget + {SLACK_SECONDS:g} s.
 **{met} of {len(records)} runs met it.**
 
 Step wall: the step as the pipeline times it (`StepRecord.seconds`: the pass with its own data

@@ -127,10 +127,10 @@ def worker(model_path: str, pass_name: str, options: str, output: str) -> int:
         return now
 
     t = time.perf_counter()
-    from onnxcompress.evaluate import verify
-    from onnxcompress.metrics import model_metrics
-    from onnxcompress.model import canonicalize, clone_model, load_model, save_model
+    from onnxcompress.graph.metrics import model_metrics
+    from onnxcompress.graph.model import canonicalize, clone_model, load_model, save_model
     from onnxcompress.passes import create_pass, parse_pass_spec
+    from onnxcompress.runtime.evaluate import verify
 
     t = timed("import", t)
     model = load_model(model_path)

@@ -34,10 +34,10 @@ from harness import (
 )
 
 from onnxcompress.cli import main as cli_main
-from onnxcompress.evaluate import accuracy, dataset_for_model
-from onnxcompress.metrics import model_metrics
-from onnxcompress.model import canonicalize, load_model
-from onnxcompress.report import REPORT_JSON, summary_rows
+from onnxcompress.graph.metrics import model_metrics
+from onnxcompress.graph.model import canonicalize, load_model
+from onnxcompress.pipeline.report import REPORT_JSON, summary_rows
+from onnxcompress.runtime.evaluate import accuracy, dataset_for_model
 
 logger = logging.getLogger("worked_example")
 

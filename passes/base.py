@@ -22,7 +22,7 @@ from onnxcompress.errors import PassConfigError
 
 if TYPE_CHECKING:
     from onnxcompress.data import Dataset
-    from onnxcompress.metrics import ModelMetrics
+    from onnxcompress.graph.metrics import ModelMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -194,7 +194,7 @@ class PassContext:
         """The dataset ``spec`` names, preprocessed for ``model``; None without a spec."""
         if spec is None:
             return None
-        from onnxcompress.evaluate import dataset_for_model
+        from onnxcompress.runtime.evaluate import dataset_for_model
 
         return dataset_for_model(model, spec)
 
@@ -282,7 +282,7 @@ class CompressionPass(InPlacePass, Generic[ConfigT]):
     def _metrics(self, model: ir.Model) -> ModelMetrics | None:
         if type(self).check_targets is CompressionPass.check_targets:
             return None
-        from onnxcompress.metrics import model_metrics
+        from onnxcompress.graph.metrics import model_metrics
 
         return model_metrics(model)
 
@@ -311,7 +311,7 @@ def expand_compact_weights(model: ir.Model, report: PassReport, step: str) -> bo
     Slicing or training a weight needs it as an initializer; the file then returns to its dense
     size, which the user is told, with how to keep it compact.
     """
-    from onnxcompress.sparse_storage import STORED_KEY, expand_stored
+    from onnxcompress.graph.sparse_storage import STORED_KEY, expand_stored
 
     if STORED_KEY not in model.metadata_props:
         return False

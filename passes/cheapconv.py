@@ -12,7 +12,7 @@ distillation". Every selected standard Conv (group 1, kernel larger than 1x1) be
   weights (``shift_op=conv``: a depthwise Conv with fixed one-hot kernels instead, which the
   training never updates).
 
-The factors start from the closed-form, data-free fits of ``onnxcompress.cheap_kernels``
+The factors start from the closed-form, data-free fits of ``onnxcompress.fitting.cheap_kernels``
 (per-channel rank-1 SVD, block-diagonal part plus least-squares 1×1, energy peak plus
 least-squares 1×1); the report lists each layer's relative approximation error. With
 calibration data (``init=activations``, the default when the pipeline has ``--data``) the 1×1
@@ -50,10 +50,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx_ir as ir
 
-from onnxcompress import cheap_kernels
 from onnxcompress.deadline import Clock, Deadline
 from onnxcompress.errors import PassConfigError
-from onnxcompress.model import (
+from onnxcompress.fitting import cheap_kernels
+from onnxcompress.graph.model import (
     clone_model,
     fresh_name,
     fresh_node_name,
@@ -242,7 +242,7 @@ class CheapConvolutions(CompressionPass[CheapConvConfig]):
             report.summary["time"] = deadline.report()
 
     def _substitute(self, model: ir.Model, report: PassReport, deadline: Deadline) -> None:
-        from onnxcompress.metrics import node_macs
+        from onnxcompress.graph.metrics import node_macs
 
         cfg = self.cfg
         infer_shapes(model)
@@ -1084,7 +1084,7 @@ def _pair_statistics(
     source_model: ir.Model, target_model: ir.Model, x: np.ndarray, batch: int
 ) -> _PairStats:
     """Gram statistics between the (only) outputs of two models over the batches of ``x``."""
-    from onnxcompress.runtime import make_session
+    from onnxcompress.runtime.session import make_session
 
     sessions = [make_session(m, optimize=False) for m in (source_model, target_model)]
     stats: _PairStats | None = None

@@ -12,7 +12,7 @@ times), and the run goes on with the next stage, so compression grows while accu
 significant layers, whose stages are all rejected, stay dense. A final fine-tune at the accepted
 constraints (``final_share`` of the time) recovers what the short stages could not; if it still
 misses ``max_drop``, the result is the last stage that met it by itself. The collapsed weights
-are stored compactly (``onnxcompress.sparse_storage``), so the file really shrinks.
+are stored compactly (``onnxcompress.graph.sparse_storage``), so the file really shrinks.
 
 ``subspace=lowrank`` (beyond the paper) ranks and trains the same way, but the projection is a
 truncated SVD to rank ``r_l`` (ranks from a global spectral-energy threshold that meets
@@ -45,21 +45,21 @@ import onnx_ir as ir
 
 from onnxcompress.deadline import BudgetTooShortError, Clock, Deadline
 from onnxcompress.errors import DataError, PassConfigError
-from onnxcompress.lowrank import (
+from onnxcompress.fitting.lowrank import (
     break_even_rank,
     factorizable_reason,
     factorize,
     rank_cost,
     weight_matrix,
 )
-from onnxcompress.model import clone_model, model_to_bytes, private_initializer
+from onnxcompress.graph.model import clone_model, model_to_bytes, private_initializer
 from onnxcompress.passes.base import CompressionPass, PassConfig, PassReport, check_fraction
 
 if TYPE_CHECKING:
     import torch
 
     from onnxcompress.data import Dataset
-    from onnxcompress.metrics import ModelMetrics
+    from onnxcompress.graph.metrics import ModelMetrics
     from onnxcompress.torch_bridge.module import OnnxModule
 
 logger = logging.getLogger(__name__)
@@ -248,7 +248,7 @@ class LctConfig(PassConfig):
             raise PassConfigError(f"final_epochs={self.final_epochs} must be >= 0")
         if not self.final_lr > 0:
             raise PassConfigError(f"final_lr={self.final_lr} must be positive")
-        from onnxcompress.sparse_storage import VALUE_TYPES
+        from onnxcompress.graph.sparse_storage import VALUE_TYPES
 
         if self.values not in VALUE_TYPES:
             raise PassConfigError(f"values={self.values!r} is not one of {', '.join(VALUE_TYPES)}")
@@ -701,8 +701,8 @@ class LayerwiseCompressiveTraining(CompressionPass[LctConfig]):
             report.summary["time"] = self._deadline.report()
 
     def _compress(self, model: ir.Model, report: PassReport) -> None:
-        from onnxcompress.metrics import model_metrics
-        from onnxcompress.model import infer_shapes
+        from onnxcompress.graph.metrics import model_metrics
+        from onnxcompress.graph.model import infer_shapes
 
         cfg, deadline = self.cfg, self._deadline
         self._report = report
@@ -882,8 +882,8 @@ class LayerwiseCompressiveTraining(CompressionPass[LctConfig]):
         self, model: ir.Model, layers: list[Layer], report: PassReport, macs_before: int
     ) -> None:
         """Ranks from one spectral-energy threshold (budget) or a per-layer energy."""
-        from onnxcompress.lowrank import energy_rank
-        from onnxcompress.metrics import node_macs
+        from onnxcompress.fitting.lowrank import energy_rank
+        from onnxcompress.graph.metrics import node_macs
 
         cfg = self.cfg
         graph = model.graph
@@ -1467,7 +1467,7 @@ class LayerwiseCompressiveTraining(CompressionPass[LctConfig]):
     # -- output ------------------------------------------------------------------------------
 
     def _store(self, model: ir.Model, layers: list[Layer]) -> dict[str, dict[str, Any]]:
-        from onnxcompress.sparse_storage import store_sparse
+        from onnxcompress.graph.sparse_storage import store_sparse
 
         names = [layer.weight for layer in layers if layer.accepted]
         records = store_sparse(model, names, values=self.cfg.values)

@@ -27,23 +27,23 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
-from onnxcompress.allocation import ExactSavings, GroupPath, allocate
 from onnxcompress.errors import PassConfigError
+from onnxcompress.fitting.allocation import ExactSavings, GroupPath, allocate
+from onnxcompress.fitting.replaceability import (
+    Compensation,
+    RemovalPlan,
+    compensation,
+    greedy_removal_views,
+)
 from onnxcompress.graph.channels import (
     ChannelAnalysis,
     ChannelGroup,
     WeightSlice,
     analyze_channels,
 )
+from onnxcompress.graph.model import drop_resident_external_pages
 from onnxcompress.graph.surgery import fold_compensation, remove_channels
-from onnxcompress.model import drop_resident_external_pages
 from onnxcompress.passes.base import CompressionPass, PassConfig, PassReport, check_fraction
-from onnxcompress.replaceability import (
-    Compensation,
-    RemovalPlan,
-    compensation,
-    greedy_removal_views,
-)
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ class LinearlyReplaceableFilters(CompressionPass[LrfConfig]):
     budget_options = ("target_macs", "target_params", "ratio")
 
     def run(self, model: ir.Model, report: PassReport) -> None:
-        from onnxcompress.metrics import model_metrics
+        from onnxcompress.graph.metrics import model_metrics
 
         cfg = self.cfg
         if cfg.criterion == "activations" and self.context.calibration is None:
@@ -377,8 +377,8 @@ class LinearlyReplaceableFilters(CompressionPass[LrfConfig]):
         Each view's Gram is augmented ``[C+1, C+1]`` (last: the constant) so the fit has an
         intercept, which lands in the consumers' biases.
         """
-        from onnxcompress.calibration import with_extra_outputs
-        from onnxcompress.runtime import make_session
+        from onnxcompress.runtime.capture import with_extra_outputs
+        from onnxcompress.runtime.session import make_session
 
         x = self.context.calibration
         assert x is not None

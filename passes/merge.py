@@ -45,6 +45,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcompress.errors import PassConfigError
+from onnxcompress.fitting.replaceability import RemovalPlan
 from onnxcompress.graph.channels import ChannelGroup, WeightSlice
 from onnxcompress.graph.surgery import fold_compensation, remove_channels
 from onnxcompress.passes.base import PassReport
@@ -55,7 +56,6 @@ from onnxcompress.passes.lrf import (
     View,
     consumers_by_tensor,
 )
-from onnxcompress.replaceability import RemovalPlan
 
 logger = logging.getLogger(__name__)
 

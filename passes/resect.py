@@ -1,7 +1,7 @@
 """``resect``: incremental layer resection with bridge nodes and two-level distillation.
 
 Removes whole residual branches, blocks and layers found on the graph
-(``onnxcompress.resection``), least significant first, one stage at a time:
+(``onnxcompress.graph.resection``), least significant first, one stage at a time:
 
 1. Candidates: residual branches with an identity shortcut (the Add disappears), blocks and
    layers with equal input/output shapes (direct connection), and blocks and Conv layers that
@@ -49,9 +49,8 @@ import onnx_ir as ir
 
 from onnxcompress.deadline import BudgetTooShortError, Clock, Deadline
 from onnxcompress.errors import DataError, PassConfigError
-from onnxcompress.model import clone_model, infer_shapes
-from onnxcompress.passes.base import CompressionPass, PassConfig, PassReport, check_fraction
-from onnxcompress.resection import (
+from onnxcompress.graph.model import clone_model, infer_shapes
+from onnxcompress.graph.resection import (
     KINDS,
     Candidate,
     CandidateSearch,
@@ -62,10 +61,11 @@ from onnxcompress.resection import (
     resected_copy,
     shared_feature_maps,
 )
+from onnxcompress.passes.base import CompressionPass, PassConfig, PassReport, check_fraction
 
 if TYPE_CHECKING:
     from onnxcompress.data import Dataset
-    from onnxcompress.metrics import ModelMetrics
+    from onnxcompress.graph.metrics import ModelMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ class _Size:
 
 
 def _size(model: ir.Model) -> _Size:
-    from onnxcompress.metrics import model_metrics
+    from onnxcompress.graph.metrics import model_metrics
 
     metrics = model_metrics(model)
     return _Size(compute_layer_count(model), metrics.macs, metrics.params)
@@ -571,7 +571,7 @@ class IncrementalResection(CompressionPass[ResectConfig]):
         The cut copies of the ``per_stage`` least significant useful candidates are kept for
         ``_cut`` (the stage would redo the very same cut and bridge fit).
         """
-        from onnxcompress.evaluate import predict
+        from onnxcompress.runtime.evaluate import predict
 
         deadline = self._deadline if within is None else within
         clock = deadline.clock
@@ -687,7 +687,7 @@ class IncrementalResection(CompressionPass[ResectConfig]):
     @staticmethod
     def _top1(model: ir.Model, val: Dataset, teacher: ir.Model) -> float:
         """Top-1 on ``val`` (with labels), else agreement with the teacher, in percent."""
-        from onnxcompress.evaluate import predict
+        from onnxcompress.runtime.evaluate import predict
 
         predicted = _class_scores(predict(model, val.x), len(val)).argmax(1)
         if val.y is not None:

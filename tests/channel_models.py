@@ -15,8 +15,8 @@ import onnx
 import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxcompress.model import canonicalize
-from onnxcompress.runtime import make_session
+from onnxcompress.graph.model import canonicalize
+from onnxcompress.runtime.session import make_session
 
 
 class Net:

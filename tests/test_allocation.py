@@ -6,7 +6,7 @@ import channel_models as cm
 import numpy as np
 import pytest
 
-from onnxcompress.allocation import ExactSavings, GroupPath, allocate
+from onnxcompress.fitting.allocation import ExactSavings, GroupPath, allocate
 
 
 def test_cheapest_per_mac_first() -> None:
@@ -78,8 +78,8 @@ def test_exact_savings_decide_where_per_channel_estimates_double_count() -> None
 @pytest.mark.parametrize("name", sorted(cm.BUILDERS))
 def test_exact_savings_equal_the_measured_macs_and_params_of_a_cut(name: str) -> None:
     from onnxcompress.graph.channels import analyze_channels
+    from onnxcompress.graph.metrics import model_metrics
     from onnxcompress.graph.surgery import remove_channels
-    from onnxcompress.metrics import model_metrics
 
     model = cm.BUILDERS[name]()
     analysis = analyze_channels(model)

@@ -1,4 +1,5 @@
-"""Tests for onnxcompress.bench and the provider logic it relies on in onnxcompress.runtime.
+"""Tests for onnxcompress.runtime.bench and the provider logic it relies on in
+onnxcompress.runtime.session.
 
 Timing assertions are deliberately loose (2-core CI machines are noisy); the structure of the
 measurement (interleaving, shared inputs, batch handling) is checked exactly through a session spy.
@@ -16,14 +17,14 @@ import onnx.helper as oh
 import onnx.numpy_helper as onh
 import pytest
 
-from onnxcompress import runtime
-from onnxcompress.bench import BenchRow, benchmark, format_bench_table
 from onnxcompress.errors import (
     DataError,
     ModelLoadError,
     PassConfigError,
     ProviderUnavailableError,
 )
+from onnxcompress.runtime import session as runtime
+from onnxcompress.runtime.bench import BenchRow, benchmark, format_bench_table
 
 CHANNELS = 16
 SIZE = 32

@@ -13,7 +13,7 @@ import onnx_ir as ir
 import pytest
 
 from onnxcompress.graph.channels import ChannelAnalysis, ChannelGroup, analyze_channels, registry
-from onnxcompress.model import load_canonical
+from onnxcompress.graph.model import load_canonical
 
 
 def group_by_producer(analysis: ChannelAnalysis, *names: str) -> ChannelGroup:

@@ -14,15 +14,15 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxcompress.passes.cheapconv as cheapconv_module
-from onnxcompress import cheap_kernels
 from onnxcompress.deadline import BudgetTooShortError, ManualClock
 from onnxcompress.errors import PassConfigError
-from onnxcompress.metrics import model_metrics
-from onnxcompress.model import canonicalize, clone_model, load_model
+from onnxcompress.fitting import cheap_kernels
+from onnxcompress.graph.metrics import model_metrics
+from onnxcompress.graph.model import canonicalize, clone_model, load_model
 from onnxcompress.passes import create_pass
 from onnxcompress.passes.base import PassContext
 from onnxcompress.passes.cheapconv import CheapConvConfig
-from onnxcompress.runtime import make_session
+from onnxcompress.runtime.session import make_session
 
 VARIANTS = {
     "separable": {"kind": "separable"},
@@ -395,7 +395,7 @@ def smooth_images(count: int, seed: int) -> np.ndarray:
 
 def activation_errors(model: ir.Model, original: ir.Model, x: np.ndarray) -> list[float]:
     """Relative error of the replaced convs' outputs (names kept) against the original's."""
-    from onnxcompress.calibration import capture_tensors
+    from onnxcompress.runtime.capture import capture_tensors
 
     got = capture_tensors(model, ["y1", "y2"], x)
     want = capture_tensors(original, ["y1", "y2"], x)
@@ -634,7 +634,7 @@ def digits_chain(bodies: int = 4) -> ir.Model:
 
 
 def digits_images(count: int) -> np.ndarray:
-    from onnxcompress.evaluate import dataset_for_model
+    from onnxcompress.runtime.evaluate import dataset_for_model
 
     return dataset_for_model(digits_chain(), f"digits[:{count}]").x
 

@@ -1,4 +1,5 @@
-"""Tests for onnxcompress.evaluate: exact accuracies, output deviation, verification, data fit.
+"""Tests for onnxcompress.runtime.evaluate: exact accuracies, output deviation, verification,
+data fit.
 
 Fixtures are tiny classifiers built here whose scores are the input itself (permuted), so every
 expected top-1/top-5 and deviation follows from the test's own numbers.
@@ -16,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxcompress.data import Dataset, Preprocess, load_dataset
 from onnxcompress.errors import DataError, VerificationError
-from onnxcompress.evaluate import (
+from onnxcompress.runtime.evaluate import (
     accuracy,
     check_model,
     dataset_for_model,
@@ -366,7 +367,7 @@ def test_dataset_for_model_refuses_images_that_do_not_fit_the_input() -> None:
 def demo_model() -> ir.Model:
     if not DEMO_MODEL.exists():
         pytest.fail(f"{DEMO_MODEL} is missing; run models/train_digits_cnn.py")
-    from onnxcompress.model import load_model
+    from onnxcompress.graph.model import load_model
 
     return load_model(DEMO_MODEL)
 
@@ -392,7 +393,7 @@ def test_demo_model_keeps_batchnorm_residuals_and_metadata(demo_model: ir.Model)
 
 
 def test_demo_model_is_unchanged_by_canonicalization(demo_model: ir.Model) -> None:
-    from onnxcompress.model import canonicalize, clone_model
+    from onnxcompress.graph.model import canonicalize, clone_model
 
     folded = clone_model(demo_model)
     canonicalize(folded)

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from onnxcompress.model import load_model
-from onnxcompress.pipeline import compress
+from onnxcompress.graph.model import load_model
+from onnxcompress.pipeline.run import compress
 from onnxcompress.torch_bridge.train import CHECKPOINT_FILE
 
 ROOT = Path(__file__).resolve().parent.parent

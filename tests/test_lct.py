@@ -18,12 +18,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxcompress.deadline import BudgetTooShortError, ManualClock
 from onnxcompress.errors import PassConfigError
-from onnxcompress.lowrank import factorizable_reason, factorize, truncate
-from onnxcompress.model import load_model, model_to_bytes, save_model
-from onnxcompress.passes import create_pass
-from onnxcompress.passes.base import PassContext
-from onnxcompress.passes.lct import Layer, project_rank, project_sparse
-from onnxcompress.sparse_storage import (
+from onnxcompress.fitting.lowrank import factorizable_reason, factorize, truncate
+from onnxcompress.graph.model import load_model, model_to_bytes, save_model
+from onnxcompress.graph.sparse_storage import (
     decode_gaps,
     decode_mask,
     encode_gaps,
@@ -31,6 +28,9 @@ from onnxcompress.sparse_storage import (
     encoded_sizes,
     store_sparse,
 )
+from onnxcompress.passes import create_pass
+from onnxcompress.passes.base import PassContext
+from onnxcompress.passes.lct import Layer, project_rank, project_sparse
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS_MODEL = ROOT / "models" / "digits_resnet.onnx"
@@ -217,8 +217,8 @@ def test_stored_weights_expand_back_to_the_decoded_initializers(
 ) -> None:
     """A later step that edits weights gets them back as initializers, equal to what ONNX
     Runtime decodes; a pass run on a compactly stored model expands first and says so."""
+    from onnxcompress.graph.sparse_storage import STORED_KEY, expand_stored
     from onnxcompress.passes.base import PassReport, expand_compact_weights
-    from onnxcompress.sparse_storage import STORED_KEY, expand_stored
 
     rng = np.random.default_rng(3)
     weights = _weights(rng)
@@ -293,7 +293,7 @@ def test_float16_values_halve_the_bytes_and_decode_to_the_float16_rounding(tmp_p
 def test_int8_values_store_a_byte_per_value_and_decode_to_the_per_channel_quantization(
     tmp_path: Path, sparsity: float
 ) -> None:
-    from onnxcompress.sparse_storage import dequantize_int8, quantize_int8
+    from onnxcompress.graph.sparse_storage import dequantize_int8, quantize_int8
 
     rng = np.random.default_rng(5)
     weights = _weights(rng)
@@ -397,7 +397,7 @@ def test_factorizing_below_the_rank_is_lossy_and_grouped_convs_are_refused() -> 
 
 
 def _digits_context() -> PassContext:
-    from onnxcompress.evaluate import dataset_for_model
+    from onnxcompress.runtime.evaluate import dataset_for_model
 
     data = dataset_for_model(DIGITS_MODEL, "digits[:600]")
     return PassContext(calibration=data.x, calibration_labels=data.y, seed=0)
@@ -439,7 +439,7 @@ def test_sparse_mode_collapses_layers_and_shrinks_the_file() -> None:
 
 
 def test_lowrank_mode_factorizes_and_cuts_macs() -> None:
-    from onnxcompress.metrics import model_metrics
+    from onnxcompress.graph.metrics import model_metrics
 
     torch.set_num_threads(1)
     model = load_model(DIGITS_MODEL)
@@ -484,7 +484,7 @@ def _held_out_context() -> PassContext:
 
 
 def _top1(model: ir.Model, spec: str) -> float:
-    from onnxcompress.evaluate import dataset_for_model
+    from onnxcompress.runtime.evaluate import dataset_for_model
 
     data = dataset_for_model(DIGITS_MODEL, spec)
     assert data.y is not None
@@ -532,7 +532,7 @@ def test_a_rejected_stage_backs_off_and_keeps_the_largest_accepted_compression(
 
 
 def test_lowrank_back_off_cuts_part_of_the_way_and_still_saves_macs() -> None:
-    from onnxcompress.metrics import model_metrics
+    from onnxcompress.graph.metrics import model_metrics
 
     torch.set_num_threads(1)
     model = load_model(DIGITS_MODEL)
@@ -853,7 +853,7 @@ def test_without_data_is_a_user_error() -> None:
 def test_resnet18_from_the_zoo(tmp_path: Path, subspace: str) -> None:
     from zoo import export_torchvision
 
-    from onnxcompress.model import load_canonical
+    from onnxcompress.graph.model import load_canonical
 
     torch.set_num_threads(2)
     path = export_torchvision("resnet18", size=64)
@@ -1070,7 +1070,7 @@ def test_gradual_schedule_falls_back_to_the_furthest_check_within_max_drop(
     # Only the first check (schedule at 0.25) is within max_drop; the end of the ramp and the
     # recovery are not; the weights of that check, scored again on the whole validation set,
     # are. With BatchNorms put back for the training, the check's weights come back folded.
-    from onnxcompress.model import load_canonical
+    from onnxcompress.graph.model import load_canonical
     from onnxcompress.torch_bridge import batchnorm as batchnorm_module
 
     _scripted_scores(monkeypatch, [-0.5, -1.5, -1.5, -1.5, -1.5, -1.4, -0.8])

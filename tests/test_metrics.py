@@ -1,4 +1,4 @@
-"""Tests for onnxcompress.metrics: parameter and MAC counts, per layer and in total.
+"""Tests for onnxcompress.graph.metrics: parameter and MAC counts, per layer and in total.
 
 Hand-built graphs pin the formulas with numbers worked out by hand; torchvision exports pin the
 totals against the published figures for resnet18 and mobilenet_v2.
@@ -17,7 +17,7 @@ import onnx.numpy_helper as onh
 import onnx_ir as ir
 import pytest
 
-from onnxcompress.metrics import (
+from onnxcompress.graph.metrics import (
     ChannelMismatch,
     ModelMetrics,
     UncountedOp,
@@ -28,7 +28,7 @@ from onnxcompress.metrics import (
     node_macs,
     uncounted_ops,
 )
-from onnxcompress.model import canonicalize, infer_shapes, load_model
+from onnxcompress.graph.model import canonicalize, infer_shapes, load_model
 
 RNG = np.random.default_rng(0)
 

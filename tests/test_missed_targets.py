@@ -12,7 +12,7 @@ import pytest
 from onnxcompress.cli import EXIT_MISSED, EXIT_OK, EXIT_USER, main
 from onnxcompress.errors import PassConfigError
 from onnxcompress.passes.base import PassReport
-from onnxcompress.pipeline import compress
+from onnxcompress.pipeline.run import compress
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "models" / "digits_resnet.onnx"
@@ -124,7 +124,7 @@ def test_injected_budgets_are_validated_before_any_step_runs(
         return real(name, *args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(registry, "create_pass", spy)
-    from onnxcompress.budget import Budget
+    from onnxcompress.pipeline.budget import Budget
 
     steps = [("lrf", {"target_macs": 0.9}), ("lct", {"subspace": "lowrank"})]
     with pytest.raises(PassConfigError, match=r"target_macs=1\.0"):
@@ -135,8 +135,8 @@ def test_injected_budgets_are_validated_before_any_step_runs(
 def test_a_step_sized_by_its_own_options_gets_no_budget() -> None:
     """``energy`` sizes ``lct`` lowrank: the run's target_macs is not added (it used to be, and
     ``give target_macs or energy, not both`` came after the steps before it had run)."""
-    from onnxcompress.budget import Budget
-    from onnxcompress.pipeline import _injected_budget
+    from onnxcompress.pipeline.budget import Budget
+    from onnxcompress.pipeline.run import _injected_budget
 
     budget = Budget(target_macs=0.6)
     assert _injected_budget("lct", {"subspace": "lowrank", "energy": 0.9}, budget) == {}

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from onnxcompress.errors import PassConfigError, VerificationError
-from onnxcompress.evaluate import accuracy, dataset_for_model
-from onnxcompress.metrics import model_metrics
-from onnxcompress.model import load_model
-from onnxcompress.pipeline import compress, sha256_of
+from onnxcompress.graph.metrics import model_metrics
+from onnxcompress.graph.model import load_model
+from onnxcompress.pipeline.run import compress, sha256_of
+from onnxcompress.runtime.evaluate import accuracy, dataset_for_model
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "models" / "digits_resnet.onnx"

@@ -167,7 +167,7 @@ def narrow_shortcut_resnet() -> ir.Model:
 # A user's recipe: two training steps, one process, one torch thread (the setting the abort
 # needed), on a model whose strided 1x1 shortcut is narrower than oneDNN's vector block.
 SEQUENCE = """
-from onnxcompress.pipeline import compress
+from onnxcompress.pipeline.run import compress
 
 options = {{
     "lct": {{"stages": 2, "epoch_samples": 128, "max_drop": 100.0, "final_epochs": 0}},

@@ -22,9 +22,9 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxcompress.errors import OnnxCompressError
-from onnxcompress.model import canonicalize, load_model
+from onnxcompress.graph.model import canonicalize, load_model
 from onnxcompress.passes import available_passes, create_pass, pass_class
-from onnxcompress.runtime import make_session
+from onnxcompress.runtime.session import make_session
 
 # Options that make each pass actually cut something in a graph this small.
 PASS_OPTIONS: dict[str, dict[str, Any]] = {

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from onnxcompress.budget import Budget, LatencySettings, check_budget
 from onnxcompress.cli import main
 from onnxcompress.errors import PassConfigError
-from onnxcompress.metrics import model_metrics
-from onnxcompress.model import load_model
-from onnxcompress.recipe import (
+from onnxcompress.graph.metrics import model_metrics
+from onnxcompress.graph.model import load_model
+from onnxcompress.pipeline.budget import Budget, LatencySettings, check_budget
+from onnxcompress.pipeline.recipe import (
     DataSpecs,
     Step,
     find_recipe,

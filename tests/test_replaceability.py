@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnxcompress.replaceability import compensation, greedy_removal
+from onnxcompress.fitting.replaceability import compensation, greedy_removal
 
 
 def synthetic(samples: int = 800, free: int = 8, seed: int = 0):

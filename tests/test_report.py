@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from onnxcompress.cli import main
-from onnxcompress.model import load_model
-from onnxcompress.report import PLOT_FILES, REPORT_JSON, REPORT_MD, format_markdown
+from onnxcompress.graph.model import load_model
+from onnxcompress.pipeline.report import PLOT_FILES, REPORT_JSON, REPORT_MD, format_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "models" / "digits_resnet.onnx"

@@ -12,11 +12,11 @@ from channel_models import BUILDERS, Net, feeds_for, image_input, run
 
 from onnxcompress.deadline import BudgetTooShortError, ManualClock
 from onnxcompress.errors import PassConfigError
-from onnxcompress.metrics import model_metrics
-from onnxcompress.model import clone_model, load_model
+from onnxcompress.graph.metrics import model_metrics
+from onnxcompress.graph.model import clone_model, load_model
+from onnxcompress.graph.resection import compute_layer_count, find_candidates, fit_bridge
 from onnxcompress.passes import create_pass
 from onnxcompress.passes.base import PassContext
-from onnxcompress.resection import compute_layer_count, find_candidates, fit_bridge
 
 
 def calibration(model: ir.Model, count: int = 32, seed: int = 0) -> np.ndarray:
@@ -327,9 +327,9 @@ def test_ranking_is_redone_on_the_current_student() -> None:
     """After stage 1 every remaining candidate is ranked again by cutting it from the stage-1
     model (not the original): the recorded KLs match an independent computation on that model,
     differ from the original's, and stage 2 cuts the re-ranked least significant one."""
-    from onnxcompress.evaluate import predict
+    from onnxcompress.graph.resection import resected_copy
     from onnxcompress.passes.resect import logit_change
-    from onnxcompress.resection import resected_copy
+    from onnxcompress.runtime.evaluate import predict
 
     original = three_block_resnet()
     x = calibration(original, 48)
@@ -449,7 +449,7 @@ def test_training_that_does_not_fit_its_share_is_skipped_and_a_rerank_that_does_
 def test_final_distillation_hints_at_the_shared_feature_maps() -> None:
     """The hint pairs are, per feature-map shape a conv makes, the student's last tensor that the
     original computes under the same name and shape; the final distillation trains with them."""
-    from onnxcompress.resection import shared_feature_maps
+    from onnxcompress.graph.resection import shared_feature_maps
 
     original = two_block_resnet()
     model = clone_model(original)
@@ -560,8 +560,8 @@ def test_every_coupling_pattern_stays_valid(name: str) -> None:
 
 def test_pipeline_runs_resect_with_data(tmp_path) -> None:
     """Through compress() after lrf: calibration from --data, verification, a file out."""
-    from onnxcompress.model import save_model
-    from onnxcompress.pipeline import compress
+    from onnxcompress.graph.model import save_model
+    from onnxcompress.pipeline.run import compress
 
     net = Net(9)
     x = image_input(net, channels=1, size=8)
@@ -595,7 +595,7 @@ def zoo_resect(name: str, exporter: str = "torchscript", **options: object) -> N
     """Export a torchvision model, resect its residual parts data-free, check the result."""
     from zoo import export_torchvision
 
-    from onnxcompress.model import canonicalize
+    from onnxcompress.graph.model import canonicalize
 
     original = load_model(export_torchvision(name, exporter, 64))
     canonicalize(original)

@@ -12,8 +12,8 @@ import onnx_ir as ir
 import pytest
 
 from onnxcompress.graph.channels import ChannelAnalysis, ChannelGroup, analyze_channels
+from onnxcompress.graph.model import clone_model, load_canonical
 from onnxcompress.graph.surgery import fold_compensation, remove_channels
-from onnxcompress.model import clone_model, load_canonical
 
 RTOL, ATOL = 1e-4, 1e-5
 

@@ -9,7 +9,7 @@ import pytest
 
 from onnxcompress.cli import main
 from onnxcompress.errors import PassConfigError
-from onnxcompress.sweep import SweepRow, format_sweep_table, parse_targets
+from onnxcompress.pipeline.sweep import SweepRow, format_sweep_table, parse_targets
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "models" / "digits_resnet.onnx"

@@ -20,7 +20,7 @@ from onnx import numpy_helper
 from zoo import export_torchvision
 
 from onnxcompress.errors import OnnxCompressError, PassConfigError, UnsupportedOpError
-from onnxcompress.model import canonicalize, clone_model, load_model
+from onnxcompress.graph.model import canonicalize, clone_model, load_model
 from onnxcompress.torch_bridge import OnnxModule, check_supported, write_back
 
 RTOL, ATOL = 1e-4, 1e-5

@@ -25,9 +25,9 @@ from onnxcompress.cli import main
 from onnxcompress.data import Dataset
 from onnxcompress.deadline import BudgetTooShortError, Deadline, ManualClock
 from onnxcompress.errors import DataError, PassConfigError, UnsupportedOpError
-from onnxcompress.evaluate import dataset_for_model
-from onnxcompress.model import load_model, model_to_bytes, save_model
-from onnxcompress.pipeline import compress
+from onnxcompress.graph.model import load_model, model_to_bytes, save_model
+from onnxcompress.pipeline.run import compress
+from onnxcompress.runtime.evaluate import dataset_for_model
 from onnxcompress.torch_bridge import OnnxModule
 from onnxcompress.torch_bridge import train as train_module
 from onnxcompress.torch_bridge.train import (
@@ -881,7 +881,7 @@ def test_channels_last_batches_train_to_the_same_weights(
 def test_inserted_batchnorms_start_as_the_identity_and_fold_back_to_the_graph(
     student: ir.Model, train_data: Dataset
 ) -> None:
-    from onnxcompress.model import clone_model
+    from onnxcompress.graph.model import clone_model
     from onnxcompress.torch_bridge.batchnorm import fold_batchnorms, insert_batchnorms
 
     model = clone_model(student)
@@ -913,7 +913,7 @@ def test_inserted_batchnorms_start_as_the_identity_and_fold_back_to_the_graph(
 
 
 def test_batchnorms_between_convs_can_be_left_out(student: ir.Model, train_data: Dataset) -> None:
-    from onnxcompress.model import clone_model
+    from onnxcompress.graph.model import clone_model
     from onnxcompress.passes import create_pass
     from onnxcompress.torch_bridge.batchnorm import fold_batchnorms, insert_batchnorms
 

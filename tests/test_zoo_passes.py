@@ -23,10 +23,10 @@ from zoo import (
     light_model_names,
 )
 
-from onnxcompress.metrics import model_metrics
-from onnxcompress.model import canonicalize, load_model
+from onnxcompress.graph.metrics import model_metrics
+from onnxcompress.graph.model import canonicalize, load_model
 from onnxcompress.passes import create_pass
-from onnxcompress.runtime import make_session, random_feeds
+from onnxcompress.runtime.session import make_session, random_feeds
 
 TARGET_MACS = 0.7
 MIN_DROP = 0.2

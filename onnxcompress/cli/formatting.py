@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from onnxcompress.evaluate import VerifyResult
+    from onnxcompress.runtime.evaluate import VerifyResult
     from onnxcompress.torch_bridge.train import FinetuneResult
 
 

@@ -27,7 +27,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcompress.graph.channels import ChannelAnalysis, ChannelGroup, WeightSlice, rule_for
-from onnxcompress.model import infer_shapes, private_initializer, set_initializer
+from onnxcompress.graph.model import infer_shapes, private_initializer, set_initializer
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from onnxcompress.model import fold_batchnorm, fresh_name, fresh_node_name, new_initializer
+from onnxcompress.graph.model import fold_batchnorm, fresh_name, fresh_node_name, new_initializer
 
 logger = logging.getLogger(__name__)
 

@@ -71,7 +71,7 @@ def _used_outputs(node: ir.Node) -> list[int]:
 
 
 def _as_model(model: ir.Model | str | os.PathLike[str]) -> tuple[ir.Model, str]:
-    from onnxcompress.model import load_model, model_label
+    from onnxcompress.graph.model import load_model, model_label
 
     if isinstance(model, ir.Model):
         return model, model_label(model)

@@ -58,7 +58,7 @@ from onnxcompress.errors import (
     PassConfigError,
     UnsupportedOpError,
 )
-from onnxcompress.model import clone_model
+from onnxcompress.graph.model import clone_model
 from onnxcompress.torch_bridge.distributed import (
     DistributedContext,
     all_reduce_sum,
@@ -608,7 +608,7 @@ def _check_float_input(student: Any) -> None:
     """The bridge feeds float32 images; a float16 model would fail deep inside torch."""
     if not isinstance(student, ir.Model):
         return
-    from onnxcompress.model import model_label
+    from onnxcompress.graph.model import model_label
 
     for value in student.graph.inputs:
         if value.is_initializer() or value.type is None:
@@ -897,7 +897,7 @@ def finetune(
     _check_dataset(train, "training")
     if val is not None:
         _check_dataset(val, "validation")
-    from onnxcompress.sparse_storage import STORED_KEY, expand_stored
+    from onnxcompress.graph.sparse_storage import STORED_KEY, expand_stored
 
     if STORED_KEY in student.metadata_props:
         # Weights an earlier step stored compactly are computed by the graph: train them as
@@ -1097,7 +1097,7 @@ class _Trainer:
         except OnnxCompressError:
             raise
         except (RuntimeError, ValueError, IndexError) as exc:
-            from onnxcompress.model import model_label
+            from onnxcompress.graph.model import model_label
 
             raise DataError(
                 f"finetune: images of shape {tuple(self.x.shape[1:])} from "

@@ -15,8 +15,14 @@ from onnxcompress.errors import OnnxCompressError
 
 def _compress_recipe(args: argparse.Namespace) -> Any:
     """The run the flags describe: the --recipe (if any) with every given flag overriding it."""
-    from onnxcompress.budget import Budget
-    from onnxcompress.recipe import DataSpecs, Recipe, load_recipe, parse_step_flag, with_overrides
+    from onnxcompress.pipeline.budget import Budget
+    from onnxcompress.pipeline.recipe import (
+        DataSpecs,
+        Recipe,
+        load_recipe,
+        parse_step_flag,
+        with_overrides,
+    )
 
     base = load_recipe(args.recipe) if args.recipe else Recipe()
     steps = [parse_step_flag(kind, spec) for kind, spec in (args.steps or [])]
@@ -41,8 +47,8 @@ def _compress_recipe(args: argparse.Namespace) -> Any:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    from onnxcompress.pipeline import DEFAULT_CALIBRATION_SIZE, compress, write_json_atomic
-    from onnxcompress.recipe import check_pass_options
+    from onnxcompress.pipeline.recipe import check_pass_options
+    from onnxcompress.pipeline.run import DEFAULT_CALIBRATION_SIZE, compress, write_json_atomic
 
     if args.calibration_size is not None and args.calibration_size <= 0:
         raise OnnxCompressError("--calibration-size must be positive")
@@ -74,7 +80,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if args.report and str(args.report).endswith(".json"):
         write_json_atomic(args.report, payload)
     elif args.report:
-        from onnxcompress.report import build_report, write_report
+        from onnxcompress.pipeline.report import build_report, write_report
 
         if log:
             log(f"benchmarking the input and output for the report (batch {args.report_batches})")
@@ -111,7 +117,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from onnxcompress.report import render_report
+    from onnxcompress.pipeline.report import render_report
 
     for path in render_report(args.folder):
         print(f"wrote {path}")
@@ -119,9 +125,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from onnxcompress.budget import LatencySettings
     from onnxcompress.passes import parse_pass_spec
-    from onnxcompress.sweep import format_sweep_table, parse_targets, sweep, write_sweep
+    from onnxcompress.pipeline.budget import LatencySettings
+    from onnxcompress.pipeline.sweep import format_sweep_table, parse_targets, sweep, write_sweep
 
     name, options = parse_pass_spec(args.sweep_pass)
     targets = parse_targets(args.targets)

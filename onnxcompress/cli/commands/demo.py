@@ -46,8 +46,8 @@ def demo_passes() -> list[tuple[str, dict[str, Any]]]:
 def run_demo(model: str | None = None, output: str | None = None) -> int:
     import tempfile
 
-    from onnxcompress.bench import benchmark
-    from onnxcompress.pipeline import compress
+    from onnxcompress.pipeline.run import compress
+    from onnxcompress.runtime.bench import benchmark
 
     source = Path(model) if model else default_demo_model()
     passes = demo_passes()

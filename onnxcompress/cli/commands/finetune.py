@@ -29,8 +29,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from onnxcompress.data import Preprocess
     from onnxcompress.deadline import Deadline
     from onnxcompress.errors import ModelSaveError
-    from onnxcompress.evaluate import dataset_for_model
-    from onnxcompress.model import load_model, save_model
+    from onnxcompress.graph.model import load_model, save_model
+    from onnxcompress.runtime.evaluate import dataset_for_model
     from onnxcompress.torch_bridge.distributed import is_main_process
     from onnxcompress.torch_bridge.train import CHECKPOINT_FILE, FinetuneConfig, finetune
 
@@ -92,7 +92,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         return EXIT_OK
     written = save_model(result.model, output, overwrite=args.force, protect=tuple(inputs))
     if args.report:
-        from onnxcompress.pipeline import write_json_atomic
+        from onnxcompress.pipeline.run import write_json_atomic
 
         write_json_atomic(
             args.report,

@@ -42,7 +42,7 @@ def _checker_failure(path: str) -> str | None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from onnxcompress.metrics import (
+    from onnxcompress.graph.metrics import (
         channel_mismatches,
         fix_input_shapes,
         format_table,
@@ -50,8 +50,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         symbolic_dims,
         uncounted_ops,
     )
-    from onnxcompress.model import canonicalize, load_model
-    from onnxcompress.runtime import parse_shape_overrides
+    from onnxcompress.graph.model import canonicalize, load_model
+    from onnxcompress.runtime.session import parse_shape_overrides
 
     overrides = parse_shape_overrides(args.shape)
     model = load_model(args.model)
@@ -84,8 +84,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from onnxcompress.bench import benchmark, format_bench_table
-    from onnxcompress.runtime import parse_shape_overrides
+    from onnxcompress.runtime.bench import benchmark, format_bench_table
+    from onnxcompress.runtime.session import parse_shape_overrides
 
     for name in ("warmup", "runs", "threads"):
         value = getattr(args, name)
@@ -107,7 +107,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return EXIT_OK
     print(format_bench_table(rows))
     if args.json:
-        from onnxcompress.pipeline import write_json_atomic
+        from onnxcompress.pipeline.run import write_json_atomic
 
         write_json_atomic(args.json, payload)
     return EXIT_OK
@@ -117,7 +117,7 @@ def _model_data_spec(model_path: str, spec: str | None) -> str:
     """The --data spec, or the dataset the model's metadata names (shipped models)."""
     if spec:
         return spec
-    from onnxcompress.model import load_model
+    from onnxcompress.graph.model import load_model
 
     named = load_model(model_path).metadata_props.get("onnxcompress.dataset")
     if not named:
@@ -129,8 +129,8 @@ def _model_data_spec(model_path: str, spec: str | None) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from onnxcompress.evaluate import accuracy, dataset_for_model
-    from onnxcompress.model import load_model
+    from onnxcompress.graph.model import load_model
+    from onnxcompress.runtime.evaluate import accuracy, dataset_for_model
 
     model = load_model(args.model)
     spec = _model_data_spec(args.model, args.data)
@@ -151,8 +151,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from onnxcompress.evaluate import dataset_for_model, verify
-    from onnxcompress.model import load_model
+    from onnxcompress.graph.model import load_model
+    from onnxcompress.runtime.evaluate import dataset_for_model, verify
 
     original = load_model(args.original)
     candidate = load_model(args.new)

@@ -34,8 +34,8 @@ logger = logging.getLogger(__name__)
 def analyze_channels(model: ir.Model) -> ChannelAnalysis:
     """Compute the channel groups of a (canonicalized) model.
 
-    The model should have static channel dims (``onnxcompress.model.canonicalize`` infers them);
-    channels whose count is unknown are frozen.
+    The model should have static channel dims (``onnxcompress.graph.model.canonicalize``
+    infers them); channels whose count is unknown are frozen.
 
     Returns:
         The analysis; ``.groups`` holds every group (frozen ones included, with reasons).

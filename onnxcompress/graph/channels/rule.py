@@ -23,7 +23,7 @@ from onnxcompress.graph.channels.groups import (
     WeightSlice,
     describe,
 )
-from onnxcompress.model import fresh_name, private_initializer, set_initializer
+from onnxcompress.graph.model import fresh_name, private_initializer, set_initializer
 
 if TYPE_CHECKING:
     from onnxcompress.graph.channels.analysis import Builder

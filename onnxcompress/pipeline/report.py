@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from onnxcompress.errors import DataError, OnnxCompressError
 
 if TYPE_CHECKING:
-    from onnxcompress.pipeline import CompressionResult
+    from onnxcompress.pipeline.run import CompressionResult
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def measure_latency(
     progress: bool = False,
 ) -> list[dict[str, Any]]:
     """p50/p90 latency of both files per batch size; a batch a model cannot run is skipped."""
-    from onnxcompress.bench import benchmark
+    from onnxcompress.runtime.bench import benchmark
 
     rows: list[dict[str, Any]] = []
     for batch in batches:
@@ -175,7 +175,7 @@ def measure_latency(
 
 def write_report(payload: Mapping[str, Any], out_dir: str | os.PathLike[str]) -> list[Path]:
     """Write report.json, report.md and the plots into ``out_dir`` (created if missing)."""
-    from onnxcompress.pipeline import write_json_atomic
+    from onnxcompress.pipeline.run import write_json_atomic
 
     folder = Path(out_dir)
     try:
@@ -206,7 +206,7 @@ def render_report(out_dir: str | os.PathLike[str]) -> list[Path]:
 
 def render_files(payload: Mapping[str, Any], folder: Path) -> list[Path]:
     """The Markdown and the plots of ``payload``."""
-    from onnxcompress import plots
+    from onnxcompress.pipeline import plots
 
     written: list[Path] = []
     layers = payload["layers"]

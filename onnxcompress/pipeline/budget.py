@@ -208,7 +208,7 @@ class LatencyMeter:
     """
 
     def __init__(self, original: Any, settings: LatencySettings, seed: int = 0) -> None:
-        from onnxcompress import runtime
+        from onnxcompress.runtime import session as runtime
 
         self.settings = settings
         self._reference = runtime.make_session(
@@ -218,7 +218,7 @@ class LatencyMeter:
 
     def compare(self, candidate: Any) -> tuple[float, float]:
         """p50 latency (ms) of the original and of ``candidate``, measured interleaved."""
-        from onnxcompress import runtime
+        from onnxcompress.runtime import session as runtime
 
         session = runtime.make_session(
             candidate, provider=self.settings.provider, threads=self.settings.threads

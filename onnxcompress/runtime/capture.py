@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
-from onnxcompress.model import clone_model
+from onnxcompress.graph.model import clone_model
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ def capture_tensors(
     provider: str | None = None,
 ) -> dict[str, np.ndarray]:
     """The full values of a few named tensors over ``x`` (for small captures and tests)."""
-    from onnxcompress.runtime import make_session
+    from onnxcompress.runtime.session import make_session
 
     names = list(dict.fromkeys(tensor_names))
     session = make_session(with_extra_outputs(model, names), provider=provider, optimize=False)

@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from onnxcompress.model import (
+from onnxcompress.graph.model import (
     drop_unused_initializers,
     evaluate_node,
     fresh_name,

@@ -34,7 +34,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as ir_common
 
-from onnxcompress.model import (
+from onnxcompress.graph.model import (
     clone_model,
     drop_unused_initializers,
     fresh_name,
@@ -270,7 +270,7 @@ def _make_candidate(
     key: str, kind: str, entry: ir.Value, exit_: ir.Value, nodes: list[ir.Node], action: str,
     stride: tuple[int, int],
 ) -> Candidate:  # fmt: skip
-    from onnxcompress.metrics import node_macs
+    from onnxcompress.graph.metrics import node_macs
 
     din, dout = _feature_dims(entry), _feature_dims(exit_)
     cin = din[0] if din is not None and len(din) == 3 else None
@@ -443,7 +443,7 @@ def find_candidates(
 ) -> CandidateSearch:
     """Every part of ``model`` that can be resected, and the reason for each that cannot.
 
-    Shapes must be on the graph (``onnxcompress.model.infer_shapes``). Node names matching an
+    Shapes must be on the graph (``onnxcompress.graph.model.infer_shapes``). Node names matching an
     ``exclude`` pattern (fnmatch) are never removed.
     """
     graph = model.graph
@@ -561,8 +561,8 @@ def shared_feature_maps(teacher: ir.Model, student: ir.Model) -> list[tuple[str,
 
 
 def _session_for(model: ir.Model, names: Sequence[str]) -> object:
-    from onnxcompress.calibration import with_extra_outputs
-    from onnxcompress.runtime import make_session
+    from onnxcompress.runtime.capture import with_extra_outputs
+    from onnxcompress.runtime.session import make_session
 
     return make_session(with_extra_outputs(model, list(names)), optimize=False)
 

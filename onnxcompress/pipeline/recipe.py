@@ -14,8 +14,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from onnxcompress.budget import Budget, LatencySettings
 from onnxcompress.errors import PassConfigError
+from onnxcompress.pipeline.budget import Budget, LatencySettings
 
 if sys.version_info >= (3, 11):
     import tomllib

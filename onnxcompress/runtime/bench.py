@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from onnxcompress import runtime
 from onnxcompress.errors import DataError, PassConfigError
+from onnxcompress.runtime import session as runtime
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -152,7 +152,7 @@ def benchmark(
             differs from a requested one.
         PassConfigError: no models, or a non-positive batch, run or warm-up count.
     """
-    from onnxcompress.model import load_model
+    from onnxcompress.graph.model import load_model
 
     if not models:
         raise PassConfigError("bench: give at least one model")

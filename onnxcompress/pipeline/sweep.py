@@ -14,8 +14,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from onnxcompress.budget import LatencyMeter, LatencySettings
 from onnxcompress.errors import OnnxCompressError, PassConfigError
+from onnxcompress.pipeline.budget import LatencyMeter, LatencySettings
 
 logger = logging.getLogger(__name__)
 
@@ -95,12 +95,12 @@ def sweep(
     """
     from tqdm import tqdm
 
-    from onnxcompress.evaluate import accuracy, dataset_for_model
-    from onnxcompress.metrics import model_metrics
-    from onnxcompress.model import clone_model, load_model
+    from onnxcompress.graph.metrics import model_metrics
+    from onnxcompress.graph.model import clone_model, load_model
     from onnxcompress.passes import create_pass, pass_class
     from onnxcompress.passes.base import PassContext, parse_options
-    from onnxcompress.pipeline import verify_step
+    from onnxcompress.pipeline.run import verify_step
+    from onnxcompress.runtime.evaluate import accuracy, dataset_for_model
 
     say = log or (lambda message: None)
     fields = {f.name for f in dataclasses.fields(pass_class(pass_name).config_class)}
@@ -200,8 +200,8 @@ def write_sweep(
     key: str,
 ) -> list[Path]:
     """sweep.json, sweep.md (the table) and sweep.png (the curve) in ``out_dir``."""
-    from onnxcompress import plots
-    from onnxcompress.pipeline import write_json_atomic
+    from onnxcompress.pipeline import plots
+    from onnxcompress.pipeline.run import write_json_atomic
 
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)

@@ -21,14 +21,20 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcompress import __version__
-from onnxcompress.budget import Budget, BudgetCheck, LatencyMeter, LatencySettings, check_budget
 from onnxcompress.deadline import Deadline
 from onnxcompress.errors import OnnxCompressError, PassConfigError, VerificationError
-from onnxcompress.model import (
+from onnxcompress.graph.model import (
     clone_model,
     drop_resident_external_pages,
     load_model,
     save_model,
+)
+from onnxcompress.pipeline.budget import (
+    Budget,
+    BudgetCheck,
+    LatencyMeter,
+    LatencySettings,
+    check_budget,
 )
 
 logger = logging.getLogger(__name__)
@@ -210,11 +216,11 @@ def compress(
 
     # Every step is verified against the original in ONNX Runtime: a model it cannot run (an
     # unknown op, mismatched weights) fails here in one line, before any work is done.
-    from onnxcompress.runtime import make_session
+    from onnxcompress.runtime.session import make_session
 
     make_session(input_path, optimize=False)
 
-    from onnxcompress.evaluate import accuracy, dataset_for_model
+    from onnxcompress.runtime.evaluate import accuracy, dataset_for_model
 
     context = PassContext(seed=seed, progress=progress, validation_spec=eval_data)
     calibration = None
@@ -238,7 +244,7 @@ def compress(
     else:
         verify_x = calibration.spread(verify_samples).x if calibration is not None else None
 
-    from onnxcompress.metrics import model_metrics
+    from onnxcompress.graph.metrics import model_metrics
 
     before = model_metrics(original, file_size=input_path.stat().st_size).as_dict()
     tic = time.perf_counter()
@@ -412,7 +418,7 @@ def _options_with_budget(
     Passes measure their targets against the model they receive, the budget against the
     original; a target the model already meets becomes 1 (remove nothing).
     """
-    from onnxcompress.metrics import model_metrics
+    from onnxcompress.graph.metrics import model_metrics
 
     for key, goal in _injected_budget(name, options, budget).items():
         total = key.removeprefix("target_")
@@ -557,7 +563,7 @@ def verify_step(
     original: ir.Model | Path, model: ir.Model, step: str, x: np.ndarray | None, seed: int
 ) -> dict[str, Any]:
     """Checker, session build and output deviation against the original, after one step."""
-    from onnxcompress.evaluate import verify
+    from onnxcompress.runtime.evaluate import verify
 
     result = verify(original, model, x=x, seed=seed)
     if not result.checker_ok:

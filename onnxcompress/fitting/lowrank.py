@@ -13,7 +13,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from onnxcompress.model import constant_array, fresh_name, new_initializer
+from onnxcompress.graph.model import constant_array, fresh_name, new_initializer
 
 logger = logging.getLogger(__name__)
 

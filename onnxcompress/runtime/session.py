@@ -104,7 +104,7 @@ def make_session(
     elif isinstance(model, bytes):
         source, label = model, "<model>"
     else:
-        from onnxcompress.model import model_label
+        from onnxcompress.graph.model import model_label
 
         source, names, arrays = _serialize_sharing_weights(model)
         label = model_label(model)
@@ -130,7 +130,7 @@ def _serialize_sharing_weights(model: ir.Model) -> tuple[bytes, list[str], list[
     """
     import onnx_ir as ir
 
-    from onnxcompress.model import serialize_leaving_out
+    from onnxcompress.graph.model import serialize_leaving_out
 
     shareable = {
         ir.DataType.FLOAT,

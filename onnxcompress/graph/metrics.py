@@ -369,8 +369,8 @@ def _layer(node: ir.Node, batch: int) -> tuple[LayerMetrics, bool] | None:
 def node_macs(node: ir.Node, batch: int = 1) -> int:
     """Multiply-accumulates of one node (0 for ops other than Conv/ConvTranspose/Gemm/MatMul).
 
-    Shapes come from the IR values (run ``onnxcompress.model.infer_shapes`` first); a node whose
-    shapes are unknown counts 0.
+    Shapes come from the IR values (run ``onnxcompress.graph.model.infer_shapes`` first); a node
+    whose shapes are unknown counts 0.
 
     Args:
         batch: the value given to symbolic dims.
@@ -416,7 +416,7 @@ def fix_input_shapes(
         DataError: a name that is not a graph input, or dims of the wrong rank.
     """
     from onnxcompress.errors import DataError
-    from onnxcompress.model import infer_shapes
+    from onnxcompress.graph.model import infer_shapes
 
     graph = model.graph
     inputs = {str(value.name): value for value in graph.inputs}
@@ -453,7 +453,7 @@ def model_metrics(model: ir.Model, *, batch: int = 1, file_size: int | None = No
     if batch < 1:
         raise ValueError(f"batch must be positive, got {batch}")
     if _shapes_missing(model):
-        from onnxcompress.model import infer_shapes
+        from onnxcompress.graph.model import infer_shapes
 
         infer_shapes(model)
     layers: list[LayerMetrics] = []

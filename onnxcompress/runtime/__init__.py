@@ -1,0 +1,1 @@
+"""ONNX Runtime: sessions, captured activations, accuracy and verification, latency."""
