@@ -33,8 +33,12 @@ cannot hold it: loading the data and validating the input model (measured: they 
 ranking every candidate once, and one stage's cut with its validation and the final one.
 Training is not part of it: a run whose share of the time cannot hold its own minimum (its
 validations and one step, see ``finetune``) is skipped and the stage records why. A re-ranking
-that would take more than ``RERANK_SHARE`` of what is left keeps the previous ranking, and
-stages stop once another one no longer fits.
+that would take more than ``RERANK_SHARE`` (``resect_ranking``) of what is left keeps the
+previous ranking, and stages stop once another one no longer fits.
+
+This module holds the options and the stage loop; the ranking and the trial cuts are in
+``resect_ranking``, the training runs in ``resect_training``, the bridge fits in
+``resect_bridge``.
 """
 
 from __future__ import annotations
@@ -47,21 +51,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx_ir as ir
 
-from onnxcompress.deadline import BudgetTooShortError, Clock, Deadline
-from onnxcompress.errors import DataError, PassConfigError
+from onnxcompress.deadline import Clock, Deadline
+from onnxcompress.errors import PassConfigError
 from onnxcompress.graph.model import clone_model, infer_shapes
 from onnxcompress.graph.resection import (
     KINDS,
-    Candidate,
     CandidateSearch,
-    Resection,
     compute_layer_count,
     find_candidates,
-    resect_candidate,
-    resected_copy,
-    shared_feature_maps,
 )
 from onnxcompress.passes.base import CompressionPass, PassConfig, PassReport, check_fraction
+from onnxcompress.passes.resect_ranking import TrialCuts, class_scores, spread_subset
+from onnxcompress.passes.resect_training import StageTraining, WorkTimes
 
 if TYPE_CHECKING:
     from onnxcompress.data import Dataset
@@ -69,26 +70,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Logits are compared at this temperature for the significance ranking (plain softmax).
-RANK_TEMPERATURE = 1.0
 # A MAC or parameter fraction counts as the target within this much on either side.
 TARGET_TOLERANCE = 0.02
-# Under a time budget the final distillation is skipped when less than this is left: a
-# run that short ends before its first validation.
-MIN_FINAL_SECONDS = 2.0
-# Epochs planned for a final distillation that runs to the end of the time budget: the
-# measured training speed's estimate times this margin (the clock stops the run first), or
-# this many when nothing measured the speed yet.
-FINAL_EPOCHS_MARGIN = 1.5
-FINAL_EPOCHS_UNTIMED = 1000
-# Under a time budget a re-ranking is skipped (the previous ranking decides the stage) when it
-# would take more than this share of what is left: the training needs the time more.
-RERANK_SHARE = 0.25
-# Under a time budget a stage's training run gets at least this many times its minimum (its
-# validations and one step) while what is left holds it: as much time to train as to validate.
-RUN_MARGIN = 2.0
-# Kept back at the end of a budget for the report's sizes and handing the graph back.
-FINISH_SECONDS = 1.0
 
 
 @dataclasses.dataclass
@@ -220,48 +203,6 @@ def _size(model: ir.Model) -> _Size:
     return _Size(compute_layer_count(model), metrics.macs, metrics.params)
 
 
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64) / RANK_TEMPERATURE
-    z -= z.max(axis=1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-
-
-def logit_change(reference: np.ndarray, logits: np.ndarray) -> tuple[float, float]:
-    """(mean KL(reference || logits) of the softmaxes, top-1 agreement in percent)."""
-    p_log, q_log = _log_softmax(reference), _log_softmax(logits)
-    kl = float(np.mean(np.sum(np.exp(p_log) * (p_log - q_log), axis=1)))
-    agree = float(np.mean(reference.argmax(1) == logits.argmax(1))) * 100.0
-    return kl, agree
-
-
-def _class_scores(output: np.ndarray, images: int) -> np.ndarray:
-    """The first output as ``(images, scores)``; resect compares models by these."""
-    if output.ndim < 1 or output.shape[0] != images:
-        raise DataError(
-            f"resect: the model's first output has shape {list(output.shape)} for {images} "
-            "images; ranking and validation need one row of scores per image"
-        )
-    return output.reshape(images, -1)
-
-
-def spread_subset(x: np.ndarray, count: int, seed: int = 0) -> np.ndarray:
-    """``count`` rows of ``x`` drawn at random without replacement, kept in their order.
-
-    Calibration batches are often grouped by class (an image folder read class by class):
-    their first rows would be one or two classes, and a ranking or a bridge fitted on those
-    says little about the others.
-    """
-    if len(x) <= count:
-        return np.ascontiguousarray(x)
-    index = np.sort(np.random.default_rng(seed).choice(len(x), size=count, replace=False))
-    return np.ascontiguousarray(x[index])
-
-
-def _ranking_brief(row: dict[str, Any]) -> dict[str, Any]:
-    """The ranking row of a re-ranking, without the sizes (they are in the first ranking)."""
-    return {k: row[k] for k in ("key", "action", "kl", "agreement")}
-
-
 class IncrementalResection(CompressionPass[ResectConfig]):
     """Cut layers and blocks stage by stage, bridging and distilling after each cut."""
 
@@ -288,6 +229,7 @@ class IncrementalResection(CompressionPass[ResectConfig]):
         cfg, deadline = self.cfg, self._deadline
         x = self.context.calibration
         assert x is not None  # CompressionPass.call checked
+        self._times = WorkTimes()
         infer_shapes(model)
         teacher = clone_model(model)
         before = _size(model)
@@ -318,12 +260,11 @@ class IncrementalResection(CompressionPass[ResectConfig]):
             reference_top1 = self._validate(teacher, val, teacher, first=True)
         report.summary["validation"] = val.name
         report.summary["top1_before"] = reference_top1
-        self._trial_seconds = 0.0
-        self._floor: float | None = None
+        trials = TrialCuts(cfg, deadline, self._times, self._useful, self._say)
         with deadline.phase("ranking"):
-            ranking, complete = self._rank(teacher, search.candidates, x_rank, first=True)
+            ranking, complete = trials.rank(teacher, search.candidates, x_rank, first=True)
         # The teacher is a copy of the input model: its trial cuts are the input model's too.
-        self._trials_of = model
+        trials.trials_of = model
         report.summary["ranking"] = ranking
         if not complete:
             report.summary["ranking_cut_short"] = (
@@ -334,9 +275,8 @@ class IncrementalResection(CompressionPass[ResectConfig]):
             f"resect: {len(ranking)} candidates ranked; validation top-1 of the input model "
             f"{reference_top1:.2f}% on {len(val)} images ({val.name})"
         )
-        self._spent_epochs = 0
-        self._throughput: float | None = None
-        self._planned_epochs = self._plan_epochs(ranking, before)
+        training = StageTraining(cfg, self.context, deadline, self._times, self._say)
+        training.planned_epochs = self._plan_epochs(ranking, before)
         current, current_size = model, before
         tried: set[str] = set()
         stage = 0
@@ -345,13 +285,15 @@ class IncrementalResection(CompressionPass[ResectConfig]):
             if cfg.max_stages and stage >= cfg.max_stages:
                 stop_reason = f"max_stages={cfg.max_stages} reached"
                 break
-            if not deadline.fits(self._stage_minimum()):
+            if not deadline.fits(self._times.stage_minimum()):
                 stop_reason = f"time_budget_s={cfg.time_budget_s} holds no further stage"
                 break
             if stage > 0 and cfg.rerank:
                 with deadline.phase("ranking"):
-                    ranking = self._rerank(current, ranking, x_rank, report)
-                self._planned_epochs = self._spent_epochs + self._plan_epochs(ranking, current_size)
+                    ranking = trials.rerank(current, ranking, x_rank, report)
+                training.planned_epochs = training.spent_epochs + self._plan_epochs(
+                    ranking, current_size
+                )
             # A cut that does not shrink what the target measures (a layer swapped for its
             # bridge when layers are counted) only costs accuracy.
             order = [row["key"] for row in ranking if self._useful(row)]
@@ -363,7 +305,7 @@ class IncrementalResection(CompressionPass[ResectConfig]):
             stage += 1
             tried.update(picks)
             with deadline.phase("cuts"):
-                student, cuts = self._cut(current, picks, x_rank)
+                student, cuts = trials.cut(current, picks, x_rank)
             if not cuts:
                 continue
             infer_shapes(student)
@@ -375,7 +317,7 @@ class IncrementalResection(CompressionPass[ResectConfig]):
                 f"{record['top1_cut']:.2f}% before training"
             )
             with deadline.phase("training"):
-                trained = self._train_stage(student, teacher, cuts, train, val, record, stage)
+                trained = training.train_stage(student, teacher, cuts, train, val, record, stage)
             size = _size(trained)
             with deadline.phase("validation"):
                 top1 = (
@@ -407,7 +349,7 @@ class IncrementalResection(CompressionPass[ResectConfig]):
 
         if current is not model and cfg.final_epochs > 0:
             with deadline.phase("training"):
-                current = self._final(current, teacher, train, val, report)
+                current = training.final(current, teacher, train, val, report)
             current_size = _size(current)
         changed = current is not model
         if changed:
@@ -501,162 +443,8 @@ class IncrementalResection(CompressionPass[ResectConfig]):
             parts.append(f"params <= {cfg.target_params:g}")
         return ", ".join(parts)
 
-    # -- significance ------------------------------------------------------------------------
-
     def _search(self, model: ir.Model) -> CandidateSearch:
         return find_candidates(model, kinds=self.cfg.kinds, exclude=self.cfg.exclude)
-
-    def _stage_minimum(self) -> float:
-        """Seconds a stage needs at the least: a cut with its bridge fit (about a trial cut of
-        the ranking), its validation, the final validation and handing the model back."""
-        return self._trial_seconds + 2 * self._val_seconds + FINISH_SECONDS
-
-    def _require_minimum(self, candidates: int) -> None:
-        """Refuse a budget that cannot hold the minimum work still to do, once the first trial
-        cut has timed the ranking (see the module docstring)."""
-        deadline = self._deadline
-        need = (candidates - 1) * self._trial_seconds + self._stage_minimum()
-        done = deadline.phases.get("data", 0.0) + deadline.phases.get("validation", 0.0)
-        deadline.require(
-            need,
-            f"after loading the data and validating the input model ({done:.1f} s), ranking "
-            f"{candidates} candidates (~{self._trial_seconds:.1f} s each, timed on the first) "
-            f"and one stage: its cut, its validation and the final one "
-            f"(~{self._val_seconds:.1f} s each)",
-        )
-
-    def _rerank(
-        self,
-        current: ir.Model,
-        ranking: list[dict[str, Any]],
-        x: np.ndarray,
-        report: PassReport,
-    ) -> list[dict[str, Any]]:
-        """The ranking redone on ``current``, or ``ranking`` when the time budget cannot hold
-        a whole re-ranking (the stage record says so)."""
-        deadline = self._deadline
-        candidates = self._search(current).candidates
-        record = report.layers[-1] if report.layers else {}
-        if deadline.limited:
-            # Its share of what is left after the stage's own minimum.
-            share = deadline.share(RERANK_SHARE, reserve=self._stage_minimum())
-            if not share.fits(len(candidates) * self._trial_seconds):
-                record["rerank_skipped"] = (
-                    f"{len(candidates)} trial cuts (~{self._trial_seconds:.1f} s each) would "
-                    f"take more than {RERANK_SHARE:.0%} of the time left"
-                )
-                return ranking
-        else:
-            share = deadline
-        rows, complete = self._rank(current, candidates, x, within=share)
-        if not complete:
-            record["rerank_skipped"] = "the time budget ran out during the re-ranking"
-            return ranking
-        record["ranking_after"] = [_ranking_brief(r) for r in rows]
-        return rows
-
-    def _rank(
-        self,
-        model: ir.Model,
-        candidates: list[Candidate],
-        x: np.ndarray,
-        first: bool = False,
-        within: Deadline | None = None,
-    ) -> tuple[list[dict[str, Any]], bool]:
-        """Each candidate cut alone from ``model``: the change of its logits; and whether every
-        candidate was measured before ``within`` (default: the pass's deadline, less a stage's
-        minimum) ran out. ``first``: the first ranking, whose first trial cut times the ranking
-        for the up-front check of the budget.
-
-        The cut copies of the ``per_stage`` least significant useful candidates are kept for
-        ``_cut`` (the stage would redo the very same cut and bridge fit).
-        """
-        from onnxcompress.runtime.evaluate import predict
-
-        deadline = self._deadline if within is None else within
-        clock = deadline.clock
-        reference = _class_scores(predict(model, x), len(x))
-        rows: list[dict[str, Any]] = []
-        kept: list[tuple[tuple[float, float], str, ir.Model, list[Resection]]] = []
-        complete = True
-        for index, candidate in enumerate(candidates, 1):
-            if index > 1 and deadline.limited:
-                # Keep a stage's minimum back from the pass's deadline.
-                reserve = self._stage_minimum() if within is None else 0.0
-                if not deadline.fits(self._trial_seconds + reserve):
-                    complete = False
-                    break
-            tic = clock()
-            trial, cuts = resected_copy(
-                model,
-                [candidate.key],
-                calibration=x,
-                kinds=self.cfg.kinds,
-                exclude=self.cfg.exclude,
-                ridge=self.cfg.ridge,
-            )
-            kl, agreement = logit_change(reference, _class_scores(predict(trial, x), len(x)))
-            self._trial_seconds = max(self._trial_seconds, clock() - tic)
-            if first and index == 1 and deadline.limited:
-                self._require_minimum(len(candidates))
-            row = {
-                "key": candidate.key,
-                "kind": candidate.kind,
-                "action": candidate.action,
-                "kl": kl,
-                "agreement": agreement,
-                "layers_removed": candidate.layers_removed,
-                "macs_removed": candidate.macs_removed,
-                "params_removed": candidate.params_removed,
-                "bridge_r2": cuts[0].fit_r2 if cuts else None,
-            }
-            rows.append(row)
-            if cuts and self._useful(row):
-                kept.append(((kl, -agreement), candidate.key, trial, cuts))
-                kept.sort(key=lambda item: item[0])
-                del kept[self.cfg.per_stage :]
-            logger.info(
-                "significance %d/%d: %s KL %.4g, agreement %.1f%%",
-                index,
-                len(candidates),
-                candidate.key,
-                kl,
-                agreement,
-            )
-        # Least significant first; agreement breaks ties of (near) equal KL.
-        rows.sort(key=lambda r: (r["kl"], -r["agreement"]))
-        self._trials = {key: (trial, cuts) for _, key, trial, cuts in kept}
-        self._trials_of = model
-        for row in rows[:10]:
-            self._say(
-                f"  significance {row['key']}: KL {row['kl']:.4f}, top-1 agreement "
-                f"{row['agreement']:.1f}%"
-            )
-        return rows, complete
-
-    def _cut(
-        self, current: ir.Model, picks: list[str], x: np.ndarray
-    ) -> tuple[ir.Model, list[Resection]]:
-        """A copy of ``current`` with ``picks`` cut in order, closed-form bridges fitted.
-
-        Each bridge reproduces the removed part's output in the current student: after earlier
-        stages the layers downstream have adapted to the student's tensors, and the original's
-        tensor there would no longer be what they expect.
-        """
-        cfg = self.cfg
-        trials = self._trials if self._trials_of is current else {}
-        if picks[0] in trials:
-            student, first = trials.pop(picks[0])
-            cuts, rest = list(first), picks[1:]
-        else:
-            student, cuts, rest = clone_model(current), [], picks
-        for key in rest:
-            cut = resect_candidate(
-                student, key, calibration=x, kinds=cfg.kinds, exclude=cfg.exclude, ridge=cfg.ridge
-            )
-            if cut is not None:
-                cuts.append(cut)
-        return student, cuts
 
     # -- data and accuracy -------------------------------------------------------------------
 
@@ -681,7 +469,7 @@ class IncrementalResection(CompressionPass[ResectConfig]):
         tic = clock()
         top1 = self._top1(model, val, teacher)
         seconds = clock() - tic
-        self._val_seconds: float = seconds if first else max(self._val_seconds, seconds)
+        self._times.validation = seconds if first else max(self._times.validation, seconds)
         return top1
 
     @staticmethod
@@ -689,208 +477,14 @@ class IncrementalResection(CompressionPass[ResectConfig]):
         """Top-1 on ``val`` (with labels), else agreement with the teacher, in percent."""
         from onnxcompress.runtime.evaluate import predict
 
-        predicted = _class_scores(predict(model, val.x), len(val)).argmax(1)
+        predicted = class_scores(predict(model, val.x), len(val)).argmax(1)
         if val.y is not None:
             truth = val.y
         else:
-            truth = _class_scores(predict(teacher, val.x), len(val)).argmax(1)
+            truth = class_scores(predict(teacher, val.x), len(val)).argmax(1)
         return round(float(np.mean(predicted == truth)) * 100.0, 4)
 
-    # -- training ----------------------------------------------------------------------------
-
-    def _time_left(self, validations: int = 2) -> float | None:
-        """Seconds left for training (None: no budget), keeping back the ``validations`` that
-        follow (a stage's after its training, and the final one) and handing the model back."""
-        if not self._deadline.limited:
-            return None
-        return self._deadline.remaining() - validations * self._val_seconds - FINISH_SECONDS
-
-    def _budget(self, epochs: int, floor: float = 0.0, runs_after: int = 0) -> float | None:
-        """A stage run's share of what is left of ``time_budget_s``: in proportion to the
-        planned epochs, but at least ``RUN_MARGIN`` times the run's minimum ``floor`` (its
-        validations and a step), as far as what is left holds that for this run and the
-        ``runs_after`` it in the stage: a run that cannot do its validations and train too is
-        wasted, while the final distillation can run shorter."""
-        left = self._time_left()
-        if left is None:
-            return None
-        left = max(left, 1.0)
-        remaining_epochs = max(self._planned_epochs - self._spent_epochs, epochs)
-        share = left * epochs / remaining_epochs
-        return max(1.0, share, min(RUN_MARGIN * floor, left / (runs_after + 1)))
-
-    def _run_floor(
-        self, student: ir.Model, teacher: ir.Model, train: Dataset, val: Dataset, config: Any
-    ) -> float:
-        """The minimum of a stage's training run (``finetune``'s estimate), measured once: the
-        runs of every stage validate on the same data with the same teacher."""
-        if self._floor is None:
-            from onnxcompress.torch_bridge.train import minimum_work
-
-            deadline = self._deadline
-            with deadline.phase("estimate"):
-                work = minimum_work(student, teacher, train, val, config, deadline.clock)
-            self._floor = work.seconds
-        return self._floor
-
-    def _finetune(
-        self,
-        student: ir.Model,
-        teacher: ir.Model,
-        train: Dataset,
-        val: Dataset,
-        epochs: int,
-        budget_s: float | None = None,
-        runs_after: int = 0,
-        **options: Any,
-    ) -> Any:
-        """A training run through ``finetune``, within the pass's deadline (``budget_s``: its
-        budget; default: its share, see ``_budget``); None when what it gets cannot hold its
-        minimum (``self._skipped`` says why)."""
-        from onnxcompress.torch_bridge.train import FinetuneConfig, finetune
-
-        cfg = self.cfg
-        config = FinetuneConfig(
-            epochs=epochs,
-            batch_size=cfg.batch_size,
-            temperature=cfg.temperature,
-            alpha=cfg.alpha,
-            epoch_samples=cfg.epoch_samples,
-            seed=self.context.seed,
-            device=cfg.device,
-            **options,
-        )
-        budget = budget_s
-        if budget is None and self._deadline.limited:
-            floor = self._run_floor(student, teacher, train, val, config)
-            budget = self._budget(epochs, floor, runs_after)
-        config.time_budget_s = budget if budget is None else max(budget, 1e-3)
-        self._spent_epochs += epochs
-        try:
-            result = finetune(
-                student,
-                teacher,
-                train,
-                val,
-                config,
-                progress=self.context.progress,
-                deadline=self._deadline,
-            )
-        except BudgetTooShortError as exc:
-            # The stage goes on untrained (and is likely undone by max_drop).
-            self._skipped = str(exc)
-            self._say(f"resect: training skipped: {exc}")
-            return None
-        speeds = [r.images_per_second for r in result.history if r.images_per_second]
-        if speeds and options.get("trainable", "all") == "all":
-            # Whole-network training speed: what the final distillation will run at.
-            self._throughput = float(np.median(speeds))
-        return result
-
-    def _train_stage(
-        self,
-        student: ir.Model,
-        teacher: ir.Model,
-        cuts: list[Resection],
-        train: Dataset | None,
-        val: Dataset,
-        record: dict[str, Any],
-        stage: int,
-    ) -> ir.Model:
-        cfg = self.cfg
-        if train is None or not cfg.trains:
-            return student
-        student_inputs = {v.name for v in student.graph.inputs}
-        pairs = tuple(
-            (c.teacher_tensor, c.student_tensor)
-            for c in cuts
-            if c.student_tensor not in student_inputs
-        )
-        trainable = tuple(dict.fromkeys(name for c in cuts for name in c.neighbours))
-        if cfg.layer_epochs > 0 and pairs and trainable:
-            result = self._finetune(
-                student,
-                teacher,
-                train,
-                val,
-                cfg.layer_epochs,
-                runs_after=int(cfg.epochs > 0),
-                loss="hint",
-                hint_tensors=pairs,
-                hint_weight=cfg.hint_weight,
-                trainable=trainable,
-                lr=cfg.layer_lr,
-            )
-            if result is None:
-                record["layer_learning"] = {"skipped": self._skipped}
-            else:
-                student = result.model
-                record["layer_learning"] = self._history(result)
-                self._say(
-                    f"stage {stage}: layer-level learning of {len(trainable)} layers, loss "
-                    f"{record['layer_learning']['loss']}, validation top-1 {result.best_top1}"
-                )
-        if cfg.epochs > 0:
-            result = self._finetune(student, teacher, train, val, cfg.epochs, loss="kd", lr=cfg.lr)
-            if result is None:
-                record["overall_learning"] = {"skipped": self._skipped}
-            else:
-                student = result.model
-                record["overall_learning"] = self._history(result)
-                self._say(
-                    f"stage {stage}: overall learning, loss {record['overall_learning']['loss']}, "
-                    f"validation top-1 {result.best_top1}"
-                )
-        return student
-
-    def _final(
-        self,
-        current: ir.Model,
-        teacher: ir.Model,
-        train: Dataset | None,
-        val: Dataset,
-        report: PassReport,
-    ) -> ir.Model:
-        cfg = self.cfg
-        if train is None:
-            return current
-        epochs, budget = cfg.final_epochs, self._time_left(validations=1)
-        if budget is not None:
-            if budget < MIN_FINAL_SECONDS:
-                self._say(f"final distillation skipped: {max(budget, 0):.0f} s of the budget left")
-                return current
-            # Enough epochs that the clock, not the step count, ends the run and drives the
-            # learning-rate schedule: the final distillation is where accuracy comes back.
-            images = min(cfg.epoch_samples or len(train), len(train))
-            if self._throughput is None:
-                epochs = max(epochs, FINAL_EPOCHS_UNTIMED)
-            else:
-                expected = budget * self._throughput / images
-                epochs = max(epochs, int(np.ceil(expected * FINAL_EPOCHS_MARGIN)) + 1)
-        options: dict[str, Any] = {"loss": "kd", "lr": cfg.final_lr or cfg.lr}
-        hints = shared_feature_maps(teacher, current) if cfg.final_hint_weight > 0 else []
-        if hints:
-            options.update(
-                loss="hint", hint_tensors=tuple(hints), hint_weight=cfg.final_hint_weight
-            )
-        self._say(
-            f"final distillation: up to {epochs} epochs"
-            + (f" in {budget:.0f} s" if budget is not None else "")
-            + (f", hints at {', '.join(t for t, _ in hints)}" if hints else "")
-        )
-        result = self._finetune(current, teacher, train, val, epochs, budget_s=budget, **options)
-        if result is None:
-            report.summary["final_learning"] = {"skipped": self._skipped}
-            return current
-        report.summary["final_learning"] = self._history(result)
-        report.summary["final_learning"]["epochs"] = len(result.history) - 1
-        report.summary["final_learning"]["budget_s"] = None if budget is None else round(budget, 1)
-        report.summary["final_learning"]["curve"] = [r.val_top1 for r in result.history]
-        if hints:
-            report.summary["final_learning"]["hints"] = [t for t, _ in hints]
-        self._say(f"final distillation: validation top-1 {result.best_top1}")
-        model: ir.Model = result.model
-        return model
+    # -- planning ----------------------------------------------------------------------------
 
     def _plan_epochs(self, ranking: list[dict[str, Any]], size: _Size) -> int:
         """Training epochs still expected from ``size`` on, for sharing ``time_budget_s``."""
@@ -915,20 +509,10 @@ class IncrementalResection(CompressionPass[ResectConfig]):
             stages = min(stages, self.cfg.max_stages)
         return max(stages, 1)
 
-    @staticmethod
-    def _history(result: Any) -> dict[str, Any]:
-        last = result.history[-1]
-        return {
-            "loss": last.loss,
-            "best_epoch": result.best_epoch,
-            "best_top1": result.best_top1,
-            "seconds": round(result.seconds, 1),
-        }
-
     def _say(self, message: str) -> None:
         logger.info(message)
         if self.context.progress:
             print(message, file=sys.stderr, flush=True)
 
 
-__all__ = ["IncrementalResection", "ResectConfig", "logit_change", "spread_subset"]
+__all__ = ["IncrementalResection", "ResectConfig"]

@@ -14,9 +14,10 @@ from onnxcompress.deadline import BudgetTooShortError, ManualClock
 from onnxcompress.errors import PassConfigError
 from onnxcompress.graph.metrics import model_metrics
 from onnxcompress.graph.model import clone_model, load_model
-from onnxcompress.graph.resection import compute_layer_count, find_candidates, fit_bridge
+from onnxcompress.graph.resection import compute_layer_count, find_candidates
 from onnxcompress.passes import create_pass
 from onnxcompress.passes.base import PassContext
+from onnxcompress.passes.resect_bridge import fit_bridge
 
 
 def calibration(model: ir.Model, count: int = 32, seed: int = 0) -> np.ndarray:
@@ -54,6 +55,7 @@ def work_clock(
     """A clock that moves per unit of work: a training step, a trial cut (with its bridge fit
     and logits), a validation of the pass, a forward batch of the trainer's validations."""
     from onnxcompress.passes import resect as resect_module
+    from onnxcompress.passes import resect_ranking as ranking_module
     from onnxcompress.torch_bridge import train as train_module
 
     clock = ManualClock()
@@ -69,7 +71,7 @@ def work_clock(
     monkeypatch.setattr(
         train_module._Trainer, "_predict", timed(train_module._Trainer._predict, batch)
     )
-    monkeypatch.setattr(resect_module, "resected_copy", timed(resect_module.resected_copy, trial))
+    monkeypatch.setattr(ranking_module, "resected_copy", timed(ranking_module.resected_copy, trial))
     top1 = resect_module.IncrementalResection._top1
     monkeypatch.setattr(
         resect_module.IncrementalResection, "_top1", staticmethod(timed(top1, validation))
@@ -328,7 +330,8 @@ def test_ranking_is_redone_on_the_current_student() -> None:
     model (not the original): the recorded KLs match an independent computation on that model,
     differ from the original's, and stage 2 cuts the re-ranked least significant one."""
     from onnxcompress.graph.resection import resected_copy
-    from onnxcompress.passes.resect import logit_change
+    from onnxcompress.passes.resect_bridge import bridge_fitter
+    from onnxcompress.passes.resect_ranking import logit_change
     from onnxcompress.runtime.evaluate import predict
 
     original = three_block_resnet()
@@ -344,7 +347,9 @@ def test_ranking_is_redone_on_the_current_student() -> None:
     resect(after_one, x, kinds="branch", target_layers=3, max_stages=1)
     reference = predict(after_one, x)
     for row in reranked:
-        trial, _ = resected_copy(after_one, [row["key"]], calibration=x, kinds=("branch",))
+        trial, _ = resected_copy(
+            after_one, [row["key"]], bridge_fitter=bridge_fitter(x), kinds=("branch",)
+        )
         kl, agreement = logit_change(reference, predict(trial, x))
         assert row["kl"] == pytest.approx(kl, rel=1e-6, abs=1e-9)
         assert row["agreement"] == pytest.approx(agreement)
@@ -361,7 +366,7 @@ def test_ranking_is_redone_on_the_current_student() -> None:
 def test_ranking_samples_come_from_the_whole_calibration_batch() -> None:
     """A class-sorted batch (10 groups of 100) yields a ranking subset with rows of every group,
     in their original order, and the same subset for the same seed."""
-    from onnxcompress.passes.resect import spread_subset
+    from onnxcompress.passes.resect_ranking import spread_subset
 
     x = np.repeat(np.arange(10, dtype=np.float32), 100)[:, None]
     subset = spread_subset(x, 100, seed=3)

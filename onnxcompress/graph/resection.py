@@ -1,8 +1,10 @@
 """Graph-level layer resection: which parts of a CNN can be cut out, and the cut itself.
 
 The ``resect`` pass ranks and trains; this module finds its candidates on the ONNX graph
-(residual branches, whole blocks, chain layers), fits bridge convolutions in closed form and
-rewires the graph through ``onnx_ir``'s def-use API.
+(residual branches, whole blocks, chain layers) and rewires the graph through ``onnx_ir``'s
+def-use API. Bridge convolutions are fitted in closed form on activations, which takes ONNX
+Runtime: that lives above this layer (``onnxcompress.passes.resect_bridge``) and comes in as a
+``BridgeFitter``.
 
 Three kinds of candidate, found by structure rather than by model name:
 
@@ -28,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -159,6 +161,11 @@ class BridgeFit:
     bias: np.ndarray
     r2: float
     positions: int
+
+
+# Fits the bridge of a cut: (model read at the entry, entry tensor, model whose exit tensor the
+# bridge reproduces, exit tensor, stride) -> its weights.
+BridgeFitter = Callable[[ir.Model, str, ir.Model, str, tuple[int, int]], BridgeFit]
 
 
 @dataclasses.dataclass
@@ -556,97 +563,6 @@ def shared_feature_maps(teacher: ir.Model, student: ir.Model) -> list[tuple[str,
 
 
 # ---------------------------------------------------------------------------------------------
-# Bridge fitting
-# ---------------------------------------------------------------------------------------------
-
-
-def _session_for(model: ir.Model, names: Sequence[str]) -> object:
-    from onnxcompress.runtime.capture import with_extra_outputs
-    from onnxcompress.runtime.session import make_session
-
-    return make_session(with_extra_outputs(model, list(names)), optimize=False)
-
-
-def fit_bridge(
-    source: ir.Model,
-    entry: str,
-    target: ir.Model,
-    exit_: str,
-    stride: tuple[int, int],
-    x: np.ndarray,
-    *,
-    ridge: float = 1e-4,
-    batch_size: int = 64,
-) -> BridgeFit:
-    """Ridge regression of ``target``'s tensor ``exit_`` on ``source``'s tensor ``entry``.
-
-    At output position (i, j) the 1x1 bridge with stride s reads input position (s i, s j),
-    so the fit pairs those positions. Only the normal equations (``[Cin+1]^2`` and
-    ``[Cin+1] x Cout``) are accumulated, in float64, batch by batch.
-
-    Args:
-        source: the model whose ``entry`` tensor the bridge will read (the student).
-        target: the model whose ``exit_`` tensor the bridge should reproduce (the original).
-        ridge: the ridge term relative to the mean input energy (the bias is not penalized).
-    """
-    same = source is target
-    names_source = [entry, exit_] if same else [entry]
-    session_source = _session_for(source, names_source)
-    session_target = None if same else _session_for(target, [exit_])
-    gram: np.ndarray | None = None
-    cross: np.ndarray | None = None
-    target_energy = np.zeros(0)
-    target_sum = np.zeros(0)
-    rows = 0
-    sh, sw = stride
-    for start in range(0, len(x), batch_size):
-        batch = x[start : start + batch_size]
-        feeds_s = {session_source.get_inputs()[0].name: batch}  # type: ignore[attr-defined]
-        outs = session_source.run(names_source, feeds_s)  # type: ignore[attr-defined]
-        inputs = np.asarray(outs[0])
-        if same:
-            outputs = np.asarray(outs[1])
-        else:
-            assert session_target is not None
-            feeds_t = {session_target.get_inputs()[0].name: batch}  # type: ignore[attr-defined]
-            outputs = np.asarray(session_target.run([exit_], feeds_t)[0])  # type: ignore[attr-defined]
-        sampled = inputs[:, :, ::sh, ::sw]
-        if sampled.shape[2:] != outputs.shape[2:]:
-            raise ValueError(
-                f"bridge {entry!r} -> {exit_!r}: stride {stride} gives {sampled.shape[2:]}, "
-                f"the target is {outputs.shape[2:]}"
-            )
-        xin = np.moveaxis(sampled, 1, -1).reshape(-1, sampled.shape[1]).astype(np.float64)
-        yout = np.moveaxis(outputs, 1, -1).reshape(-1, outputs.shape[1]).astype(np.float64)
-        xa = np.concatenate([xin, np.ones((xin.shape[0], 1))], axis=1)
-        if gram is None:
-            gram = np.zeros((xa.shape[1], xa.shape[1]))
-            cross = np.zeros((xa.shape[1], yout.shape[1]))
-            target_energy = np.zeros(yout.shape[1])
-            target_sum = np.zeros(yout.shape[1])
-        assert cross is not None
-        gram += xa.T @ xa
-        cross += xa.T @ yout
-        target_energy += (yout**2).sum(axis=0)
-        target_sum += yout.sum(axis=0)
-        rows += xa.shape[0]
-    if gram is None or cross is None:
-        raise ValueError("fit_bridge needs at least one calibration image")
-    cin = gram.shape[0] - 1
-    penalty = np.zeros(cin + 1)
-    penalty[:cin] = ridge * max(float(np.trace(gram[:cin, :cin])) / max(cin, 1), 1e-12)
-    solution = np.linalg.solve(gram + np.diag(penalty), cross)
-    residual = target_energy - 2 * np.einsum("ij,ij->j", solution, cross)
-    residual += np.einsum("ij,ik,kj->j", solution, gram, solution)
-    variance = target_energy - target_sum**2 / max(rows, 1)
-    total_variance = float(variance.sum())
-    r2 = 1.0 - float(np.maximum(residual, 0).sum()) / total_variance if total_variance > 0 else 1.0
-    weight = solution[:cin].T.reshape(-1, cin, 1, 1).astype(np.float32)
-    bias = solution[cin].astype(np.float32)
-    return BridgeFit(weight=weight, bias=bias, r2=r2, positions=rows)
-
-
-# ---------------------------------------------------------------------------------------------
 # The cut
 # ---------------------------------------------------------------------------------------------
 
@@ -781,42 +697,32 @@ def resect_candidate(
     key: str,
     *,
     teacher: ir.Model | None = None,
-    calibration: np.ndarray | None = None,
+    bridge_fitter: BridgeFitter | None = None,
     kinds: Sequence[str] = KINDS,
     exclude: Sequence[str] = (),
-    ridge: float = 1e-4,
-    batch_size: int = 64,
 ) -> Resection | None:
     """Find candidate ``key`` in ``model`` and cut it, fitting its bridge if it needs one.
 
     The bridge reads ``model``'s entry tensor and learns ``teacher``'s exit tensor (the
-    model's own when ``teacher`` is None or lacks that tensor). Returns None when the candidate
-    no longer exists (an earlier cut removed or changed it).
+    model's own when ``teacher`` is None or lacks that tensor); ``bridge_fitter`` fits it on
+    calibration data. Returns None when the candidate no longer exists (an earlier cut removed
+    or changed it).
 
     Raises:
-        ValueError: a bridge is needed and ``calibration`` is None.
+        ValueError: a bridge is needed and ``bridge_fitter`` is None.
     """
     candidate = find_candidates(model, kinds=kinds, exclude=exclude).by_key().get(key)
     if candidate is None:
         return None
     fit = None
     if candidate.action == "bridge":
-        if calibration is None:
+        if bridge_fitter is None:
             raise ValueError(f"{key}: fitting a bridge needs calibration data")
         target = model
         exit_name = candidate.exit.name or ""
         if teacher is not None and _has_tensor(teacher, exit_name):
             target = teacher
-        fit = fit_bridge(
-            model,
-            candidate.entry.name or "",
-            target,
-            exit_name,
-            candidate.stride,
-            calibration,
-            ridge=ridge,
-            batch_size=batch_size,
-        )
+        fit = bridge_fitter(model, candidate.entry.name or "", target, exit_name, candidate.stride)
     return apply_resection(model, candidate, fit)
 
 
@@ -842,13 +748,13 @@ def resected_copy(
 __all__ = [
     "KINDS",
     "BridgeFit",
+    "BridgeFitter",
     "Candidate",
     "CandidateSearch",
     "Resection",
     "apply_resection",
     "compute_layer_count",
     "find_candidates",
-    "fit_bridge",
     "resect_candidate",
     "resected_copy",
     "residual_add_count",

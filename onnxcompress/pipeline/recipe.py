@@ -33,9 +33,12 @@ TOP_LEVEL_KEYS = ("description", "seed", "data", "budget", "latency", "step")
 DATA_KEYS = ("calibration", "train", "validation", "calibration_size")
 LATENCY_KEYS = ("provider", "batch", "threads", "warmup", "runs")
 # Recipes shipped with the project; a bare name (``--recipe fast-halving``) resolves here.
+# The package root is one level up from this module (onnxcompress/pipeline/recipe.py):
+# an installed wheel has onnxcompress/recipes, a source checkout has recipes/ beside it.
+_PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_DIRS = (
-    Path(__file__).resolve().parent / "recipes",
-    Path(__file__).resolve().parent.parent / "recipes",
+    _PACKAGE_ROOT / "recipes",
+    _PACKAGE_ROOT.parent / "recipes",
 )
 
 
