@@ -15,11 +15,11 @@ $(BIN)/python:
 
 # Stamp files so `make test` after `make demo` only adds the test extras.
 $(VENV)/.installed: pyproject.toml $(LOCK) | $(BIN)/python
-	$(PIP_INSTALL) --no-build-isolation -e .
+	$(PIP_INSTALL) --no-build-isolation -e '.[cpu]'
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml $(LOCK) | $(BIN)/python
-	$(PIP_INSTALL) --no-build-isolation -e '.[test]'
+	$(PIP_INSTALL) --no-build-isolation -e '.[cpu,test]'
 	touch $(VENV)/.installed $@
 
 # Resolve pyproject.toml's ranges (and lock.in's pins) to the newest allowed releases, in a
@@ -28,7 +28,7 @@ lock:
 	rm -rf build/lock-venv
 	$(PYTHON) -m venv build/lock-venv
 	build/lock-venv/bin/python -m pip install --quiet pip-tools
-	build/lock-venv/bin/pip-compile --quiet --extra test --strip-extras --allow-unsafe \
+	build/lock-venv/bin/pip-compile --quiet --extra cpu --extra test --strip-extras --allow-unsafe \
 		--no-emit-index-url --no-emit-find-links --annotation-style line --upgrade \
 		--output-file $(LOCK) pyproject.toml lock.in
 	rm -rf build/lock-venv

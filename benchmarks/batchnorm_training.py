@@ -46,10 +46,11 @@ from harness import (
 )
 from recovery import _broadcast, _rank
 
-from onnxcompress.graph.model import load_model
+from onnxcompress.graph.model_io import load_model
 from onnxcompress.pipeline.run import compress
 from onnxcompress.runtime.evaluate import accuracy, dataset_for_model
-from onnxcompress.torch_bridge.train import FinetuneConfig, finetune
+from onnxcompress.torch_bridge.finetune_config import FinetuneConfig
+from onnxcompress.torch_bridge.train import finetune
 
 STUDENTS = {
     "lrf": ("lrf", {"target_macs": 0.5, "criterion": "activations"}, "0:100", 1000),

@@ -44,7 +44,7 @@ from harness import (
     write_results,
 )
 
-from onnxcompress.graph.model import load_model
+from onnxcompress.graph.model_io import load_model
 from onnxcompress.torch_bridge import OnnxModule
 
 logger = logging.getLogger("bridge_overhead")

@@ -60,11 +60,12 @@ from recovery import (
 )
 
 from onnxcompress.graph.metrics import model_metrics
-from onnxcompress.graph.model import load_model, save_model
+from onnxcompress.graph.model_io import load_model, save_model
 from onnxcompress.pipeline.run import compress
 from onnxcompress.runtime.bench import benchmark
 from onnxcompress.runtime.evaluate import accuracy, dataset_for_model
-from onnxcompress.torch_bridge.train import FinetuneConfig, finetune
+from onnxcompress.torch_bridge.finetune_config import FinetuneConfig
+from onnxcompress.torch_bridge.train import finetune
 
 logger = logging.getLogger("cheapconv")
 

@@ -51,12 +51,13 @@ from harness import (
     write_results,
 )
 
-from onnxcompress.graph.model import clone_model, load_canonical, model_to_bytes
+from onnxcompress.graph.canonicalize import load_canonical
+from onnxcompress.graph.model_io import clone_model, model_to_bytes
 from onnxcompress.passes import create_pass
 from onnxcompress.runtime.capture import with_extra_outputs
 from onnxcompress.torch_bridge import OnnxModule
 from onnxcompress.torch_bridge.batchnorm import insert_batchnorms
-from onnxcompress.torch_bridge.train import distillation_loss, hint_loss
+from onnxcompress.torch_bridge.distillation_losses import distillation_loss, hint_loss
 
 # variant -> (hint form or None, BatchNorm placement or None, teacher runtime)
 VARIANTS: dict[str, tuple[str | None, str | None, str]] = {

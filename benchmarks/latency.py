@@ -27,8 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import harness
 
+from onnxcompress.graph.canonicalize import canonicalize
 from onnxcompress.graph.metrics import model_metrics
-from onnxcompress.graph.model import canonicalize, clone_model, load_model, save_model
+from onnxcompress.graph.model_io import clone_model, load_model, save_model
 from onnxcompress.passes import create_pass
 from onnxcompress.passes.base import PassContext
 from onnxcompress.runtime.bench import benchmark

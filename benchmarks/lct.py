@@ -46,8 +46,9 @@ from harness import (
     write_results,
 )
 
+from onnxcompress.graph.canonicalize import load_canonical
 from onnxcompress.graph.metrics import model_metrics
-from onnxcompress.graph.model import load_canonical, load_model, save_model
+from onnxcompress.graph.model_io import load_model, save_model
 from onnxcompress.passes import create_pass
 from onnxcompress.passes.base import PassContext
 from onnxcompress.runtime.bench import benchmark

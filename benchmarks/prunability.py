@@ -109,8 +109,9 @@ def _reason_kind(reason: str) -> str:
 
 def run_case(path: Path, pass_name: str, target_macs: float) -> dict[str, Any]:
     """Load, canonicalize, compress, measure and check one model with one pass."""
+    from onnxcompress.graph.canonicalize import canonicalize
     from onnxcompress.graph.metrics import model_metrics
-    from onnxcompress.graph.model import canonicalize, load_model
+    from onnxcompress.graph.model_io import load_model
     from onnxcompress.passes import create_pass
 
     model = load_model(path)

@@ -102,8 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import torch
 
+    from onnxcompress.graph.canonicalize import canonicalize
     from onnxcompress.graph.metrics import model_metrics
-    from onnxcompress.graph.model import canonicalize, clone_model, load_model, save_model
+    from onnxcompress.graph.model_io import clone_model, load_model, save_model
     from onnxcompress.graph.resection import compute_layer_count, residual_add_count
     from onnxcompress.passes import create_pass
     from onnxcompress.passes.base import PassContext

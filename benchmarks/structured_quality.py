@@ -29,9 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness
 
 from onnxcompress.data import Dataset, load_dataset
+from onnxcompress.graph.canonicalize import canonicalize
 from onnxcompress.graph.channels import analyze_channels
 from onnxcompress.graph.metrics import model_metrics
-from onnxcompress.graph.model import canonicalize, clone_model, load_model
+from onnxcompress.graph.model_io import clone_model, load_model
 from onnxcompress.graph.surgery import remove_channels
 from onnxcompress.passes import REGISTRY, create_pass
 from onnxcompress.passes.base import PassContext

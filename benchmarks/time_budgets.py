@@ -159,7 +159,7 @@ def run_child(args: argparse.Namespace) -> int:
     import torch
 
     from onnxcompress.errors import OnnxCompressError
-    from onnxcompress.graph.model import load_model
+    from onnxcompress.graph.model_io import load_model
     from onnxcompress.pipeline.run import compress
     from onnxcompress.runtime.evaluate import accuracy, dataset_for_model
 

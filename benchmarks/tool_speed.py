@@ -127,8 +127,9 @@ def worker(model_path: str, pass_name: str, options: str, output: str) -> int:
         return now
 
     t = time.perf_counter()
+    from onnxcompress.graph.canonicalize import canonicalize
     from onnxcompress.graph.metrics import model_metrics
-    from onnxcompress.graph.model import canonicalize, clone_model, load_model, save_model
+    from onnxcompress.graph.model_io import clone_model, load_model, save_model
     from onnxcompress.passes import create_pass, parse_pass_spec
     from onnxcompress.runtime.evaluate import verify
 

@@ -42,7 +42,7 @@ from harness import (
     write_results,
 )
 
-from onnxcompress.graph.model import load_canonical
+from onnxcompress.graph.canonicalize import load_canonical
 from onnxcompress.passes import create_pass
 from onnxcompress.torch_bridge import OnnxModule
 

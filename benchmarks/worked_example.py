@@ -34,8 +34,9 @@ from harness import (
 )
 
 from onnxcompress.cli import main as cli_main
+from onnxcompress.graph.canonicalize import canonicalize
 from onnxcompress.graph.metrics import model_metrics
-from onnxcompress.graph.model import canonicalize, load_model
+from onnxcompress.graph.model_io import load_model
 from onnxcompress.pipeline.report import REPORT_JSON, summary_rows
 from onnxcompress.runtime.evaluate import accuracy, dataset_for_model
 

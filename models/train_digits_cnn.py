@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch top-1 on digits[{TRAIN_COUNT}:]: {torch_accuracy(model, x_test, y_test):.2f}%")
 
     export(model, args.out, x_test[:64])
-    from onnxcompress.graph.model import load_model
+    from onnxcompress.graph.model_io import load_model
     from onnxcompress.runtime.evaluate import accuracy, dataset_for_model
 
     onnx_model = load_model(args.out)

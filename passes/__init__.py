@@ -60,7 +60,14 @@ REGISTRY: dict[str, PassEntry] = {
 
 
 def register(name: str, target: str, summary: str) -> None:
-    """Add a pass to the registry (used by passes that arrive in later modules)."""
+    """Add a pass to the registry.
+
+    ``target`` is ``module:Class``: a bare module name is looked up in this package (the shipped
+    passes), a dotted one is imported as written (a pass that lives in the user's own package,
+    ``mypackage.passes:MyPass``). The module is imported only when the pass is first used.
+    """
+    if target.count(":") != 1 or not all(target.partition(":")[::2]):
+        raise PassConfigError(f"pass {name!r}: target {target!r} is not 'module:Class'")
     REGISTRY[name] = PassEntry(name, target, summary)
 
 
@@ -74,7 +81,8 @@ def pass_class(name: str) -> type[CompressionPass]:
         known = ", ".join(REGISTRY)
         raise PassConfigError(f"unknown pass {name!r} (available: {known})")
     module_name, _, class_name = entry.target.partition(":")
-    module = importlib.import_module(f"{__name__}.{module_name}")
+    qualified = module_name if "." in module_name else f"{__name__}.{module_name}"
+    module = importlib.import_module(qualified)
     cls: type[CompressionPass] = getattr(module, class_name)
     return cls
 

@@ -12,7 +12,7 @@ import logging
 import onnx_ir as ir
 
 from onnxcompress.errors import VerificationError
-from onnxcompress.graph.model import canonicalize, infer_shapes
+from onnxcompress.graph.canonicalize import canonicalize, infer_shapes
 from onnxcompress.passes.base import CompressionPass, PassConfig, PassReport
 
 logger = logging.getLogger(__name__)

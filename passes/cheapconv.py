@@ -36,6 +36,10 @@ minimum leaves): a layer whose even share of it cannot hold a fit on every calib
 fits on fewer (a spread subset), one that cannot hold ``MIN_FIT_IMAGES`` keeps the closed form,
 and the summary's ``init_shortened`` lists them. The training gets the rest; ``time`` in the
 summary says where the budget went.
+
+This module holds the options, the selection and the pass's sequence; the rewrite is in
+``cheapconv_rewrite``, the data-driven init in ``cheapconv_init``, the training in
+``cheapconv_training``.
 """
 
 from __future__ import annotations
@@ -45,26 +49,20 @@ import fnmatch
 import logging
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
 from onnxcompress.deadline import Clock, Deadline
 from onnxcompress.errors import PassConfigError
-from onnxcompress.fitting import cheap_kernels
-from onnxcompress.graph.model import (
-    clone_model,
-    fresh_name,
-    fresh_node_name,
-    infer_shapes,
-    new_initializer,
-)
+from onnxcompress.graph.canonicalize import infer_shapes
+from onnxcompress.graph.model_io import clone_model
+from onnxcompress.graph.op_families import DEFAULT_DOMAINS
 from onnxcompress.passes.base import CompressionPass, PassConfig, PassReport
-
-if TYPE_CHECKING:
-    from onnxcompress.data import Dataset
-    from onnxcompress.torch_bridge.train import FinetuneConfig
+from onnxcompress.passes.cheapconv_init import fit_images, fit_layer
+from onnxcompress.passes.cheapconv_rewrite import ConvRewriter, ConvSite
+from onnxcompress.passes.cheapconv_training import Training, prepare_training, train_substituted
 
 logger = logging.getLogger(__name__)
 
@@ -74,10 +72,6 @@ SHIFT_OPS = ("slice", "conv")
 ASSIGNMENTS = ("energy", "interleave")
 DISTILL = ("online", "offline")
 INITS = ("auto", "activations", "weights")
-_DEFAULT_DOMAINS = ("", "ai.onnx")
-# Pad and Slice read their pads/starts from inputs (not attributes) from opset 11 on.
-_MIN_SLICE_OPSET = 11
-_INT64_MAX = np.iinfo(np.int64).max
 # Under a time budget that trains, the share of the time left (after loading the data and
 # keeping back the training's minimum) the data-driven init may take. Its head start is large
 # and cheap: ResNet-20 separable on the 2-core CPU, top-1 60.3% after the init on 512 images
@@ -86,9 +80,6 @@ FIT_SHARE = 0.5
 # The training's estimated minimum is kept back from the init this many times over: the
 # estimate is a lower bound, timed on a machine whose load may change by the time it trains.
 TRAINING_MARGIN = 1.5
-# Under a time budget, a layer's init fits on fewer calibration images (a spread subset) when
-# all of them do not fit its share of the time; below this many it keeps the closed form.
-MIN_FIT_IMAGES = 16
 
 
 @dataclasses.dataclass
@@ -212,18 +203,6 @@ class CheapConvConfig(PassConfig):
             raise PassConfigError(f"cheapconv: alpha={self.alpha} must be in [0, 1]")
 
 
-@dataclasses.dataclass
-class _ConvSite:
-    """A Conv chosen for substitution and what the rewrite needs to know about it."""
-
-    node: ir.Node
-    weight: np.ndarray
-    bias: np.ndarray | None
-    kernel: tuple[int, ...]
-    dilations: tuple[int, ...]
-    strides: tuple[int, ...]
-
-
 class CheapConvolutions(CompressionPass[CheapConvConfig]):
     """Substitute separable, group or shift convolutions; optionally train the result."""
 
@@ -253,6 +232,7 @@ class CheapConvolutions(CompressionPass[CheapConvConfig]):
         original = None
         if self._fit_data:
             original = teacher if teacher is not None else clone_model(model)
+        rewriter = ConvRewriter(cfg, self._fit_data)
         fixed_nodes: list[str] = []
         rewritten: list[tuple[dict[str, Any], list[ir.Node]]] = []
         # The fits are many small matrix products: multi-threaded BLAS measured 4x slower than
@@ -273,7 +253,7 @@ class CheapConvolutions(CompressionPass[CheapConvConfig]):
                         site.weight.size + (0 if site.bias is None else site.bias.size)
                     ),
                 }
-                rewritten.append((layer, self._rewrite(model, site, layer, fixed_nodes)))
+                rewritten.append((layer, rewriter.rewrite(model, site, layer, fixed_nodes)))
         infer_shapes(model)
         for layer, new_nodes in rewritten:
             layer["macs_after"] = sum(node_macs(node) for node in new_nodes)
@@ -287,10 +267,12 @@ class CheapConvolutions(CompressionPass[CheapConvConfig]):
             )
             report.layers.append(layer)
         report.modified = bool(sites)
-        training: _Training | None = None
+        training: Training | None = None
         outputs = [nodes[-1].outputs[0].name or "" for _, nodes in rewritten]
         if will_train:
-            training = self._prepare_training(model, teacher, fixed_nodes, outputs, deadline)
+            training = prepare_training(
+                cfg, self.context, model, teacher, fixed_nodes, outputs, deadline
+            )
         if original is not None:
             # The training's minimum (with a margin: the machine may be busier by then) stays
             # out of the init's share.
@@ -326,7 +308,7 @@ class CheapConvolutions(CompressionPass[CheapConvConfig]):
             return
         if training is not None:
             with deadline.phase("training"):
-                self._train(model, training, report, deadline)
+                train_substituted(cfg, self.context, model, training, report, deadline)
         else:
             reason = "epochs=0" if cfg.epochs == 0 else "no training data (give --data)"
             report.summary["training"] = {"ran": False, "reason": reason}
@@ -375,7 +357,7 @@ class CheapConvolutions(CompressionPass[CheapConvConfig]):
         fewer: dict[str, int] = {}
         closed_form: list[str] = []
         for index, (layer, nodes) in enumerate(steps):
-            count = _fit_images(deadline, per_image, len(steps) - index, len(x))
+            count = fit_images(deadline, per_image, len(steps) - index, len(x))
             layer["init_images"] = count
             if count == 0:
                 closed_form.append(layer["node"])
@@ -410,59 +392,15 @@ class CheapConvolutions(CompressionPass[CheapConvConfig]):
         x: np.ndarray,
     ) -> None:
         """Refit one replacement's 1×1 and bias (and a separable one's depthwise taps)."""
-        refit_spatial = self.cfg.kind == "separable" and self.cfg.rounds > 0
-        pointwise, spatial = nodes[-1], nodes[0]
-        source, target = pointwise.inputs[0], pointwise.outputs[0]
-        assert source is not None and source.name and target.name
-        weight_value, bias_value = pointwise.inputs[1], pointwise.inputs[2]
-        assert weight_value is not None and weight_value.const_value is not None
-        assert bias_value is not None and bias_value.const_value is not None
-        weight = weight_value.const_value.numpy()
-        cout, cin = weight.shape[:2]
-        before = np.concatenate(
-            [weight.reshape(cout, cin), bias_value.const_value.numpy()[:, None]], axis=1
-        ).T.astype(np.float64)
-        probe = _patch_probe(model, spatial) if refit_spatial else _truncated(model, source.name)
-        stats = _pair_statistics(
-            probe, _truncated(original, target.name), x, self.cfg.calibration_batch
-        )
-        if refit_spatial:
-            spatial_value = spatial.inputs[1]
-            assert spatial_value is not None and spatial_value.const_value is not None
-            kernel = spatial_value.const_value.numpy()
-            taps = kernel.reshape(cin, -1).astype(np.float64)
-            fit = _fit_separable(stats, taps, before, self.cfg.ridge, self.cfg.rounds)
-            layer["act_rel_error_weights"] = fit.error_before
-            layer["act_rel_error"] = fit.error
-            if fit.error >= fit.error_before:
-                return
-            _set_constant(spatial_value, fit.taps.reshape(kernel.shape).astype(kernel.dtype))
-            solution = fit.pointwise
-        else:
-            solution = _ridge_solve(stats.gram, stats.cross, self.cfg.ridge)
-            layer["act_rel_error_weights"] = stats.rel_error(before)
-            layer["act_rel_error"] = stats.rel_error(solution)
-            if layer["act_rel_error"] >= layer["act_rel_error_weights"]:
-                # Only a huge ridge or degenerate data does this; keep the closed form.
-                layer["act_rel_error"] = layer["act_rel_error_weights"]
-                return
-        dtype = weight.dtype
-        _set_constant(weight_value, solution[:cin].T.reshape(weight.shape).astype(dtype))
-        _set_constant(bias_value, solution[cin].astype(dtype))
-        logger.info(
-            "cheapconv: %s activation error %.4f (closed form %.4f)",
-            layer["node"],
-            layer["act_rel_error"],
-            layer["act_rel_error_weights"],
-        )
+        fit_layer(self.cfg, model, original, layer, nodes, x)
 
     # -- selection ---------------------------------------------------------------------------
 
-    def _select(self, model: ir.Model, report: PassReport) -> list[_ConvSite]:
-        sites: list[_ConvSite] = []
+    def _select(self, model: ir.Model, report: PassReport) -> list[ConvSite]:
+        sites: list[ConvSite] = []
         first = True
         for node in list(model.graph):
-            if node.op_type != "Conv" or node.domain not in _DEFAULT_DOMAINS:
+            if node.op_type != "Conv" or node.domain not in DEFAULT_DOMAINS:
                 continue
             label = node.name or f"Conv:{node.outputs[0].name}"
             is_first, first = first, False
@@ -470,23 +408,7 @@ class CheapConvolutions(CompressionPass[CheapConvConfig]):
             if reason is not None:
                 report.decline(label, reason)
                 continue
-            weight_value = node.inputs[1]
-            assert weight_value is not None and weight_value.const_value is not None
-            weight = weight_value.const_value.numpy()
-            bias_value = node.inputs[2] if len(node.inputs) > 2 else None
-            bias = None if bias_value is None else bias_value.const_value.numpy()  # type: ignore[union-attr]
-            spatial = weight.ndim - 2
-            kernel = tuple(int(k) for k in weight.shape[2:])
-            sites.append(
-                _ConvSite(
-                    node=node,
-                    weight=weight,
-                    bias=bias,
-                    kernel=kernel,
-                    dilations=_ints(node, "dilations") or (1,) * spatial,
-                    strides=_ints(node, "strides") or (1,) * spatial,
-                )
-            )
+            sites.append(ConvSite.of(node))
         if not sites:
             logger.warning("cheapconv: no Conv was eligible (see the declined list)")
         return sites
@@ -523,621 +445,3 @@ class CheapConvolutions(CompressionPass[CheapConvConfig]):
         if cfg.kind == "group" and (cin % cfg.groups or cout % cfg.groups):
             return f"groups={cfg.groups} does not divide {cin} inputs and {cout} outputs"
         return None
-
-    # -- rewriting ---------------------------------------------------------------------------
-
-    def _rewrite(
-        self, model: ir.Model, site: _ConvSite, layer: dict[str, Any], fixed_nodes: list[str]
-    ) -> list[ir.Node]:
-        cfg = self.cfg
-        if cfg.kind == "separable":
-            sep = cheap_kernels.separable(site.weight, cfg.smoothness, site.dilations)
-            layer["rel_error"] = sep.rel_error
-            return self._two_convs(model, site, sep.depthwise, site.weight.shape[1], sep.pointwise)
-        if cfg.kind == "group":
-            if cfg.mix == "conv":
-                grp = cheap_kernels.grouped(
-                    site.weight, cfg.groups, cfg.refine, cfg.smoothness, site.dilations
-                )
-                layer["rel_error"] = grp.rel_error
-                return self._two_convs(model, site, grp.grouped, cfg.groups, grp.mixing)
-            shuf = cheap_kernels.shuffled(
-                site.weight, cfg.groups, cfg.assignment, cfg.smoothness, site.dilations
-            )
-            layer["rel_error"] = shuf.rel_error
-            return self._shuffled(model, site, shuf)
-        shf = cheap_kernels.shift(site.weight, cfg.smoothness, site.dilations)
-        layer["rel_error"] = shf.rel_error
-        layer["distinct_shifts"] = len({tuple(p) for p in shf.positions.tolist()})
-        pads = self._slice_pads(model, site) if cfg.shift_op == "slice" else None
-        if pads is None:
-            if cfg.shift_op == "slice":
-                layer["shift_op"] = "conv"
-            one_hot = shf.one_hot(site.kernel, site.weight.dtype)
-            nodes = self._two_convs(model, site, one_hot, site.weight.shape[1], shf.pointwise)
-            fixed_nodes.append(nodes[0].name or "")
-            return nodes
-        return self._shift_slices(model, site, shf, pads)
-
-    def _spatial_attributes(self, site: _ConvSite, group: int) -> list[ir.Attr]:
-        """The original Conv's attributes (pads, auto_pad, strides, dilations) with ``group``."""
-        attrs = [
-            ir.Attr(attr.name, attr.type, attr.value)
-            for name, attr in site.node.attributes.items()
-            if name not in ("group", "kernel_shape")
-        ]
-        attrs.append(ir.AttrInt64("group", group))
-        attrs.append(ir.AttrInt64s("kernel_shape", list(site.kernel)))
-        return attrs
-
-    def _pointwise(
-        self, model: ir.Model, site: _ConvSite, source: ir.Value, weight: np.ndarray
-    ) -> ir.Node:
-        graph, node = model.graph, site.node
-        inputs = [source, new_initializer(graph, f"{_base(site)}.pointwise.weight", weight)]
-        bias_value = node.inputs[2] if len(node.inputs) > 2 else None
-        if self._fit_data:
-            # The activation fit rewrites the bias: give the 1×1 one of its own.
-            bias = site.bias if site.bias is not None else np.zeros(weight.shape[0], weight.dtype)
-            inputs.append(new_initializer(graph, f"{_base(site)}.pointwise.bias", bias.copy()))
-        elif bias_value is not None:
-            inputs.append(bias_value)
-        ones = [1] * len(site.kernel)
-        return ir.Node(
-            "",
-            "Conv",
-            inputs,
-            [ir.AttrInt64("group", 1), ir.AttrInt64s("kernel_shape", ones)],
-            name=fresh_node_name(graph, f"{node.name or 'Conv'}/pointwise"),
-        )
-
-    def _two_convs(
-        self,
-        model: ir.Model,
-        site: _ConvSite,
-        spatial_weight: np.ndarray,
-        group: int,
-        pointwise_weight: np.ndarray,
-    ) -> list[ir.Node]:
-        """k×k Conv (``group`` groups, no bias) then a 1×1 Conv carrying the bias."""
-        graph, node = model.graph, site.node
-        suffix = {"separable": "depthwise", "group": "grouped", "shift": "shift"}[self.cfg.kind]
-        spatial = ir.Node(
-            "",
-            "Conv",
-            [
-                node.inputs[0],
-                new_initializer(graph, f"{_base(site)}.{suffix}.weight", spatial_weight),
-            ],
-            self._spatial_attributes(site, int(group)),
-            name=fresh_node_name(graph, f"{node.name or 'Conv'}/{suffix}"),
-        )
-        spatial.outputs[0].name = fresh_name(graph, f"{node.outputs[0].name}.{suffix}")
-        pointwise = self._pointwise(model, site, spatial.outputs[0], pointwise_weight)
-        self._replace(model, site, [spatial, pointwise])
-        return [spatial, pointwise]
-
-    def _shuffled(
-        self, model: ir.Model, site: _ConvSite, factors: cheap_kernels.ShuffleFactors
-    ) -> list[ir.Node]:
-        """Grouped conv (rows in shuffled order, bias with them), then Gather on channels."""
-        graph, node = model.graph, site.node
-        inputs = [
-            node.inputs[0],
-            new_initializer(graph, f"{_base(site)}.grouped.weight", factors.grouped),
-        ]
-        if site.bias is not None:
-            inputs.append(
-                new_initializer(graph, f"{_base(site)}.grouped.bias", site.bias[factors.order])
-            )
-        conv = ir.Node(
-            "",
-            "Conv",
-            inputs,
-            self._spatial_attributes(site, self.cfg.groups),
-            name=fresh_node_name(graph, f"{node.name or 'Conv'}/grouped"),
-        )
-        conv.outputs[0].name = fresh_name(graph, f"{node.outputs[0].name}.grouped")
-        indices = new_initializer(graph, f"{_base(site)}.shuffle", factors.inverse.astype(np.int64))
-        gather = ir.Node(
-            "",
-            "Gather",
-            [conv.outputs[0], indices],
-            [ir.AttrInt64("axis", 1)],
-            name=fresh_node_name(graph, f"{node.name or 'Conv'}/shuffle"),
-        )
-        self._replace(model, site, [conv, gather])
-        return [conv, gather]
-
-    def _slice_pads(self, model: ir.Model, site: _ConvSite) -> tuple[int, ...] | None:
-        """Explicit (begin..., end...) pads of the Conv, or None where Slice cannot shift.
-
-        ``auto_pad=SAME_*`` pads depend on the input size: known only for static dims.
-        """
-        opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
-        if opset < _MIN_SLICE_OPSET:
-            return None
-        node, spatial = site.node, len(site.kernel)
-        auto_attr = node.attributes.get("auto_pad")
-        auto_pad = auto_attr.as_string() if auto_attr is not None else "NOTSET"
-        if auto_pad in ("NOTSET", ""):
-            return _ints(node, "pads") or (0,) * (2 * spatial)
-        if auto_pad == "VALID":
-            return (0,) * (2 * spatial)
-        source = node.inputs[0]
-        dims = source.shape if source is not None else None
-        if dims is None or len(dims) != spatial + 2:
-            return None
-        begins, ends = [], []
-        for axis in range(spatial):
-            size = dims[axis + 2]
-            if not isinstance(size, int):
-                return None
-            stride, reach = site.strides[axis], site.dilations[axis] * (site.kernel[axis] - 1) + 1
-            total = max((-(-size // stride) - 1) * stride + reach - size, 0)
-            small, big = total // 2, total - total // 2
-            begins.append(small if auto_pad == "SAME_UPPER" else big)
-            ends.append(big if auto_pad == "SAME_UPPER" else small)
-        return (*begins, *ends)
-
-    def _shift_slices(
-        self,
-        model: ir.Model,
-        site: _ConvSite,
-        factors: cheap_kernels.ShiftFactors,
-        pads: tuple[int, ...],
-    ) -> list[ir.Node]:
-        """Gather (channels sorted by shift), Pad, one Slice per shift, Concat, 1×1 Conv."""
-        graph, node = model.graph, site.node
-        base, label = _base(site), node.name or "Conv"
-        spatial = len(site.kernel)
-        flat = np.ravel_multi_index(tuple(factors.positions.T), site.kernel)
-        order = np.argsort(flat, kind="stable").astype(np.int64)
-        nodes: list[ir.Node] = []
-        source = node.inputs[0]
-        assert source is not None
-        if not np.array_equal(order, np.arange(order.size)):
-            gather = ir.Node(
-                "",
-                "Gather",
-                [source, new_initializer(graph, f"{base}.shift.order", order)],
-                [ir.AttrInt64("axis", 1)],
-                name=fresh_node_name(graph, f"{label}/shift_order"),
-            )
-            nodes.append(gather)
-            source = gather.outputs[0]
-        if any(pads):
-            pad = ir.Node(
-                "",
-                "Pad",
-                [
-                    source,
-                    new_initializer(
-                        graph,
-                        f"{base}.shift.pads",
-                        np.array([0, 0, *pads[:spatial], 0, 0, *pads[spatial:]], np.int64),
-                    ),
-                ],
-                [ir.AttrString("mode", "constant")],
-                name=fresh_node_name(graph, f"{label}/shift_pad"),
-            )
-            nodes.append(pad)
-            source = pad.outputs[0]
-        axes = new_initializer(
-            graph, f"{base}.shift.axes", np.arange(1, spatial + 2, dtype=np.int64)
-        )
-        steps = new_initializer(
-            graph, f"{base}.shift.steps", np.array([1, *site.strides], dtype=np.int64)
-        )
-        pieces: list[ir.Value] = []
-        sorted_flat = flat[order]
-        for tap in np.unique(sorted_flat):
-            channels = np.nonzero(sorted_flat == tap)[0]
-            start_c, end_c = int(channels[0]), int(channels[-1]) + 1
-            taps = np.unravel_index(int(tap), site.kernel)
-            starts, ends = [start_c], [end_c]
-            for axis in range(spatial):
-                offset = int(taps[axis]) * site.dilations[axis]
-                reach = site.dilations[axis] * (site.kernel[axis] - 1) + 1
-                # Counting from the end keeps the slice valid for any (dynamic) input size.
-                tail = reach - 1 - offset
-                starts.append(offset)
-                ends.append(-tail if tail > 0 else int(_INT64_MAX))
-            piece = ir.Node(
-                "",
-                "Slice",
-                [
-                    source,
-                    new_initializer(graph, f"{base}.shift.starts", np.array(starts, np.int64)),
-                    new_initializer(graph, f"{base}.shift.ends", np.array(ends, np.int64)),
-                    axes,
-                    steps,
-                ],
-                name=fresh_node_name(graph, f"{label}/shift_{int(tap)}"),
-            )
-            nodes.append(piece)
-            pieces.append(piece.outputs[0])
-        if len(pieces) > 1:
-            concat = ir.Node(
-                "",
-                "Concat",
-                pieces,
-                [ir.AttrInt64("axis", 1)],
-                name=fresh_node_name(graph, f"{label}/shift_concat"),
-            )
-            nodes.append(concat)
-            shifted = concat.outputs[0]
-        else:
-            shifted = pieces[0]
-        shifted.name = fresh_name(graph, f"{node.outputs[0].name}.shifted")
-        pointwise = self._pointwise(model, site, shifted, factors.pointwise[:, order])
-        nodes.append(pointwise)
-        self._replace(model, site, nodes)
-        return nodes
-
-    def _replace(self, model: ir.Model, site: _ConvSite, new_nodes: Sequence[ir.Node]) -> None:
-        graph, node = model.graph, site.node
-        old_weight = node.inputs[1]
-        ir.convenience.replace_nodes_and_values(
-            graph, node, [node], list(new_nodes), [node.outputs[0]], [new_nodes[-1].outputs[0]]
-        )
-        if old_weight is None or old_weight.uses() or old_weight.is_graph_output():
-            return
-        if old_weight.name is not None and old_weight.name in graph.initializers:
-            del graph.initializers[old_weight.name]
-
-    # -- training ----------------------------------------------------------------------------
-
-    def _prepare_training(
-        self,
-        model: ir.Model,
-        teacher: ir.Model | None,
-        fixed_nodes: Sequence[str],
-        replaced_outputs: Sequence[str],
-        deadline: Deadline,
-    ) -> _Training:
-        """Load the data and set the training up; under a time budget, refuse one that cannot
-        hold the training's minimum (before the init fits spend any of it)."""
-        from onnxcompress.torch_bridge.train import FinetuneConfig, minimum_work
-
-        cfg, context = self.cfg, self.context
-        with deadline.phase("data"):
-            train = context.load(model, context.train_spec)
-            assert train is not None
-            val = context.load(model, context.validation_spec)
-        trainable: str | tuple[str, ...] = "all"
-        if fixed_nodes:
-            fixed = set(fixed_nodes)
-            # Every node with weights except the fixed one-hot shift kernels.
-            trainable = tuple(
-                n.name
-                for n in model.graph
-                if n.name
-                and n.name not in fixed
-                and any(
-                    v is not None
-                    and v.const_value is not None
-                    and v.name in model.graph.initializers
-                    for v in n.inputs
-                )
-            )
-        online = cfg.distill == "online"
-        alpha = cfg.alpha if cfg.alpha is not None else (0.5 if online else 0.9)
-        # The replacement's last node keeps the replaced conv's output name in both graphs.
-        hints = (
-            tuple((name, name) for name in replaced_outputs if name)
-            if not online and cfg.hint_weight > 0
-            else ()
-        )
-        config = FinetuneConfig(
-            epochs=cfg.epochs,
-            lr=cfg.lr,
-            batch_size=cfg.batch_size,
-            temperature=cfg.temperature,
-            alpha=alpha,
-            loss="mutual" if online else ("hint" if hints else "kd"),
-            hint_tensors=hints,
-            hint_weight=cfg.hint_weight,
-            peers=cfg.students - 1 if online else None,
-            epoch_samples=cfg.epoch_samples,
-            trainable=trainable,
-            batchnorm=cfg.batchnorm,
-            batchnorm_between_convs=cfg.batchnorm_between_convs,
-            seed=context.seed,
-            device=cfg.device,
-        )
-        training = _Training(train, val, config, None if online else teacher, alpha)
-        if deadline.limited:
-            with deadline.phase("estimate"):
-                work = minimum_work(model, training.teacher, train, val, config, deadline.clock)
-            training.minimum_seconds = work.seconds
-            deadline.require(
-                work.seconds,
-                f"after loading the data ({deadline.phases['data']:.1f} s), training: {work.needs}",
-            )
-        return training
-
-    def _train(
-        self, model: ir.Model, training: _Training, report: PassReport, deadline: Deadline
-    ) -> None:
-        from onnxcompress.deadline import BudgetTooShortError
-        from onnxcompress.torch_bridge.train import finetune
-        from onnxcompress.torch_bridge.writeback import write_back
-
-        cfg, config = self.cfg, training.config
-        logger.info(
-            "cheapconv: training %s on %d images (%s distillation)",
-            f"{cfg.students} students" if cfg.distill == "online" else "the student",
-            len(training.train),
-            cfg.distill,
-        )
-        if cfg.batchnorm:
-            from onnxcompress.torch_bridge.batchnorm import add_missing_biases, selected_by
-
-            # The folded BNs leave biases on the trained convs: the same ones here.
-            add_missing_biases(model, selected_by(config.trainable))
-        try:
-            result = finetune(
-                model,
-                training.teacher,
-                training.train,
-                training.val,
-                config,
-                self.context.progress,
-                deadline=deadline,
-            )
-        except BudgetTooShortError as exc:
-            # The minimum was checked before the init; an init that ran long leaves the model
-            # as initialized rather than overrunning the budget.
-            report.summary["training"] = {"ran": False, "reason": str(exc)}
-            logger.warning("cheapconv: not training: %s", exc)
-            return
-        write_back(model, result.module)
-        report.summary["training"] = {
-            "ran": True,
-            "distill": cfg.distill,
-            "alpha": training.alpha,
-            **result.as_dict(),
-        }
-
-
-@dataclasses.dataclass
-class _Training:
-    """The training, set up before the init fits: its data, options and minimum time."""
-
-    train: Dataset
-    val: Dataset | None
-    config: FinetuneConfig
-    teacher: ir.Model | None
-    alpha: float
-    minimum_seconds: float = 0.0
-
-
-@dataclasses.dataclass
-class _PairStats:
-    """Sums over calibration positions for the fit ``y ≈ Wᵀ [z, 1]``.
-
-    Attributes:
-        gram: ``Σ [z,1][z,1]ᵀ``, ``[Cin+1, Cin+1]``.
-        cross: ``Σ [z,1] yᵀ``, ``[Cin+1, Cout]``.
-        target_sq: ``Σ y²`` per output channel.
-        target_sum: ``Σ y`` per output channel.
-        count: positions summed.
-    """
-
-    gram: np.ndarray
-    cross: np.ndarray
-    target_sq: np.ndarray
-    target_sum: np.ndarray
-    count: int
-
-    def rel_error(
-        self,
-        solution: np.ndarray,
-        gram: np.ndarray | None = None,
-        cross: np.ndarray | None = None,
-    ) -> float:
-        """``‖y - Wᵀ[z,1]‖ / ‖y - mean(y)‖`` over all positions and channels.
-
-        ``gram``/``cross`` replace the stored ones for features derived from the stored
-        ``z`` by a linear map (the depthwise conv applied to patches).
-        """
-        gram = self.gram if gram is None else gram
-        cross = self.cross if cross is None else cross
-        residual = (
-            self.target_sq.sum()
-            - 2.0 * float((solution * cross).sum())
-            + float((solution * (gram @ solution)).sum())
-        )
-        spread = float((self.target_sq - self.target_sum**2 / max(self.count, 1)).sum())
-        if spread <= 0.0:
-            return 0.0
-        return float(np.sqrt(max(residual, 0.0) / spread))
-
-
-@dataclasses.dataclass
-class _SeparableFit:
-    """Depthwise taps ``[Cin, K]`` and ``[Cin+1, Cout]`` pointwise-and-bias of a data fit."""
-
-    taps: np.ndarray
-    pointwise: np.ndarray
-    error_before: float
-    error: float
-
-
-def _ridge_solve(gram: np.ndarray, rhs: np.ndarray, ridge: float, intercept: bool = True) -> Any:
-    """``argmin ‖y - Wᵀz‖² + λ‖W‖²`` from ``Σzzᵀ`` and ``Σzyᵀ``; the intercept row unpenalized."""
-    size = gram.shape[0] - (1 if intercept else 0)
-    scale = ridge * max(float(np.trace(gram[:size, :size])) / max(size, 1), 1e-30)
-    penalty = np.full(gram.shape[0], scale)
-    if intercept:
-        penalty[-1] = 0.0
-    import scipy.linalg
-
-    regular = gram + np.diag(penalty)
-    try:
-        # Cholesky: several times faster than an SVD-based lstsq on 577x577 patch Grams.
-        return scipy.linalg.solve(regular, rhs, assume_a="pos")
-    except (np.linalg.LinAlgError, scipy.linalg.LinAlgError):
-        return np.linalg.lstsq(regular, rhs, rcond=None)[0]
-
-
-def _fit_separable(
-    stats: _PairStats, taps: np.ndarray, start: np.ndarray, ridge: float, rounds: int
-) -> _SeparableFit:
-    """Alternating least squares of depthwise taps and pointwise on patch statistics.
-
-    ``stats`` are over ``[patches, 1]`` (channel ``c`` tap ``k`` at ``c*K + k``), so the
-    depthwise output's Gram is ``Dᵀ G D`` for the block-diagonal tap matrix ``D``: every
-    round runs in Gram space, without touching the data again. Each half-step is an exact
-    (ridge) least-squares solve, so the error cannot grow much; the best pair seen is kept.
-    """
-    cin, size = taps.shape
-    width = cin * size
-
-    def lift(d: np.ndarray) -> np.ndarray:
-        lifted = np.zeros((width + 1, cin + 1))
-        lifted[np.arange(width), np.repeat(np.arange(cin), size)] = d.ravel()
-        lifted[width, cin] = 1.0
-        return lifted
-
-    def projected(d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        lifted = lift(d)
-        return lifted.T @ stats.gram @ lifted, lifted.T @ stats.cross
-
-    gram, cross = projected(taps)
-    error_before = stats.rel_error(start, gram, cross)
-    best = (error_before, taps, start)
-    d = taps
-    patch_gram, patch_sum = stats.gram[:width, :width], stats.gram[:width, width]
-    for _ in range(rounds):
-        gram, cross = projected(d)
-        solution = _ridge_solve(gram, cross, ridge)
-        error = stats.rel_error(solution, gram, cross)
-        if error < best[0]:
-            best = (error, d, solution)
-        pointwise, bias = solution[:cin].T, solution[cin]  # [Cout, Cin], [Cout]
-        # y - b ≈ Σ_c P[:, c] Σ_k d_ck φ_ck: linear in d with the Gram below.
-        mixing = np.kron(pointwise.T @ pointwise, np.ones((size, size)))
-        rhs_full = (stats.cross[:width] - np.outer(patch_sum, bias)) @ pointwise  # [CK, Cin]
-        rhs = rhs_full.reshape(cin, size, cin)[np.arange(cin), :, np.arange(cin)].ravel()
-        flat = _ridge_solve(patch_gram * mixing, rhs[:, None], ridge, intercept=False)[:, 0]
-        d = flat.reshape(cin, size)
-        # Unit-norm taps keep the factors balanced; the next pointwise solve absorbs the scale.
-        norms = np.linalg.norm(d, axis=1, keepdims=True)
-        d = np.where(norms > 0, d / np.maximum(norms, 1e-30), taps)
-    gram, cross = projected(d)
-    solution = _ridge_solve(gram, cross, ridge)
-    error = stats.rel_error(solution, gram, cross)
-    if error < best[0]:
-        best = (error, d, solution)
-    return _SeparableFit(taps=best[1], pointwise=best[2], error_before=error_before, error=best[0])
-
-
-def _patch_probe(model: ir.Model, spatial: ir.Node) -> ir.Model:
-    """A copy of ``model`` whose only output is the im2col patches ``spatial`` reads.
-
-    A grouped Conv with one-hot kernels (same pads, strides, dilations as ``spatial``) puts
-    tap ``k`` of input channel ``c`` in output channel ``c*K + k``.
-    """
-    probe = clone_model(model)
-    node = next(n for n in probe.graph if n.name == spatial.name)
-    weight = node.inputs[1]
-    assert weight is not None and weight.const_value is not None
-    cin, _, *kernel = weight.const_value.numpy().shape
-    size = int(np.prod(kernel))
-    one_hot = np.tile(np.eye(size, dtype=np.float32), (cin, 1)).reshape(cin * size, 1, *kernel)
-    patches = ir.Node(
-        "",
-        "Conv",
-        [node.inputs[0], new_initializer(probe.graph, "cheapconv.patches", one_hot)],
-        [ir.Attr(a.name, a.type, a.value) for a in node.attributes.values()],
-        name=fresh_node_name(probe.graph, "cheapconv/patches"),
-    )
-    probe.graph.insert_after(node, patches)
-    probe.graph.outputs.clear()
-    probe.graph.outputs.append(patches.outputs[0])
-    from onnx_ir.passes.common import RemoveUnusedNodesPass
-
-    RemoveUnusedNodesPass()(probe)
-    return probe
-
-
-def _truncated(model: ir.Model, name: str) -> ir.Model:
-    """A copy of ``model`` that computes only the tensor ``name`` (its only output)."""
-    from onnx_ir.passes.common import RemoveUnusedNodesPass
-
-    probe = clone_model(model)
-    value = next(
-        (v for node in probe.graph for v in node.outputs if v.name == name),
-        None,
-    )
-    if value is None:
-        raise KeyError(f"no tensor named {name!r} in the model")
-    probe.graph.outputs.clear()
-    probe.graph.outputs.append(value)
-    RemoveUnusedNodesPass()(probe)
-    return probe
-
-
-def _pair_statistics(
-    source_model: ir.Model, target_model: ir.Model, x: np.ndarray, batch: int
-) -> _PairStats:
-    """Gram statistics between the (only) outputs of two models over the batches of ``x``."""
-    from onnxcompress.runtime.session import make_session
-
-    sessions = [make_session(m, optimize=False) for m in (source_model, target_model)]
-    stats: _PairStats | None = None
-    for start in range(0, len(x), batch):
-        z, y = (
-            np.asarray(s.run(None, {s.get_inputs()[0].name: x[start : start + batch]})[0])
-            for s in sessions
-        )
-        zf = np.moveaxis(z, 1, -1).reshape(-1, z.shape[1]).astype(np.float64)
-        yf = np.moveaxis(y, 1, -1).reshape(-1, y.shape[1]).astype(np.float64)
-        if zf.shape[0] != yf.shape[0]:
-            raise ValueError(f"positions differ: {z.shape} (replacement) vs {y.shape} (original)")
-        za = np.concatenate([zf, np.ones((zf.shape[0], 1))], axis=1)
-        update = _PairStats(za.T @ za, za.T @ yf, (yf**2).sum(0), yf.sum(0), zf.shape[0])
-        if stats is None:
-            stats = update
-        else:
-            stats.gram += update.gram
-            stats.cross += update.cross
-            stats.target_sq += update.target_sq
-            stats.target_sum += update.target_sum
-            stats.count += update.count
-    assert stats is not None
-    return stats
-
-
-def _set_constant(value: ir.Value, array: np.ndarray) -> None:
-    assert value.name is not None
-    value.const_value = ir.tensor(np.ascontiguousarray(array), name=value.name)
-
-
-def _ints(node: ir.Node, name: str) -> tuple[int, ...] | None:
-    attr = node.attributes.get(name)
-    return tuple(int(v) for v in attr.as_ints()) if attr is not None else None
-
-
-def _base(site: _ConvSite) -> str:
-    """Stem of the new initializers' names: the replaced weight's name."""
-    weight = site.node.inputs[1]
-    return (weight.name if weight is not None and weight.name else None) or (
-        site.node.name or "conv"
-    )
-
-
-def _fit_images(
-    deadline: Deadline, per_image: float | None, layers_left: int, available: int
-) -> int:
-    """Calibration images the next layer's init fits on: all while an even share of what is
-    left of ``deadline`` holds them at ``per_image`` seconds each (the slowest fit so far; None
-    before the first, which gets all), fewer when not, 0 (the closed form) below
-    ``MIN_FIT_IMAGES``."""
-    if not deadline.limited or per_image is None:
-        return 0 if deadline.expired() else available
-    share = deadline.remaining() / max(layers_left, 1)
-    count = min(available, int(share / max(per_image, 1e-12)))
-    return count if count >= min(MIN_FIT_IMAGES, available) else 0

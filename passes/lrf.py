@@ -29,6 +29,7 @@ import onnx_ir as ir
 
 from onnxcompress.errors import PassConfigError
 from onnxcompress.fitting.allocation import ExactSavings, GroupPath, allocate
+from onnxcompress.fitting.gram import GramAccumulator
 from onnxcompress.fitting.replaceability import (
     Compensation,
     RemovalPlan,
@@ -41,7 +42,7 @@ from onnxcompress.graph.channels import (
     WeightSlice,
     analyze_channels,
 )
-from onnxcompress.graph.model import drop_resident_external_pages
+from onnxcompress.graph.model_io import drop_resident_external_pages
 from onnxcompress.graph.surgery import fold_compensation, remove_channels
 from onnxcompress.passes.base import CompressionPass, PassConfig, PassReport, check_fraction
 
@@ -386,8 +387,8 @@ class LinearlyReplaceableFilters(CompressionPass[LrfConfig]):
         names = list(dict.fromkeys(n for by in readers.values() for n in by))
         session = make_session(with_extra_outputs(model, names), optimize=False)
         input_name = session.get_inputs()[0].name
-        grams = {
-            (g.id, n): np.zeros((g.size + 1, g.size + 1)) for g in groups for n in readers[g.id]
+        accumulators = {
+            (g.id, n): GramAccumulator(intercept=True) for g in groups for n in readers[g.id]
         }
         positions = {
             (g.id, n): (g.positions(slices[0].tensor), g.axis(slices[0].tensor))
@@ -399,9 +400,15 @@ class LinearlyReplaceableFilters(CompressionPass[LrfConfig]):
             outputs = session.run(names, {input_name: x[start : start + batch]})
             arrays = dict(zip(names, outputs, strict=True))
             for key, (pos, axis) in positions.items():
-                samples = _channel_samples(arrays[key[1]], pos, axis)
-                augmented = np.concatenate([samples, np.ones((samples.shape[0], 1))], axis=1)
-                grams[key] += augmented.T @ augmented
+                accumulators[key].add(_channel_samples(arrays[key[1]], pos, axis), channel_axis=-1)
+        # No calibration image (an empty array) leaves the Grams at zero.
+        grams = {
+            (g.id, n): accumulators[(g.id, n)].statistics().gram
+            if not accumulators[(g.id, n)].empty
+            else np.zeros((g.size + 1, g.size + 1))
+            for g in groups
+            for n in readers[g.id]
+        }
         views: dict[int, list[View]] = {}
         for group in groups:
             # Channels no weighted layer reads (dropped by a Slice, say) cost nothing to remove.

@@ -53,7 +53,8 @@ import onnx_ir as ir
 
 from onnxcompress.deadline import Clock, Deadline
 from onnxcompress.errors import PassConfigError
-from onnxcompress.graph.model import clone_model, infer_shapes
+from onnxcompress.graph.canonicalize import infer_shapes
+from onnxcompress.graph.model_io import clone_model
 from onnxcompress.graph.resection import (
     KINDS,
     CandidateSearch,

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_ir as ir
 
+from onnxcompress.fitting.gram import GramAccumulator
+from onnxcompress.fitting.ridge import ridge_solve
 from onnxcompress.graph.resection import BridgeFit, BridgeFitter
 
 if TYPE_CHECKING:
@@ -54,11 +56,7 @@ def fit_bridge(
     names_source = [entry, exit_] if same else [entry]
     session_source = _session_for(source, names_source)
     session_target = None if same else _session_for(target, [exit_])
-    gram: np.ndarray | None = None
-    cross: np.ndarray | None = None
-    target_energy = np.zeros(0)
-    target_sum = np.zeros(0)
-    rows = 0
+    accumulator = GramAccumulator(intercept=True)
     sh, sw = stride
     for start in range(0, len(x), batch_size):
         batch = x[start : start + batch_size]
@@ -77,26 +75,23 @@ def fit_bridge(
                 f"bridge {entry!r} -> {exit_!r}: stride {stride} gives {sampled.shape[2:]}, "
                 f"the target is {outputs.shape[2:]}"
             )
-        xin = np.moveaxis(sampled, 1, -1).reshape(-1, sampled.shape[1]).astype(np.float64)
-        yout = np.moveaxis(outputs, 1, -1).reshape(-1, outputs.shape[1]).astype(np.float64)
-        xa = np.concatenate([xin, np.ones((xin.shape[0], 1))], axis=1)
-        if gram is None:
-            gram = np.zeros((xa.shape[1], xa.shape[1]))
-            cross = np.zeros((xa.shape[1], yout.shape[1]))
-            target_energy = np.zeros(yout.shape[1])
-            target_sum = np.zeros(yout.shape[1])
-        assert cross is not None
-        gram += xa.T @ xa
-        cross += xa.T @ yout
-        target_energy += (yout**2).sum(axis=0)
-        target_sum += yout.sum(axis=0)
-        rows += xa.shape[0]
-    if gram is None or cross is None:
+        accumulator.add(sampled, outputs, channel_axis=1)
+    if accumulator.empty:
         raise ValueError("fit_bridge needs at least one calibration image")
+    stats = accumulator.statistics()
+    gram, cross, rows = stats.gram, stats.cross, stats.count
+    target_energy, target_sum = stats.target_sq, stats.target_sum
     cin = gram.shape[0] - 1
-    penalty = np.zeros(cin + 1)
-    penalty[:cin] = ridge * max(float(np.trace(gram[:cin, :cin])) / max(cin, 1), 1e-12)
-    solution = np.linalg.solve(gram + np.diag(penalty), cross)
+    # LU, and a singular system raises, as the bridges were always fitted.
+    solution = ridge_solve(
+        gram,
+        cross,
+        ridge,
+        intercept=True,
+        scale_floor=1e-12,
+        factorization="lu",
+        fallback="raise",
+    )
     residual = target_energy - 2 * np.einsum("ij,ij->j", solution, cross)
     residual += np.einsum("ij,ik,kj->j", solution, gram, solution)
     variance = target_energy - target_sum**2 / max(rows, 1)

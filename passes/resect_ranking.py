@@ -16,7 +16,7 @@ import onnx_ir as ir
 
 from onnxcompress.deadline import Deadline
 from onnxcompress.errors import DataError
-from onnxcompress.graph.model import clone_model
+from onnxcompress.graph.model_io import clone_model
 from onnxcompress.graph.resection import (
     Candidate,
     Resection,

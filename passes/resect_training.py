@@ -120,7 +120,7 @@ class StageTraining:
         """The minimum of a stage's training run (``finetune``'s estimate), measured once: the
         runs of every stage validate on the same data with the same teacher."""
         if self._floor is None:
-            from onnxcompress.torch_bridge.train import minimum_work
+            from onnxcompress.torch_bridge.minimum_work import minimum_work
 
             deadline = self._deadline
             with deadline.phase("estimate"):
@@ -142,7 +142,8 @@ class StageTraining:
         """A training run through ``finetune``, within the pass's deadline (``budget_s``: its
         budget; default: its share, see ``_budget``); None when what it gets cannot hold its
         minimum (``skipped`` says why)."""
-        from onnxcompress.torch_bridge.train import FinetuneConfig, finetune
+        from onnxcompress.torch_bridge.finetune_config import FinetuneConfig
+        from onnxcompress.torch_bridge.train import finetune
 
         cfg = self.cfg
         config = FinetuneConfig(

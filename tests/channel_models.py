@@ -15,7 +15,7 @@ import onnx
 import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxcompress.graph.model import canonicalize
+from onnxcompress.graph.canonicalize import canonicalize
 from onnxcompress.runtime.session import make_session
 
 

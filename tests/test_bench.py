@@ -288,5 +288,8 @@ def test_cpu_only_install(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(runtime, "available_providers", lambda: [CPU])
     assert runtime.default_provider() == "cpu"
     assert runtime.resolve_providers(None) == [CPU]
-    with pytest.raises(ProviderUnavailableError, match="pip install onnxruntime-gpu"):
+    with pytest.raises(
+        ProviderUnavailableError,
+        match=r"pip install 'onnxcompress\[gpu\]' \(it installs onnxruntime-gpu",
+    ):
         runtime.resolve_providers("cuda")

@@ -12,8 +12,8 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
+from onnxcompress.graph.canonicalize import load_canonical
 from onnxcompress.graph.channels import ChannelAnalysis, ChannelGroup, analyze_channels, registry
-from onnxcompress.graph.model import load_canonical
 
 
 def group_by_producer(analysis: ChannelAnalysis, *names: str) -> ChannelGroup:

@@ -14,11 +14,13 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxcompress.passes.cheapconv as cheapconv_module
+import onnxcompress.passes.cheapconv_init as cheapconv_init_module
 from onnxcompress.deadline import BudgetTooShortError, ManualClock
 from onnxcompress.errors import PassConfigError
 from onnxcompress.fitting import cheap_kernels
+from onnxcompress.graph.canonicalize import canonicalize
 from onnxcompress.graph.metrics import model_metrics
-from onnxcompress.graph.model import canonicalize, clone_model, load_model
+from onnxcompress.graph.model_io import clone_model, load_model
 from onnxcompress.passes import create_pass
 from onnxcompress.passes.base import PassContext
 from onnxcompress.passes.cheapconv import CheapConvConfig
@@ -643,13 +645,13 @@ def digits_images(count: int) -> np.ndarray:
 def fit_clock(monkeypatch: pytest.MonkeyPatch) -> ManualClock:
     """A clock that moves 0.01 s per calibration image a layer's init fit reads."""
     clock = ManualClock()
-    real = cheapconv_module._pair_statistics
+    real = cheapconv_init_module._pair_statistics
 
     def timed(source: ir.Model, target: ir.Model, x: np.ndarray, batch: int) -> object:
         clock.advance(0.01 * len(x))
         return real(source, target, x, batch)
 
-    monkeypatch.setattr(cheapconv_module, "_pair_statistics", timed)
+    monkeypatch.setattr(cheapconv_init_module, "_pair_statistics", timed)
     return clock
 
 
@@ -700,9 +702,9 @@ def test_the_whole_pass_with_training_ends_within_its_budget(
 ) -> None:
     """Loading the data (1 s a set), the init fits and the training steps (0.05 s each) all
     draw from the one deadline; the init takes half of what the training's minimum leaves."""
-    from onnxcompress.torch_bridge import train as train_module
+    from onnxcompress.torch_bridge import finetune_trainer as trainer_module
 
-    real_load, real_step = PassContext.load, train_module._Trainer._step
+    real_load, real_step = PassContext.load, trainer_module.Trainer._step
 
     def load(model: ir.Model, spec: str | None) -> object:
         fit_clock.advance(1.0)
@@ -713,7 +715,7 @@ def test_the_whole_pass_with_training_ends_within_its_budget(
         return real_step(self, *args)
 
     monkeypatch.setattr(PassContext, "load", staticmethod(load))
-    monkeypatch.setattr(train_module._Trainer, "_step", step)
+    monkeypatch.setattr(trainer_module.Trainer, "_step", step)
     budget = 6.0
     options = {"epochs": 1000, "batch_size": 32, "time_budget_s": budget, "init": "activations"}
     context = PassContext(calibration=digits_images(64), train_spec="digits[:256]")

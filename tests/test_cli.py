@@ -330,3 +330,24 @@ def test_inspect_of_a_clean_model_warns_about_nothing(tmp_path: Path, capsys) ->
     code, out, err = run_cli(["inspect", str(path), "--json"], capsys)
     assert code == 0 and err == ""
     assert json.loads(out)["warnings"] == []
+
+
+def test_a_missing_onnx_runtime_is_one_line_naming_both_extras(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = tmp_path / "m.onnx"
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4, 4])],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), model)
+    # None in sys.modules makes `import onnxruntime` fail as it does where it is not installed.
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    code, _, err = run_cli(["bench", str(model), "--runs", "2", "--warmup", "1"], capsys)
+    assert_user_error(code, err, "onnxcompress[cpu]", "onnxcompress[gpu]")
+    assert "Traceback" not in err

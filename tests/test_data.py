@@ -20,7 +20,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from onnxcompress import data
 from onnxcompress.data import (
     DEFAULT_SPEC,
     METADATA_PREFIX,
@@ -31,6 +30,7 @@ from onnxcompress.data import (
     parse_spec,
     spread_index,
 )
+from onnxcompress.data import archive as archive_module
 from onnxcompress.errors import DataError
 
 # Label counts of the MNIST t10k set, a fixed property of the published files.
@@ -573,13 +573,13 @@ def _tar_directory(source: Path, archive: Path, arcname: str) -> Path:
 def extractions(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, ...]]:
     """Records every extraction (by the folder extracted) that really reads the archive."""
     calls: list[tuple[str, ...]] = []
-    real = data._extract_into
+    real = archive_module._extract_into
 
     def spy(archive: Path, dest: Path, prefix: tuple[str, ...], where: str) -> None:
         calls.append(prefix)
         real(archive, dest, prefix, where)
 
-    monkeypatch.setattr(data, "_extract_into", spy)
+    monkeypatch.setattr(archive_module, "_extract_into", spy)
     return calls
 
 
@@ -714,10 +714,10 @@ def test_archive_caps_and_garbage(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     root = _build_tree(tmp_path / "tree")
     archive = _tar_directory(root, tmp_path / "set.tar.gz", "data")
     cache = tmp_path / "cache"
-    monkeypatch.setattr(data, "MAX_ARCHIVE_BYTES", 200)
+    monkeypatch.setattr(archive_module, "MAX_ARCHIVE_BYTES", 200)
     assert "MAX_ARCHIVE_BYTES" in str(_raises(f"folder:{archive}/data", cache_dir=cache))
-    monkeypatch.setattr(data, "MAX_ARCHIVE_BYTES", 2**30)
-    monkeypatch.setattr(data, "MAX_ARCHIVE_MEMBERS", 5)
+    monkeypatch.setattr(archive_module, "MAX_ARCHIVE_BYTES", 2**30)
+    monkeypatch.setattr(archive_module, "MAX_ARCHIVE_MEMBERS", 5)
     assert "more than 5 members" in str(_raises(f"folder:{archive}/data", cache_dir=cache))
     assert list(cache.iterdir()) == []
     (tmp_path / "junk.tar.gz").write_bytes(b"\x1f\x8b" + b"garbage" * 50)
@@ -744,7 +744,7 @@ def test_cifar_evaluation_half(
     assert ds.y is not None and np.bincount(ds.y).tolist() == [500] * 10
     assert fit_to_input(ds, ["batch", 3, 32, 32]) is ds
 
-    tree = data.extract_archive(cifar_archive, cache, inside=("cifar10-jpeg", "test"))
+    tree = archive_module.extract_archive(cifar_archive, cache, inside=("cifar10-jpeg", "test"))
     test_dir = tree / "cifar10-jpeg" / "test"
     for label, image_name in [(0, "0500.jpg"), (9, "0999.jpg")]:
         index = label * 500 + (0 if image_name == "0500.jpg" else 499)

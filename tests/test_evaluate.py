@@ -367,7 +367,7 @@ def test_dataset_for_model_refuses_images_that_do_not_fit_the_input() -> None:
 def demo_model() -> ir.Model:
     if not DEMO_MODEL.exists():
         pytest.fail(f"{DEMO_MODEL} is missing; run models/train_digits_cnn.py")
-    from onnxcompress.graph.model import load_model
+    from onnxcompress.graph.model_io import load_model
 
     return load_model(DEMO_MODEL)
 
@@ -393,7 +393,8 @@ def test_demo_model_keeps_batchnorm_residuals_and_metadata(demo_model: ir.Model)
 
 
 def test_demo_model_is_unchanged_by_canonicalization(demo_model: ir.Model) -> None:
-    from onnxcompress.graph.model import canonicalize, clone_model
+    from onnxcompress.graph.canonicalize import canonicalize
+    from onnxcompress.graph.model_io import clone_model
 
     folded = clone_model(demo_model)
     canonicalize(folded)

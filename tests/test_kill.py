@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from onnxcompress.graph.model import load_model
+from onnxcompress.graph.model_io import load_model
 from onnxcompress.pipeline.run import compress
-from onnxcompress.torch_bridge.train import CHECKPOINT_FILE
+from onnxcompress.torch_bridge.training_checkpoint import CHECKPOINT_FILE
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_MODEL = ROOT / "models" / "digits_resnet.onnx"

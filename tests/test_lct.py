@@ -18,8 +18,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxcompress.deadline import BudgetTooShortError, ManualClock
 from onnxcompress.errors import PassConfigError
-from onnxcompress.fitting.lowrank import factorizable_reason, factorize, truncate
-from onnxcompress.graph.model import load_model, model_to_bytes, save_model
+from onnxcompress.fitting.lowrank import truncate
+from onnxcompress.graph.factorization import factorizable_reason, factorize
+from onnxcompress.graph.model_io import load_model, model_to_bytes, save_model
 from onnxcompress.graph.sparse_storage import (
     decode_gaps,
     decode_mask,
@@ -30,7 +31,8 @@ from onnxcompress.graph.sparse_storage import (
 )
 from onnxcompress.passes import create_pass
 from onnxcompress.passes.base import PassContext
-from onnxcompress.passes.lct import Layer, project_rank, project_sparse
+from onnxcompress.passes.lct_layers import Layer
+from onnxcompress.passes.lct_projection import project_rank, project_sparse
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS_MODEL = ROOT / "models" / "digits_resnet.onnx"
@@ -576,7 +578,7 @@ def test_lowrank_ranks_are_block_multiples_that_save_at_least_min_saving() -> No
 
 def _scripted_scores(monkeypatch: pytest.MonkeyPatch, offsets: list[float]) -> None:
     """Every validation score of the pass, in order, as points relative to the teacher's."""
-    from onnxcompress.passes import lct as lct_module
+    from onnxcompress.passes import lct_scoring
 
     remaining = list(offsets)
 
@@ -585,7 +587,7 @@ def _scripted_scores(monkeypatch: pytest.MonkeyPatch, offsets: list[float]) -> N
     ) -> float:
         return float(self.teacher_score) + remaining.pop(0)  # type: ignore[attr-defined]
 
-    monkeypatch.setattr(lct_module._Scorer, "score", score)
+    monkeypatch.setattr(lct_scoring.Scorer, "score", score)
 
 
 def _assert_left_as_it_was(model: ir.Model, original: ir.Model, rows: list[dict]) -> None:
@@ -651,11 +653,11 @@ def _work_clock(
 ) -> ManualClock:
     """A clock that moves ``step_s`` per training step and ``image_s`` per validation image
     scored (the teacher's scoring, sensitivity, checks and each attempt's)."""
-    from onnxcompress.passes import lct as lct_module
-    from onnxcompress.torch_bridge import train as train_module
+    from onnxcompress.passes import lct_scoring
+    from onnxcompress.torch_bridge import finetune_trainer as trainer_module
 
     clock = ManualClock()
-    real_step, real_predict = train_module._Trainer._step, lct_module._Scorer._predict
+    real_step, real_predict = trainer_module.Trainer._step, lct_scoring.Scorer._predict
 
     def step(self: Any, *args: Any) -> float:
         clock.advance(step_s)
@@ -665,8 +667,8 @@ def _work_clock(
         clock.advance(image_s * index.size)
         return real_predict(self, module, index)
 
-    monkeypatch.setattr(train_module._Trainer, "_step", step)
-    monkeypatch.setattr(lct_module._Scorer, "_predict", predict)
+    monkeypatch.setattr(trainer_module.Trainer, "_step", step)
+    monkeypatch.setattr(lct_scoring.Scorer, "_predict", predict)
     return clock
 
 
@@ -726,7 +728,7 @@ def test_a_budget_that_cannot_hold_one_attempt_is_refused_before_training(
 def test_sensitivity_is_measured_on_what_its_share_of_the_budget_holds(
     monkeypatch: pytest.MonkeyPatch, budget: float, measured: bool
 ) -> None:
-    from onnxcompress.passes import lct as lct_module
+    from onnxcompress.passes import lct_ranking
 
     torch.set_num_threads(1)
     # 600 validation images scored in 0.6 s, 9 layers: a tenth of what a 20 s budget leaves
@@ -743,7 +745,7 @@ def test_sensitivity_is_measured_on_what_its_share_of_the_budget_holds(
     else:
         assert all(row["sensitivity"] is not None for row in layers)
         # Scored once unchanged, then once per layer, within the ranking's share.
-        share = lct_module.SENSITIVITY_SHARE * budget
+        share = lct_ranking.SENSITIVITY_SHARE * budget
         samples = sensitivity["samples"]
         assert samples == 500 if budget == 100.0 else 100 <= samples < 500
         assert summary["time"]["phases_s"]["ranking"] <= share
@@ -758,12 +760,12 @@ def test_the_gradual_ramp_checks_at_most_once_a_step_and_fewer_times_under_a_sho
 ) -> None:
     from types import SimpleNamespace
 
-    from onnxcompress.passes.lct import _GradualProjector
+    from onnxcompress.passes.lct_projection import GradualProjector
 
-    monkeypatch.setattr(_GradualProjector, "_project_at", lambda self, module: None)
+    monkeypatch.setattr(GradualProjector, "_project_at", lambda self, module: None)
     layers: Any = [SimpleNamespace(node=f"layer{i}") for i in range(3)]
     checked: list[float] = []
-    projector = _GradualProjector(
+    projector = GradualProjector(
         layers, 1.0, 0.5, 10, False, lambda m: checked.append(0.0) or 0.0, -1.0
     )
     # A slow step (or a check) moved a time-driven progress past six check points at once.
@@ -794,7 +796,8 @@ def test_sensitivity_refines_the_ranking() -> None:
 
 
 def test_after_step_hook_runs_after_every_optimizer_step() -> None:
-    from onnxcompress.torch_bridge.train import FinetuneConfig, finetune
+    from onnxcompress.torch_bridge.finetune_config import FinetuneConfig
+    from onnxcompress.torch_bridge.train import finetune
 
     context = _digits_context()
     from onnxcompress.data import Dataset
@@ -853,7 +856,7 @@ def test_without_data_is_a_user_error() -> None:
 def test_resnet18_from_the_zoo(tmp_path: Path, subspace: str) -> None:
     from zoo import export_torchvision
 
-    from onnxcompress.graph.model import load_canonical
+    from onnxcompress.graph.canonicalize import load_canonical
 
     torch.set_num_threads(2)
     path = export_torchvision("resnet18", size=64)
@@ -876,16 +879,16 @@ def test_resnet18_from_the_zoo(tmp_path: Path, subspace: str) -> None:
 
 def test_limited_scoring_spreads_over_class_sorted_data() -> None:
     from onnxcompress.data import Dataset
-    from onnxcompress.passes.lct import _Scorer
+    from onnxcompress.passes.lct_scoring import Scorer
 
     context = _digits_context()
     assert context.calibration is not None and context.calibration_labels is not None
     order = np.argsort(context.calibration_labels, kind="stable")
     data = Dataset(context.calibration[order], context.calibration_labels[order], "sorted")
-    scorer = _Scorer(load_model(DIGITS_MODEL), data, "cpu")
+    scorer = Scorer(load_model(DIGITS_MODEL), data, "cpu")
     index = scorer.subset(50)
     assert index.size == 50 and len(set(data.y[index].tolist())) == 10
-    assert scorer.score(_Scorer.module_of(scorer, load_model(DIGITS_MODEL))) == scorer.teacher_score
+    assert scorer.score(Scorer.module_of(scorer, load_model(DIGITS_MODEL))) == scorer.teacher_score
 
 
 def test_scoring_stops_at_the_deadline_on_a_spread_subset(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -893,23 +896,23 @@ def test_scoring_stops_at_the_deadline_on_a_spread_subset(monkeypatch: pytest.Mo
     gives the top-1 of a subset with every class in it, and counts the cut."""
     from onnxcompress.data import Dataset
     from onnxcompress.deadline import Deadline
-    from onnxcompress.passes.lct import _Scorer
+    from onnxcompress.passes.lct_scoring import Scorer
 
     context = _digits_context()
     assert context.calibration is not None and context.calibration_labels is not None
     order = np.argsort(context.calibration_labels, kind="stable")
     data = Dataset(context.calibration[order], context.calibration_labels[order], "sorted")
-    scorer = _Scorer(load_model(DIGITS_MODEL), data, "cpu")
+    scorer = Scorer(load_model(DIGITS_MODEL), data, "cpu")
     clock = ManualClock()
     seen: list[np.ndarray] = []
-    real = _Scorer._predict
+    real = Scorer._predict
 
     def predict(self: Any, module: Any, index: np.ndarray) -> np.ndarray:
         seen.append(index)
         clock.advance(1.0)
         return real(self, module, index)
 
-    monkeypatch.setattr(_Scorer, "_predict", predict)
+    monkeypatch.setattr(Scorer, "_predict", predict)
     module = scorer.module_of(load_model(DIGITS_MODEL))
     top1 = scorer.score(module, deadline=Deadline(0.5, clock=clock))
     (scored,) = seen
@@ -1025,13 +1028,13 @@ def test_gradual_projector_completes_a_running_schedule_when_the_clock_ends_the_
 ) -> None:
     from types import SimpleNamespace
 
-    from onnxcompress.passes.lct import _GradualProjector
+    from onnxcompress.passes.lct_projection import GradualProjector
 
     # Only the schedule's arithmetic: no weights are projected.
-    monkeypatch.setattr(_GradualProjector, "_project_at", lambda self, module: None)
+    monkeypatch.setattr(GradualProjector, "_project_at", lambda self, module: None)
     layers: Any = [SimpleNamespace(node=f"layer{i}") for i in range(3)]
     scores = iter([0.0, -5.0])
-    projector = _GradualProjector(layers, 1.0, 0.5, 2, False, lambda m: next(scores), -1.0)
+    projector = GradualProjector(layers, 1.0, 0.5, 2, False, lambda m: next(scores), -1.0)
     for progress in (0.3, 0.6, 0.97):  # a time budget: the last step short of 1
         projector(None, progress)
     projector.finish(None)
@@ -1040,7 +1043,7 @@ def test_gradual_projector_completes_a_running_schedule_when_the_clock_ends_the_
     # Paused at the end (the first check, passed at progress 0.6, was below the floor; the
     # second, due at 1, never came): it stays where it paused.
     scores = iter([-5.0])
-    paused = _GradualProjector(layers, 1.0, 0.5, 2, False, lambda m: next(scores), -1.0)
+    paused = GradualProjector(layers, 1.0, 0.5, 2, False, lambda m: next(scores), -1.0)
     for progress in (0.3, 0.6, 0.97):
         paused(None, progress)
     paused.finish(None)
@@ -1070,7 +1073,7 @@ def test_gradual_schedule_falls_back_to_the_furthest_check_within_max_drop(
     # Only the first check (schedule at 0.25) is within max_drop; the end of the ramp and the
     # recovery are not; the weights of that check, scored again on the whole validation set,
     # are. With BatchNorms put back for the training, the check's weights come back folded.
-    from onnxcompress.graph.model import load_canonical
+    from onnxcompress.graph.canonicalize import load_canonical
     from onnxcompress.torch_bridge import batchnorm as batchnorm_module
 
     _scripted_scores(monkeypatch, [-0.5, -1.5, -1.5, -1.5, -1.5, -1.4, -0.8])

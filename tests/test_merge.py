@@ -12,9 +12,10 @@ import pytest
 from channel_models import BUILDERS, PRUNABLE, Net, feeds_for, image_input, run
 
 from onnxcompress.errors import PassConfigError
+from onnxcompress.graph.canonicalize import canonicalize
 from onnxcompress.graph.channels import analyze_channels
 from onnxcompress.graph.metrics import model_metrics
-from onnxcompress.graph.model import canonicalize, clone_model, load_model
+from onnxcompress.graph.model_io import clone_model, load_model
 from onnxcompress.passes import create_pass
 from onnxcompress.passes.base import PassContext
 

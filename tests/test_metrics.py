@@ -17,6 +17,7 @@ import onnx.numpy_helper as onh
 import onnx_ir as ir
 import pytest
 
+from onnxcompress.graph.canonicalize import canonicalize, infer_shapes
 from onnxcompress.graph.metrics import (
     ChannelMismatch,
     ModelMetrics,
@@ -28,7 +29,7 @@ from onnxcompress.graph.metrics import (
     node_macs,
     uncounted_ops,
 )
-from onnxcompress.graph.model import canonicalize, infer_shapes, load_model
+from onnxcompress.graph.model_io import load_model
 
 RNG = np.random.default_rng(0)
 

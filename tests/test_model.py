@@ -14,7 +14,8 @@ from onnx import TensorProto, helper, numpy_helper
 from zoo import export_torchvision
 
 from onnxcompress.errors import ModelLoadError, ModelSaveError
-from onnxcompress.graph.model import canonicalize, clone_model, load_model, save_model
+from onnxcompress.graph.canonicalize import canonicalize
+from onnxcompress.graph.model_io import clone_model, load_model, save_model
 from onnxcompress.runtime.session import make_session, random_feeds
 
 
@@ -338,7 +339,7 @@ def test_save_failure_leaves_no_partial_file(tmp_path: Path, monkeypatch) -> Non
 
 
 def test_large_models_get_external_data(tmp_path: Path, monkeypatch) -> None:
-    import onnxcompress.graph.model as model_module
+    import onnxcompress.graph.model_io as model_module
 
     monkeypatch.setattr(model_module, "EXTERNAL_DATA_THRESHOLD_BYTES", 100)
     src = conv_bn_model(tmp_path)

@@ -9,7 +9,7 @@ import pytest
 
 from onnxcompress.errors import PassConfigError, VerificationError
 from onnxcompress.graph.metrics import model_metrics
-from onnxcompress.graph.model import load_model
+from onnxcompress.graph.model_io import load_model
 from onnxcompress.pipeline.run import compress, sha256_of
 from onnxcompress.runtime.evaluate import accuracy, dataset_for_model
 

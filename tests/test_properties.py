@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxcompress.errors import OnnxCompressError
-from onnxcompress.graph.model import canonicalize, load_model
+from onnxcompress.graph.canonicalize import canonicalize
+from onnxcompress.graph.model_io import load_model
 from onnxcompress.passes import available_passes, create_pass, pass_class
 from onnxcompress.runtime.session import make_session
 

@@ -10,7 +10,7 @@ import pytest
 from onnxcompress.cli import main
 from onnxcompress.errors import PassConfigError
 from onnxcompress.graph.metrics import model_metrics
-from onnxcompress.graph.model import load_model
+from onnxcompress.graph.model_io import load_model
 from onnxcompress.pipeline.budget import Budget, LatencySettings, check_budget
 from onnxcompress.pipeline.recipe import (
     DataSpecs,

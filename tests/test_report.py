@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from onnxcompress.cli import main
-from onnxcompress.graph.model import load_model
+from onnxcompress.graph.model_io import load_model
 from onnxcompress.pipeline.report import PLOT_FILES, REPORT_JSON, REPORT_MD, format_markdown
 
 ROOT = Path(__file__).resolve().parent.parent

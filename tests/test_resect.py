@@ -13,7 +13,7 @@ from channel_models import BUILDERS, Net, feeds_for, image_input, run
 from onnxcompress.deadline import BudgetTooShortError, ManualClock
 from onnxcompress.errors import PassConfigError
 from onnxcompress.graph.metrics import model_metrics
-from onnxcompress.graph.model import clone_model, load_model
+from onnxcompress.graph.model_io import clone_model, load_model
 from onnxcompress.graph.resection import compute_layer_count, find_candidates
 from onnxcompress.passes import create_pass
 from onnxcompress.passes.base import PassContext
@@ -56,7 +56,8 @@ def work_clock(
     and logits), a validation of the pass, a forward batch of the trainer's validations."""
     from onnxcompress.passes import resect as resect_module
     from onnxcompress.passes import resect_ranking as ranking_module
-    from onnxcompress.torch_bridge import train as train_module
+    from onnxcompress.torch_bridge import finetune_trainer as trainer_module
+    from onnxcompress.torch_bridge import finetune_validation as validation_module
 
     clock = ManualClock()
 
@@ -67,9 +68,9 @@ def work_clock(
 
         return wrapper
 
-    monkeypatch.setattr(train_module._Trainer, "_step", timed(train_module._Trainer._step, step))
+    monkeypatch.setattr(trainer_module.Trainer, "_step", timed(trainer_module.Trainer._step, step))
     monkeypatch.setattr(
-        train_module._Trainer, "_predict", timed(train_module._Trainer._predict, batch)
+        validation_module.Validation, "predict", timed(validation_module.Validation.predict, batch)
     )
     monkeypatch.setattr(ranking_module, "resected_copy", timed(ranking_module.resected_copy, trial))
     top1 = resect_module.IncrementalResection._top1
@@ -565,7 +566,7 @@ def test_every_coupling_pattern_stays_valid(name: str) -> None:
 
 def test_pipeline_runs_resect_with_data(tmp_path) -> None:
     """Through compress() after lrf: calibration from --data, verification, a file out."""
-    from onnxcompress.graph.model import save_model
+    from onnxcompress.graph.model_io import save_model
     from onnxcompress.pipeline.run import compress
 
     net = Net(9)
@@ -600,7 +601,7 @@ def zoo_resect(name: str, exporter: str = "torchscript", **options: object) -> N
     """Export a torchvision model, resect its residual parts data-free, check the result."""
     from zoo import export_torchvision
 
-    from onnxcompress.graph.model import canonicalize
+    from onnxcompress.graph.canonicalize import canonicalize
 
     original = load_model(export_torchvision(name, exporter, 64))
     canonicalize(original)

@@ -11,8 +11,9 @@ import onnx
 import onnx_ir as ir
 import pytest
 
+from onnxcompress.graph.canonicalize import load_canonical
 from onnxcompress.graph.channels import ChannelAnalysis, ChannelGroup, analyze_channels
-from onnxcompress.graph.model import clone_model, load_canonical
+from onnxcompress.graph.model_io import clone_model
 from onnxcompress.graph.surgery import fold_compensation, remove_channels
 
 RTOL, ATOL = 1e-4, 1e-5

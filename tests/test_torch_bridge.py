@@ -20,7 +20,8 @@ from onnx import numpy_helper
 from zoo import export_torchvision
 
 from onnxcompress.errors import OnnxCompressError, PassConfigError, UnsupportedOpError
-from onnxcompress.graph.model import canonicalize, clone_model, load_model
+from onnxcompress.graph.canonicalize import canonicalize
+from onnxcompress.graph.model_io import clone_model, load_model
 from onnxcompress.torch_bridge import OnnxModule, check_supported, write_back
 
 RTOL, ATOL = 1e-4, 1e-5

@@ -25,20 +25,18 @@ from onnxcompress.cli import main
 from onnxcompress.data import Dataset
 from onnxcompress.deadline import BudgetTooShortError, Deadline, ManualClock
 from onnxcompress.errors import DataError, PassConfigError, UnsupportedOpError
-from onnxcompress.graph.model import load_model, model_to_bytes, save_model
+from onnxcompress.graph.model_io import load_model, model_to_bytes, save_model
 from onnxcompress.pipeline.run import compress
 from onnxcompress.runtime.evaluate import dataset_for_model
 from onnxcompress.torch_bridge import OnnxModule
-from onnxcompress.torch_bridge import train as train_module
-from onnxcompress.torch_bridge.train import (
-    CHECKPOINT_FILE,
-    FinetuneConfig,
-    FinetuneResult,
-    augment_batch,
-    distillation_loss,
-    finetune,
-    hint_loss,
-)
+from onnxcompress.torch_bridge import finetune_trainer as trainer_module
+from onnxcompress.torch_bridge import finetune_validation as validation_module
+from onnxcompress.torch_bridge.distillation_losses import distillation_loss, hint_loss
+from onnxcompress.torch_bridge.finetune_config import FinetuneConfig
+from onnxcompress.torch_bridge.finetune_result import FinetuneResult
+from onnxcompress.torch_bridge.train import finetune
+from onnxcompress.torch_bridge.training_batches import augment_batch, batch_loader
+from onnxcompress.torch_bridge.training_checkpoint import CHECKPOINT_FILE
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_MODEL = ROOT / "models" / "digits_resnet.onnx"
@@ -184,8 +182,8 @@ def test_worker_loader_yields_the_same_batches_as_the_in_process_one() -> None:
     x = torch.arange(40, dtype=torch.float32).reshape(10, 1, 2, 2)
     y = torch.arange(10)
     batches = [[3, 1, 4], [0, 9, 2], [5, 8, 7]]
-    inline = list(train_module._loader(x, y, batches, workers=0))
-    background = list(train_module._loader(x, y, batches, workers=1))
+    inline = list(batch_loader(x, y, batches, workers=0))
+    background = list(batch_loader(x, y, batches, workers=1))
     assert len(inline) == len(background) == 3
     for (xa, ya), (xb, yb), index in zip(inline, background, batches, strict=True):
         assert torch.equal(xa, x[index]) and torch.equal(xb, x[index])
@@ -375,7 +373,7 @@ def _clock_per_unit(
     validation (or estimate) batch; and counters of both."""
     clock = ManualClock()
     counts = {"steps": 0, "batches": 0}
-    real_step, real_predict = train_module._Trainer._step, train_module._Trainer._predict
+    real_step, real_predict = trainer_module.Trainer._step, validation_module.Validation.predict
 
     def step(self: Any, *args: Any) -> float:
         counts["steps"] += 1
@@ -387,8 +385,8 @@ def _clock_per_unit(
         clock.advance(batch_s)
         return real_predict(self, *args)
 
-    monkeypatch.setattr(train_module._Trainer, "_step", step)
-    monkeypatch.setattr(train_module._Trainer, "_predict", predict)
+    monkeypatch.setattr(trainer_module.Trainer, "_step", step)
+    monkeypatch.setattr(validation_module.Validation, "predict", predict)
     return clock, counts
 
 
@@ -528,7 +526,7 @@ def test_validations_stop_at_the_deadline_when_the_machine_slows_down(
     """The estimate timed batches at 0.1 s; then each takes 1 s (another job took the cores).
     Validations score a spread subset rather than run past the deadline."""
     clock = ManualClock()
-    real_predict = train_module._Trainer._predict
+    real_predict = validation_module.Validation.predict
     batches: list[int] = []
 
     def predict(self: Any, network: Any, x: torch.Tensor) -> torch.Tensor:
@@ -536,7 +534,7 @@ def test_validations_stop_at_the_deadline_when_the_machine_slows_down(
         clock.advance(0.1 if len(batches) <= 4 else 1.0)
         return real_predict(self, network, x)
 
-    monkeypatch.setattr(train_module._Trainer, "_predict", predict)
+    monkeypatch.setattr(validation_module.Validation, "predict", predict)
     config = FinetuneConfig(epochs=1000, batch_size=32, eval_batch_size=64, time_budget_s=6.0)
     result = finetune(
         student,
@@ -649,7 +647,7 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(
     )
     assert (tmp_path / "a" / CHECKPOINT_FILE).exists()
 
-    real_epoch = train_module._Trainer._train_epoch
+    real_epoch = trainer_module.Trainer._train_epoch
 
     def interrupted(self: Any, epoch: int) -> Any:
         if epoch == 1:
@@ -657,7 +655,7 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(
         return real_epoch(self, epoch)
 
     with monkeypatch.context() as patch:
-        patch.setattr(train_module._Trainer, "_train_epoch", interrupted)
+        patch.setattr(trainer_module.Trainer, "_train_epoch", interrupted)
         with pytest.raises(KeyboardInterrupt):
             finetune(
                 student,
@@ -881,7 +879,7 @@ def test_channels_last_batches_train_to_the_same_weights(
 def test_inserted_batchnorms_start_as_the_identity_and_fold_back_to_the_graph(
     student: ir.Model, train_data: Dataset
 ) -> None:
-    from onnxcompress.graph.model import clone_model
+    from onnxcompress.graph.model_io import clone_model
     from onnxcompress.torch_bridge.batchnorm import fold_batchnorms, insert_batchnorms
 
     model = clone_model(student)
@@ -913,7 +911,7 @@ def test_inserted_batchnorms_start_as_the_identity_and_fold_back_to_the_graph(
 
 
 def test_batchnorms_between_convs_can_be_left_out(student: ir.Model, train_data: Dataset) -> None:
-    from onnxcompress.graph.model import clone_model
+    from onnxcompress.graph.model_io import clone_model
     from onnxcompress.passes import create_pass
     from onnxcompress.torch_bridge.batchnorm import fold_batchnorms, insert_batchnorms
 

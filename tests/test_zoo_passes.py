@@ -23,8 +23,9 @@ from zoo import (
     light_model_names,
 )
 
+from onnxcompress.graph.canonicalize import canonicalize
 from onnxcompress.graph.metrics import model_metrics
-from onnxcompress.graph.model import canonicalize, load_model
+from onnxcompress.graph.model_io import load_model
 from onnxcompress.passes import create_pass
 from onnxcompress.runtime.session import make_session, random_feeds
 

@@ -51,6 +51,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = " ".join(str(exc).split())
         print(f"onnxcompress {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USER
+    except ModuleNotFoundError as exc:
+        # ONNX Runtime is an extra ([cpu] or [gpu]): a user may have installed neither.
+        if (exc.name or "").partition(".")[0] != "onnxruntime":
+            raise
+        from onnxcompress.runtime.session import MISSING_RUNTIME
+
+        print(f"onnxcompress {args.command}: error: {MISSING_RUNTIME}", file=sys.stderr)
+        return EXIT_USER
     except KeyboardInterrupt:
         print(f"onnxcompress {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

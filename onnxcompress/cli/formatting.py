@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from onnxcompress.runtime.evaluate import VerifyResult
-    from onnxcompress.torch_bridge.train import FinetuneResult
+    from onnxcompress.torch_bridge.finetune_result import FinetuneResult
 
 
 def format_before_after(

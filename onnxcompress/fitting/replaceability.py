@@ -19,7 +19,13 @@ import logging
 
 import numpy as np
 
+from onnxcompress.fitting.ridge import ridge_inverse, ridge_solve
+
 logger = logging.getLogger(__name__)
+
+# An all-zero Gram (every channel of the group dead) is regularized as if its channels had unit
+# energy, so its precision stays finite.
+_DEAD_GROUP_SCALE = 1.0
 
 
 @dataclasses.dataclass
@@ -53,22 +59,6 @@ class Compensation:
     matrix: np.ndarray  # [len(removed), len(keep)]
     bias: np.ndarray | None  # [len(removed)], only with an intercept
     residual: np.ndarray  # residual energy of each removed channel's fit, relative
-
-
-def _regularized_inverse(gram: np.ndarray, ridge: float) -> np.ndarray:
-    """``(G + εI)⁻¹`` by Cholesky (about half the work of a general inverse)."""
-    from scipy.linalg import lapack
-
-    scale = float(np.trace(gram)) / max(gram.shape[0], 1)
-    reg = ridge * (scale if scale > 0 else 1.0)
-    regularized = gram + reg * np.eye(gram.shape[0])
-    factor, info = lapack.dpotrf(regularized, lower=True)
-    if info == 0:
-        inverse, info = lapack.dpotri(factor, lower=True)
-    if info != 0:  # not numerically positive definite (ridge=0 on rank-deficient channels)
-        return np.linalg.pinv(regularized, hermitian=True)
-    # dpotri fills one triangle: mirror it.
-    return np.tril(inverse) + np.tril(inverse, -1).T
 
 
 def greedy_removal(
@@ -125,7 +115,9 @@ def greedy_removal_views(
     for gram, out_gram in views:
         energy = float(np.sum(out_gram * gram[:channels, :channels])) or 1.0
         if id(gram) not in precisions:
-            precisions[id(gram)] = _regularized_inverse(gram, ridge)
+            precisions[id(gram)] = ridge_inverse(
+                gram, ridge, scale_floor=0.0, zero_scale=_DEAD_GROUP_SCALE
+            )
             merged[id(gram)] = np.zeros((channels, channels))
         merged[id(gram)] += out_gram / energy
     view_keys = list(merged)
@@ -208,9 +200,17 @@ def compensation(
     g = gram.astype(np.float64)
     g_kk = g[np.ix_(regressors, regressors)]
     g_kr = g[np.ix_(regressors, removed)]
-    scale = float(np.trace(g_kk)) / max(len(regressors), 1)
-    reg = ridge * (scale if scale > 0 else 1.0)
-    coef = np.linalg.solve(g_kk + reg * np.eye(len(regressors)), g_kr).T  # [|R|, |K|(+1)]
+    # The constant regressor is penalized like the channels (intercept=False to the solver),
+    # and an exactly singular system raises: the plans were fitted this way.
+    coef = ridge_solve(
+        g_kk,
+        g_kr,
+        ridge,
+        scale_floor=0.0,
+        zero_scale=_DEAD_GROUP_SCALE,
+        factorization="lu",
+        fallback="raise",
+    ).T  # [|R|, |K|(+1)]
     # residual energy of each removed channel relative to its own energy
     # Row-wise quadratic forms through BLAS (a 3-operand einsum here ran unblocked).
     fitted = np.sum((coef @ g_kk) * coef, axis=1)

@@ -36,10 +36,10 @@ from typing import Any
 
 import onnx_ir as ir
 
+from onnxcompress.graph.op_families import COMPUTE_OPS, DEFAULT_DOMAINS
+
 logger = logging.getLogger(__name__)
 
-# The ops whose MACs are counted; every other op contributes 0 and is not listed as a layer.
-COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 # Default-domain ops that multiply-accumulate like the counted ones but whose MACs are not
 # modelled (quantized, deformable and recurrent layers, Einsum, attention, Fourier transforms):
 # they count 0, so a model that uses them is understated.
@@ -59,7 +59,6 @@ UNCOUNTED_COMPUTE_OPS = frozenset(
         "STFT",
     }
 )
-_DEFAULT_DOMAINS = ("", "ai.onnx")
 # Node names from exporters can be very long paths; the table keeps their informative tail.
 _MAX_NAME_WIDTH = 48
 
@@ -172,7 +171,7 @@ def count_params(model: ir.Model) -> int:
             if _is_float_initializer(value):
                 total += _num_elements(value)
     for node in model.graph.all_nodes():
-        if node.op_type == "Constant" and node.domain in _DEFAULT_DOMAINS:
+        if node.op_type == "Constant" and node.domain in DEFAULT_DOMAINS:
             total += _constant_node_params(node)
     return total
 
@@ -357,7 +356,7 @@ def _broadcast(a: Sequence[int], b: Sequence[int]) -> tuple[int, ...]:
 
 def _layer(node: ir.Node, batch: int) -> tuple[LayerMetrics, bool] | None:
     """Metrics of a compute node (None for other ops) and whether its shapes were known."""
-    if node.domain not in _DEFAULT_DOMAINS or node.op_type not in COMPUTE_OPS:
+    if node.domain not in DEFAULT_DOMAINS or node.op_type not in COMPUTE_OPS:
         return None
     if node.op_type in ("Conv", "ConvTranspose"):
         return _conv_layer(node, batch)
@@ -369,8 +368,8 @@ def _layer(node: ir.Node, batch: int) -> tuple[LayerMetrics, bool] | None:
 def node_macs(node: ir.Node, batch: int = 1) -> int:
     """Multiply-accumulates of one node (0 for ops other than Conv/ConvTranspose/Gemm/MatMul).
 
-    Shapes come from the IR values (run ``onnxcompress.graph.model.infer_shapes`` first); a node
-    whose shapes are unknown counts 0.
+    Shapes come from the IR values (run ``onnxcompress.graph.canonicalize.infer_shapes`` first);
+    a node whose shapes are unknown counts 0.
 
     Args:
         batch: the value given to symbolic dims.
@@ -381,7 +380,7 @@ def node_macs(node: ir.Node, batch: int = 1) -> int:
 
 def _compute_nodes(model: ir.Model) -> Iterable[ir.Node]:
     for node in model.graph.all_nodes():
-        if node.domain in _DEFAULT_DOMAINS and node.op_type in COMPUTE_OPS:
+        if node.domain in DEFAULT_DOMAINS and node.op_type in COMPUTE_OPS:
             yield node
 
 
@@ -416,7 +415,7 @@ def fix_input_shapes(
         DataError: a name that is not a graph input, or dims of the wrong rank.
     """
     from onnxcompress.errors import DataError
-    from onnxcompress.graph.model import infer_shapes
+    from onnxcompress.graph.canonicalize import infer_shapes
 
     graph = model.graph
     inputs = {str(value.name): value for value in graph.inputs}
@@ -453,7 +452,7 @@ def model_metrics(model: ir.Model, *, batch: int = 1, file_size: int | None = No
     if batch < 1:
         raise ValueError(f"batch must be positive, got {batch}")
     if _shapes_missing(model):
-        from onnxcompress.graph.model import infer_shapes
+        from onnxcompress.graph.canonicalize import infer_shapes
 
         infer_shapes(model)
     layers: list[LayerMetrics] = []
@@ -519,7 +518,7 @@ def uncounted_ops(model: ir.Model) -> list[UncountedOp]:
     """
     counts: dict[tuple[str, str], int] = {}
     for node in model.graph.all_nodes():
-        if node.domain in _DEFAULT_DOMAINS:
+        if node.domain in DEFAULT_DOMAINS:
             if node.op_type not in UNCOUNTED_COMPUTE_OPS:
                 continue
             key = (node.op_type, "")

@@ -36,18 +36,14 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as ir_common
 
-from onnxcompress.graph.model import (
-    clone_model,
-    drop_unused_initializers,
-    fresh_name,
-    new_initializer,
-)
+from onnxcompress.graph.edits import drop_unused_initializers, fresh_name, new_initializer
+from onnxcompress.graph.model_io import clone_model
+from onnxcompress.graph.op_families import COMPUTE_OPS, DEFAULT_DOMAINS
 
 logger = logging.getLogger(__name__)
 
 KINDS = ("branch", "block", "layer")
-# Layers counted by ``target_layers`` (the ops that hold a CNN's weights and MACs).
-COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+# ``target_layers`` counts COMPUTE_OPS (graph.op_families), the ops that hold weights and MACs.
 # Heads of ``layer`` candidates.
 LAYER_OPS = frozenset({"Conv", "Gemm", "MatMul"})
 # Elementwise ops that belong to the layer before them when only that layer feeds them (their
@@ -78,7 +74,6 @@ IDEMPOTENT_OPS = frozenset({"Relu"})
 # A block larger than this many nodes is not searched further (keeps the search linear).
 MAX_BLOCK_NODES = 256
 BRIDGE_MARK = "onnxcompress.resect"
-_DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
 @dataclasses.dataclass
@@ -270,7 +265,7 @@ def _bridge_plan(entry: ir.Value, exit_: ir.Value) -> tuple[str, tuple[int, int]
 
 
 def _compute_layers(nodes: Iterable[ir.Node]) -> int:
-    return sum(1 for n in nodes if n.op_type in COMPUTE_OPS and n.domain in _DEFAULT_DOMAINS)
+    return sum(1 for n in nodes if n.op_type in COMPUTE_OPS and n.domain in DEFAULT_DOMAINS)
 
 
 def _make_candidate(
@@ -422,7 +417,7 @@ def _layer_candidate(node: ir.Node) -> tuple[Candidate | None, str]:
         if len(uses) != 1:
             break
         user, index = uses[0]
-        if user.op_type not in TRAILING_OPS or user.domain not in _DEFAULT_DOMAINS or index != 0:
+        if user.op_type not in TRAILING_OPS or user.domain not in DEFAULT_DOMAINS or index != 0:
             break
         if not all(_is_constant(v) for v in user.inputs[1:]) or len(user.outputs) != 1:
             break
@@ -450,8 +445,8 @@ def find_candidates(
 ) -> CandidateSearch:
     """Every part of ``model`` that can be resected, and the reason for each that cannot.
 
-    Shapes must be on the graph (``onnxcompress.graph.model.infer_shapes``). Node names matching an
-    ``exclude`` pattern (fnmatch) are never removed.
+    Shapes must be on the graph (``onnxcompress.graph.canonicalize.infer_shapes``). Node names
+    matching an ``exclude`` pattern (fnmatch) are never removed.
     """
     graph = model.graph
     nodes = list(graph)
@@ -468,7 +463,7 @@ def find_candidates(
         return None
 
     for node in nodes:
-        if node.domain not in _DEFAULT_DOMAINS or node.op_type != "Add":
+        if node.domain not in DEFAULT_DOMAINS or node.op_type != "Add":
             continue
         candidate, reason = _residual_candidate(node, position, kinds)
         if candidate is not None:
@@ -481,7 +476,7 @@ def find_candidates(
         if len([v for v in node.inputs if not _is_constant(v)]) == 2:
             declined.append((_label(node, position), f"block at this Add: {reason}"))
     for node in nodes:
-        if node.domain not in _DEFAULT_DOMAINS or node.op_type not in LAYER_OPS:
+        if node.domain not in DEFAULT_DOMAINS or node.op_type not in LAYER_OPS:
             continue
         if _is_bridge(node):
             declined.append((_label(node, position), "a bridge inserted by resect"))
@@ -511,7 +506,7 @@ def residual_add_count(model: ir.Model) -> int:
         1
         for node in model.graph
         if node.op_type == "Add"
-        and node.domain in _DEFAULT_DOMAINS
+        and node.domain in DEFAULT_DOMAINS
         and sum(not _is_constant(v) for v in node.inputs) == 2
     )
 
@@ -543,7 +538,7 @@ def shared_feature_maps(teacher: ir.Model, student: ir.Model) -> list[tuple[str,
     conv_shapes = {
         dims
         for node in student.graph
-        if node.op_type in ("Conv", "ConvTranspose") and node.domain in _DEFAULT_DOMAINS
+        if node.op_type in ("Conv", "ConvTranspose") and node.domain in DEFAULT_DOMAINS
         for dims in [feature_shape(node.outputs[0])]
         if dims is not None
     }
@@ -587,7 +582,7 @@ def _compute_neighbours(start: ir.Value, forward: bool) -> list[ir.Node]:
             if id(node) in seen:
                 continue
             seen.add(id(node))
-            if node.op_type in COMPUTE_OPS and node.domain in _DEFAULT_DOMAINS:
+            if node.op_type in COMPUTE_OPS and node.domain in DEFAULT_DOMAINS:
                 found.append(node)
                 continue
             computed = [v for v in node.inputs if not _is_constant(v)]

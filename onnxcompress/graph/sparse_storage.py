@@ -47,12 +47,9 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from onnxcompress.graph.model import (
-    drop_unused_initializers,
-    evaluate_node,
-    fresh_name,
-    replace_with_initializer,
-)
+from onnxcompress.graph.canonicalize import evaluate_node
+from onnxcompress.graph.edits import drop_unused_initializers, fresh_name, replace_with_initializer
+from onnxcompress.graph.op_families import DEFAULT_DOMAINS
 
 logger = logging.getLogger(__name__)
 
@@ -191,7 +188,7 @@ def encoded_sizes(
 
 
 def _opset(model: ir.Model) -> int:
-    for domain in ("", "ai.onnx"):
+    for domain in DEFAULT_DOMAINS:
         version = model.opset_imports.get(domain)
         if version is not None:
             return int(version)

@@ -26,8 +26,9 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
+from onnxcompress.graph.canonicalize import infer_shapes
 from onnxcompress.graph.channels import ChannelAnalysis, ChannelGroup, WeightSlice, rule_for
-from onnxcompress.graph.model import infer_shapes, private_initializer, set_initializer
+from onnxcompress.graph.edits import private_initializer, set_initializer
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ import onnx_ir as ir
 from onnxcompress import __version__
 from onnxcompress.deadline import Deadline
 from onnxcompress.errors import OnnxCompressError, PassConfigError, VerificationError
-from onnxcompress.graph.model import (
+from onnxcompress.graph.model_io import (
     clone_model,
     drop_resident_external_pages,
     load_model,
@@ -498,7 +498,7 @@ def _latency_search(
 def _finetune_config(options: dict[str, Any], seed: int) -> Any:
     """The FinetuneConfig a finetune step's options describe (validated)."""
     from onnxcompress.passes.base import parse_options
-    from onnxcompress.torch_bridge.train import FinetuneConfig
+    from onnxcompress.torch_bridge.finetune_config import FinetuneConfig
 
     values = {k: v for k, v in options.items() if k not in ("teacher", "select")}
     values.setdefault("seed", seed)

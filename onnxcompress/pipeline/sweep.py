@@ -96,7 +96,7 @@ def sweep(
     from tqdm import tqdm
 
     from onnxcompress.graph.metrics import model_metrics
-    from onnxcompress.graph.model import clone_model, load_model
+    from onnxcompress.graph.model_io import clone_model, load_model
     from onnxcompress.passes import create_pass, pass_class
     from onnxcompress.passes.base import PassContext, parse_options
     from onnxcompress.pipeline.run import verify_step

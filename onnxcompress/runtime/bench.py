@@ -152,7 +152,7 @@ def benchmark(
             differs from a requested one.
         PassConfigError: no models, or a non-positive batch, run or warm-up count.
     """
-    from onnxcompress.graph.model import load_model
+    from onnxcompress.graph.model_io import load_model
 
     if not models:
         raise PassConfigError("bench: give at least one model")

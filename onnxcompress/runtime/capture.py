@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
-from onnxcompress.graph.model import clone_model
+from onnxcompress.graph.model_io import clone_model
 
 logger = logging.getLogger(__name__)
 

@@ -48,7 +48,7 @@ def _label(model: Any) -> str:
         return str(model)
     if isinstance(model, bytes):
         return "<model bytes>"
-    from onnxcompress.graph.model import model_label
+    from onnxcompress.graph.model_io import model_label
 
     return model_label(model)
 
@@ -498,7 +498,7 @@ def _check_ir_model(model: ir.Model) -> None:
     import onnx
     import onnx_ir as ir
 
-    from onnxcompress.graph.model import serialize_leaving_out
+    from onnxcompress.graph.model_io import serialize_leaving_out
 
     def leave_out(tensor: ir.TensorProtocol) -> bool:
         return isinstance(tensor, ir.ExternalTensor) or tensor.nbytes >= _CHECK_INLINE_BYTES
@@ -541,7 +541,7 @@ def verify(
     """
     for model in (original, candidate):
         if not isinstance(model, (str, os.PathLike, bytes)):
-            from onnxcompress.graph.model import drop_resident_external_pages
+            from onnxcompress.graph.model_io import drop_resident_external_pages
 
             drop_resident_external_pages(model)
     checker_error = check_model(candidate)
@@ -616,7 +616,7 @@ def dataset_for_model(
         ModelLoadError: ``model`` is a path that cannot be loaded.
     """
     if isinstance(model, (str, os.PathLike)):
-        from onnxcompress.graph.model import load_model
+        from onnxcompress.graph.model_io import load_model
 
         model = load_model(model)
     defaults = Preprocess.from_metadata(model.metadata_props)

@@ -32,9 +32,14 @@ SHARED_INITIALIZER_BYTES = 1 << 20
 # The placeholder location of those weights in the serialized graph; ONNX Runtime never reads
 # it, since every such initializer is supplied through add_external_initializers.
 _SHARED_LOCATION = "onnxcompress-shared-initializer"
+# ONNX Runtime is an extra of this package, so a user may have neither build installed.
+MISSING_RUNTIME = (
+    "ONNX Runtime is not installed: pip install 'onnxcompress[cpu]', or 'onnxcompress[gpu]' "
+    "for CUDA (never both: they install the same module)"
+)
 _INSTALL_HINT = {
-    "CUDAExecutionProvider": "pip uninstall onnxruntime && pip install onnxruntime-gpu "
-    "(a CUDA-capable GPU and driver are needed too)",
+    "CUDAExecutionProvider": "pip uninstall -y onnxruntime && pip install 'onnxcompress[gpu]' "
+    "(it installs onnxruntime-gpu; a CUDA-capable GPU and driver are needed too)",
     "TensorrtExecutionProvider": "install onnxruntime-gpu built with TensorRT and the TensorRT "
     "libraries",
 }
@@ -104,7 +109,7 @@ def make_session(
     elif isinstance(model, bytes):
         source, label = model, "<model>"
     else:
-        from onnxcompress.graph.model import model_label
+        from onnxcompress.graph.model_io import model_label
 
         source, names, arrays = _serialize_sharing_weights(model)
         label = model_label(model)
@@ -130,7 +135,7 @@ def _serialize_sharing_weights(model: ir.Model) -> tuple[bytes, list[str], list[
     """
     import onnx_ir as ir
 
-    from onnxcompress.graph.model import serialize_leaving_out
+    from onnxcompress.graph.model_io import serialize_leaving_out
 
     shareable = {
         ir.DataType.FLOAT,

@@ -22,7 +22,9 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from onnxcompress.graph.model import fold_batchnorm, fresh_name, fresh_node_name, new_initializer
+from onnxcompress.graph.canonicalize import fold_batchnorm
+from onnxcompress.graph.edits import fresh_name, fresh_node_name, new_initializer
+from onnxcompress.graph.op_families import DEFAULT_DOMAINS
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +38,7 @@ STATISTICS_BATCH = 256
 def _eligible(node: ir.Node) -> bool:
     """A Conv with an initializer weight whose only output feeds nodes (not the graph's
     outputs, not a BatchNormalization already)."""
-    if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+    if node.op_type != "Conv" or node.domain not in DEFAULT_DOMAINS or len(node.inputs) < 2:
         return False
     weight = node.inputs[1]
     if weight is None or weight.const_value is None or len(weight.const_value.shape) < 3:

@@ -19,17 +19,17 @@ import torch
 from torch import nn
 
 from onnxcompress.errors import ModelLoadError, PassConfigError, UnsupportedOpError
+from onnxcompress.graph.op_families import DEFAULT_DOMAINS
 from onnxcompress.torch_bridge import ops
 
 logger = logging.getLogger(__name__)
 
 TrainableSpec = str | Sequence[str] | None
-_DEFAULT_DOMAINS = ("", "ai.onnx")
 _NO_SLOT = -1
 
 
 def _default_opset(model: ir.Model) -> int:
-    for domain in _DEFAULT_DOMAINS:
+    for domain in DEFAULT_DOMAINS:
         version = model.opset_imports.get(domain)
         if version is not None:
             return int(version)
@@ -71,7 +71,7 @@ def _used_outputs(node: ir.Node) -> list[int]:
 
 
 def _as_model(model: ir.Model | str | os.PathLike[str]) -> tuple[ir.Model, str]:
-    from onnxcompress.graph.model import load_model, model_label
+    from onnxcompress.graph.model_io import load_model, model_label
 
     if isinstance(model, ir.Model):
         return model, model_label(model)
@@ -84,7 +84,7 @@ def _find_unsupported(model: ir.Model) -> list[tuple[str, str, str]]:
     opset = _default_opset(model)
     problems = []
     for index, node in enumerate(model.graph):
-        if node.domain not in _DEFAULT_DOMAINS:
+        if node.domain not in DEFAULT_DOMAINS:
             op = f"{node.domain}::{node.op_type}"
             problems.append((node_label(node, index), op, f"custom domain {node.domain!r}"))
             continue

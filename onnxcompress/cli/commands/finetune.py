@@ -29,10 +29,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from onnxcompress.data import Preprocess
     from onnxcompress.deadline import Deadline
     from onnxcompress.errors import ModelSaveError
-    from onnxcompress.graph.model import load_model, save_model
+    from onnxcompress.graph.model_io import load_model, save_model
     from onnxcompress.runtime.evaluate import dataset_for_model
     from onnxcompress.torch_bridge.distributed import is_main_process
-    from onnxcompress.torch_bridge.train import CHECKPOINT_FILE, FinetuneConfig, finetune
+    from onnxcompress.torch_bridge.finetune_config import FinetuneConfig
+    from onnxcompress.torch_bridge.train import finetune
+    from onnxcompress.torch_bridge.training_checkpoint import CHECKPOINT_FILE
 
     output = Path(args.output)
     inputs = [Path(args.student)] + ([Path(args.teacher)] if args.teacher else [])

@@ -42,6 +42,7 @@ def _checker_failure(path: str) -> str | None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from onnxcompress.graph.canonicalize import canonicalize
     from onnxcompress.graph.metrics import (
         channel_mismatches,
         fix_input_shapes,
@@ -50,7 +51,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         symbolic_dims,
         uncounted_ops,
     )
-    from onnxcompress.graph.model import canonicalize, load_model
+    from onnxcompress.graph.model_io import load_model
     from onnxcompress.runtime.session import parse_shape_overrides
 
     overrides = parse_shape_overrides(args.shape)
@@ -117,7 +118,7 @@ def _model_data_spec(model_path: str, spec: str | None) -> str:
     """The --data spec, or the dataset the model's metadata names (shipped models)."""
     if spec:
         return spec
-    from onnxcompress.graph.model import load_model
+    from onnxcompress.graph.model_io import load_model
 
     named = load_model(model_path).metadata_props.get("onnxcompress.dataset")
     if not named:
@@ -129,7 +130,7 @@ def _model_data_spec(model_path: str, spec: str | None) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from onnxcompress.graph.model import load_model
+    from onnxcompress.graph.model_io import load_model
     from onnxcompress.runtime.evaluate import accuracy, dataset_for_model
 
     model = load_model(args.model)
@@ -151,7 +152,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from onnxcompress.graph.model import load_model
+    from onnxcompress.graph.model_io import load_model
     from onnxcompress.runtime.evaluate import dataset_for_model, verify
 
     original = load_model(args.original)

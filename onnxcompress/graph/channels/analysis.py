@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 def analyze_channels(model: ir.Model) -> ChannelAnalysis:
     """Compute the channel groups of a (canonicalized) model.
 
-    The model should have static channel dims (``onnxcompress.graph.model.canonicalize``
+    The model should have static channel dims (``onnxcompress.graph.canonicalize.canonicalize``
     infers them); channels whose count is unknown are frozen.
 
     Returns:

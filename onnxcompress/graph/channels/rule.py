@@ -23,13 +23,11 @@ from onnxcompress.graph.channels.groups import (
     WeightSlice,
     describe,
 )
-from onnxcompress.graph.model import fresh_name, private_initializer, set_initializer
+from onnxcompress.graph.edits import fresh_name, private_initializer, set_initializer
+from onnxcompress.graph.op_families import DEFAULT_DOMAINS
 
 if TYPE_CHECKING:
     from onnxcompress.graph.channels.analysis import Builder
-
-# The domains of the standard ONNX ops; every rule covers these unless it says otherwise.
-DEFAULT_DOMAINS: tuple[str, ...] = ("", "ai.onnx")
 
 FixupT = TypeVar("FixupT", bound=LayoutFixup)
 

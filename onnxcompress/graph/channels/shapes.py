@@ -13,7 +13,6 @@ import onnx_ir as ir
 
 from onnxcompress.graph.channels.groups import CHANNEL_AXIS, describe
 from onnxcompress.graph.channels.rule import (
-    DEFAULT_DOMAINS,
     OpRule,
     WritesChannelCount,
     const,
@@ -24,6 +23,7 @@ from onnxcompress.graph.channels.rule import (
     spatial,
     static_dim,
 )
+from onnxcompress.graph.op_families import DEFAULT_DOMAINS
 
 if TYPE_CHECKING:
     from onnxcompress.graph.channels.analysis import Builder

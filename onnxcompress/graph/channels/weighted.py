@@ -30,7 +30,7 @@ from onnxcompress.graph.channels.rule import (
     required,
     spatial,
 )
-from onnxcompress.graph.model import fresh_name, private_initializer, set_initializer
+from onnxcompress.graph.edits import fresh_name, private_initializer, set_initializer
 
 if TYPE_CHECKING:
     from onnxcompress.graph.channels.analysis import Builder

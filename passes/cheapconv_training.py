@@ -1,0 +1,157 @@
+"""The training of the ``cheapconv`` pass: distillation (online among students, or offline from
+the network as the pass received it) of the substituted network through the torch bridge.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import onnx_ir as ir
+
+from onnxcompress.deadline import BudgetTooShortError, Deadline
+
+if TYPE_CHECKING:
+    from onnxcompress.data import Dataset
+    from onnxcompress.passes.base import PassContext, PassReport
+    from onnxcompress.passes.cheapconv import CheapConvConfig
+    from onnxcompress.torch_bridge.finetune_config import FinetuneConfig
+
+# The pass's own logger, so its log lines read as they always did.
+logger = logging.getLogger("onnxcompress.passes.cheapconv")
+
+
+@dataclasses.dataclass
+class Training:
+    """The training, set up before the init fits: its data, options and minimum time."""
+
+    train: Dataset
+    val: Dataset | None
+    config: FinetuneConfig
+    teacher: ir.Model | None
+    alpha: float
+    minimum_seconds: float = 0.0
+
+
+def prepare_training(
+    cfg: CheapConvConfig,
+    context: PassContext,
+    model: ir.Model,
+    teacher: ir.Model | None,
+    fixed_nodes: Sequence[str],
+    replaced_outputs: Sequence[str],
+    deadline: Deadline,
+) -> Training:
+    """Load the data and set the training up; under a time budget, refuse one that cannot
+    hold the training's minimum (before the init fits spend any of it)."""
+    from onnxcompress.torch_bridge.finetune_config import FinetuneConfig
+    from onnxcompress.torch_bridge.minimum_work import minimum_work
+
+    with deadline.phase("data"):
+        train = context.load(model, context.train_spec)
+        assert train is not None
+        val = context.load(model, context.validation_spec)
+    trainable: str | tuple[str, ...] = "all"
+    if fixed_nodes:
+        fixed = set(fixed_nodes)
+        # Every node with weights except the fixed one-hot shift kernels.
+        trainable = tuple(
+            n.name
+            for n in model.graph
+            if n.name
+            and n.name not in fixed
+            and any(
+                v is not None and v.const_value is not None and v.name in model.graph.initializers
+                for v in n.inputs
+            )
+        )
+    online = cfg.distill == "online"
+    alpha = cfg.alpha if cfg.alpha is not None else (0.5 if online else 0.9)
+    # The replacement's last node keeps the replaced conv's output name in both graphs.
+    hints = (
+        tuple((name, name) for name in replaced_outputs if name)
+        if not online and cfg.hint_weight > 0
+        else ()
+    )
+    config = FinetuneConfig(
+        epochs=cfg.epochs,
+        lr=cfg.lr,
+        batch_size=cfg.batch_size,
+        temperature=cfg.temperature,
+        alpha=alpha,
+        loss="mutual" if online else ("hint" if hints else "kd"),
+        hint_tensors=hints,
+        hint_weight=cfg.hint_weight,
+        peers=cfg.students - 1 if online else None,
+        epoch_samples=cfg.epoch_samples,
+        trainable=trainable,
+        batchnorm=cfg.batchnorm,
+        batchnorm_between_convs=cfg.batchnorm_between_convs,
+        seed=context.seed,
+        device=cfg.device,
+    )
+    training = Training(train, val, config, None if online else teacher, alpha)
+    if deadline.limited:
+        with deadline.phase("estimate"):
+            work = minimum_work(model, training.teacher, train, val, config, deadline.clock)
+        training.minimum_seconds = work.seconds
+        deadline.require(
+            work.seconds,
+            f"after loading the data ({deadline.phases['data']:.1f} s), training: {work.needs}",
+        )
+    return training
+
+
+def train_substituted(
+    cfg: CheapConvConfig,
+    context: PassContext,
+    model: ir.Model,
+    training: Training,
+    report: PassReport,
+    deadline: Deadline,
+) -> None:
+    """Train the substituted network as ``training`` says and write the (first) student back;
+    a budget that runs out before the training's minimum leaves the model as initialized."""
+    from onnxcompress.torch_bridge.train import finetune
+    from onnxcompress.torch_bridge.writeback import write_back
+
+    config = training.config
+    logger.info(
+        "cheapconv: training %s on %d images (%s distillation)",
+        f"{cfg.students} students" if cfg.distill == "online" else "the student",
+        len(training.train),
+        cfg.distill,
+    )
+    if cfg.batchnorm:
+        from onnxcompress.torch_bridge.batchnorm import add_missing_biases, selected_by
+
+        # The folded BNs leave biases on the trained convs: the same ones here.
+        add_missing_biases(model, selected_by(config.trainable))
+    try:
+        result = finetune(
+            model,
+            training.teacher,
+            training.train,
+            training.val,
+            config,
+            context.progress,
+            deadline=deadline,
+        )
+    except BudgetTooShortError as exc:
+        # The minimum was checked before the init; an init that ran long leaves the model
+        # as initialized rather than overrunning the budget.
+        report.summary["training"] = {"ran": False, "reason": str(exc)}
+        logger.warning("cheapconv: not training: %s", exc)
+        return
+    write_back(model, result.module)
+    report.summary["training"] = {
+        "ran": True,
+        "distill": cfg.distill,
+        "alpha": training.alpha,
+        **result.as_dict(),
+    }
+
+
+__all__ = ["Training", "prepare_training", "train_substituted"]

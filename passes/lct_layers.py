@@ -1,0 +1,266 @@
+"""Candidate layers of the ``lct`` pass and their targets: the zeros below one global magnitude
+threshold (sparse), or ranks from one spectral-energy threshold or a per-layer energy (lowrank).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxcompress.graph.edits import private_initializer
+from onnxcompress.graph.factorization import (
+    break_even_rank,
+    factorizable_reason,
+    rank_cost,
+    weight_matrix,
+)
+from onnxcompress.graph.op_families import DEFAULT_DOMAINS
+
+if TYPE_CHECKING:
+    from onnxcompress.passes.base import PassReport
+    from onnxcompress.passes.lct import LctConfig
+
+SPARSE_OPS = ("Conv", "Gemm", "MatMul")
+# Bisection steps on the log of the global spectral-energy threshold (lowrank by budget).
+THRESHOLD_STEPS = 60
+
+
+@dataclasses.dataclass
+class Layer:
+    """A candidate layer and its target.
+
+    Attributes:
+        node: the node's name.
+        op: its op type.
+        weight: the weight initializer's name.
+        shape: the weight's shape.
+        target_zeros: sparse: weights set to zero at the target.
+        rank: lowrank: the target rank; full_rank: the weight matrix's full rank.
+        macs / target_macs: the node's MACs now and once factorized at ``rank``.
+        significance: the layer's place in the ranking (0: least significant).
+        sensitivity: measured top-1 drop with this layer alone at its target.
+        stage: the stage that collapses it.
+        level: the accepted fraction of the way to the target (0: dense, 1: at the target);
+            back-offs leave a layer part of the way.
+        zeros: sparse: zeros measured in the written weight.
+        trans_b: Gemm: whether the weight is stored (N, K).
+        break_even: lowrank: the largest rank (a multiple of ``multiple``) that saves at least
+            ``min_saving`` of the layer's MACs once factorized (0: none).
+        multiple: lowrank: ranks below the full rank are multiples of this.
+        rank_cost / positions: lowrank: MACs per rank and output position, and the positions.
+    """
+
+    node: str
+    op: str
+    weight: str
+    shape: tuple[int, ...]
+    target_zeros: int = 0
+    rank: int = 0
+    full_rank: int = 0
+    macs: int = 0
+    target_macs: int = 0
+    significance: int = 0
+    sensitivity: float | None = None
+    stage: int = 0
+    level: float = 0.0
+    zeros: int = 0
+    trans_b: bool = True
+    break_even: int = 0
+    rank_cost: int = 0
+    positions: int = 1
+    multiple: int = 1
+
+    @property
+    def elements(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def target_sparsity(self) -> float:
+        return self.target_zeros / max(self.elements, 1)
+
+    @property
+    def accepted(self) -> bool:
+        """Whether the layer ended collapsed (at least part of the way)."""
+        return self.count_at(self.level) != self.count_at(0.0)
+
+    def count_at(self, level: float) -> int:
+        """The constraint at ``level``: zeros (sparse) or the rank (lowrank).
+
+        A partial rank cut starts at the break-even rank, not at the full rank, so every level
+        above 0 saves MACs once factorized, in proportion to the level (MACs are linear in the
+        rank).
+        """
+        level = min(1.0, max(0.0, level))
+        if self.full_rank:
+            if level <= 0.0:
+                return self.full_rank
+            top = max(self.rank, min(self.break_even, self.full_rank))
+            rank = top - round(level * (top - self.rank))
+            # Up to the block multiple: a backed-off level cuts less, never more, and stays at
+            # or below ``top`` (itself a multiple, as is the target).
+            return min(top, -(-rank // self.multiple) * self.multiple)
+        return round(level * self.target_zeros)
+
+    def macs_at(self, level: float) -> int:
+        """lowrank: the node's MACs with the rank at ``level`` (factorized when it is cut)."""
+        rank = self.count_at(level)
+        if rank >= self.full_rank:
+            return self.macs
+        return rank * self.rank_cost * self.positions
+
+    @property
+    def compression(self) -> float:
+        """Share of the layer removed at the target: zeros, or MACs saved by the rank."""
+        if self.full_rank:
+            return 1.0 - self.target_macs / max(self.macs, 1)
+        return self.target_sparsity
+
+
+def find_candidates(
+    model: ir.Model, report: PassReport, lowrank: bool, exclude: Sequence[str]
+) -> list[Layer]:
+    """The Conv, Gemm and MatMul nodes whose weight may collapse; the others are declined, with
+    why (``exclude``: node-name patterns the user keeps dense)."""
+    graph = model.graph
+    layers: list[Layer] = []
+    for index, node in enumerate(list(graph)):
+        if node.op_type not in SPARSE_OPS or node.domain not in DEFAULT_DOMAINS:
+            continue
+        label = node.name or f"{node.op_type}_{index}"
+        if not node.name:
+            node.name = label
+        pattern = next((p for p in exclude if fnmatch.fnmatchcase(label, p)), None)
+        if pattern is not None:
+            report.decline(label, f"excluded by the user (exclude={pattern})")
+            continue
+        weight = node.inputs[1] if len(node.inputs) > 1 else None
+        if weight is None or weight.const_value is None:
+            report.decline(label, "its weight is computed, not an initializer")
+            continue
+        if weight.name in {v.name for v in graph.inputs}:
+            report.decline(label, "its weight is also a graph input (the user may feed it)")
+            continue
+        if not weight.const_value.dtype.is_floating_point():
+            report.decline(label, f"its weight is {weight.const_value.dtype}, not float")
+            continue
+        if lowrank:
+            reason = factorizable_reason(node)
+            if reason is not None:
+                report.decline(label, reason)
+                continue
+        elif len(weight.const_value.shape) < 2:
+            report.decline(label, "its weight is a vector")
+            continue
+        value = private_initializer(graph, node, 1)
+        assert value.name is not None and value.const_value is not None
+        shape = tuple(int(d) for d in value.const_value.shape.numpy())
+        layer = Layer(label, node.op_type, value.name, shape)
+        if node.op_type == "Gemm":
+            attr = node.attributes.get("transB")
+            layer.trans_b = attr is not None and attr.as_int() != 0
+        layers.append(layer)
+    return layers
+
+
+def allocate_sparsity(model: ir.Model, layers: list[Layer], cfg: LctConfig) -> None:
+    """One global magnitude threshold; each layer's zeros below it are its target."""
+    magnitudes = [np.abs(layer_weight(model, layer)).reshape(-1) for layer in layers]
+    everything = np.sort(np.concatenate(magnitudes))
+    count = round(cfg.sparsity * everything.size)
+    threshold = everything[count - 1] if count > 0 else -np.inf
+    for layer, mags in zip(layers, magnitudes, strict=True):
+        below = int(np.count_nonzero(mags <= threshold))
+        cap = math.floor(cfg.max_layer_sparsity * mags.size)
+        layer.target_zeros = min(below, cap)
+
+
+def allocate_ranks(
+    model: ir.Model, layers: list[Layer], report: PassReport, macs_before: int, cfg: LctConfig
+) -> None:
+    """Ranks from one spectral-energy threshold (budget) or a per-layer energy."""
+    from onnxcompress.fitting.lowrank import energy_rank
+    from onnxcompress.graph.metrics import node_macs
+
+    graph = model.graph
+    spectra: list[np.ndarray] = []
+    for layer in layers:
+        node = graph.node(layer.node)
+        matrix = weight_matrix(node, layer_weight(model, layer))
+        singular = np.linalg.svd(matrix.astype(np.float64), compute_uv=False)
+        spectra.append(singular)
+        layer.full_rank = int(singular.size)
+        layer.macs = node_macs(node)
+        dense_cost = rank_cost(node, layer.shape, None)
+        layer.positions = max(1, layer.macs // max(dense_cost, 1))
+        layer.rank_cost = rank_cost(node, layer.shape, 1)
+        layer.multiple = cfg.round_to if layer.full_rank > cfg.round_to else 1
+        # The largest rank worth factorizing: it saves at least min_saving of the MACs.
+        worth = math.floor(
+            (1.0 - cfg.min_saving) * layer.macs / max(layer.rank_cost * layer.positions, 1)
+        )
+        limit = min(break_even_rank(node, layer.shape), worth)
+        layer.break_even = max(0, limit - limit % layer.multiple)
+
+    def apply(ranks: Sequence[int]) -> int:
+        saved = 0
+        for layer, rank in zip(layers, ranks, strict=True):
+            if rank <= layer.break_even:
+                layer.rank = rank
+                layer.target_macs = rank * layer.rank_cost * layer.positions
+            else:
+                layer.rank, layer.target_macs = layer.full_rank, layer.macs
+            saved += layer.macs - layer.target_macs
+        return macs_before - saved
+
+    if cfg.energy is not None:
+        apply(
+            [
+                _round_rank(energy_rank(s, cfg.energy), layer)
+                for s, layer in zip(spectra, layers, strict=True)
+            ]
+        )
+        return
+    assert cfg.target_macs is not None
+    goal = cfg.target_macs * macs_before
+    shares = [s**2 / max(float((s**2).sum()), 1e-30) for s in spectra]
+
+    def ranks_at(log_threshold: float) -> list[int]:
+        threshold = math.exp(log_threshold)
+        counts = [max(1, int(np.count_nonzero(share >= threshold))) for share in shares]
+        return [_round_rank(c, layer) for c, layer in zip(counts, layers, strict=True)]
+
+    low, high = math.log(1e-12), 0.0
+    if apply(ranks_at(high)) > goal:
+        report.summary["budget_note"] = (
+            f"target_macs={cfg.target_macs} is out of reach by factorization alone; every "
+            "candidate layer goes to rank 1"
+        )
+        return
+    for _ in range(THRESHOLD_STEPS):
+        middle = 0.5 * (low + high)
+        if apply(ranks_at(middle)) > goal:
+            low = middle
+        else:
+            high = middle
+    apply(ranks_at(high))
+
+
+def _round_rank(rank: int, layer: Layer) -> int:
+    """``rank`` to the nearest multiple of the layer's block (at least one block)."""
+    if layer.multiple <= 1 or rank >= layer.full_rank:
+        return rank
+    rounded = max(layer.multiple, layer.multiple * round(rank / layer.multiple))
+    return min(rounded, layer.full_rank)
+
+
+def layer_weight(model: ir.Model, layer: Layer) -> np.ndarray:
+    """The layer's weight as it stands in ``model``."""
+    value = model.graph.initializers[layer.weight]
+    assert value.const_value is not None
+    return value.const_value.numpy()
