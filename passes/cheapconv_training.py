@@ -46,13 +46,15 @@ def prepare_training(
 ) -> Training:
     """Load the data and set the training up; under a time budget, refuse one that cannot
     hold the training's minimum (before the init fits spend any of it)."""
-    from onnxcompress.torch_bridge.finetune_config import FinetuneConfig
     from onnxcompress.torch_bridge.minimum_work import minimum_work
+    from onnxcompress.torch_bridge.training_options import finetune_config_from
 
     with deadline.phase("data"):
-        train = context.load(model, context.train_spec)
+        # The calibration batch stands in for neither: the pass trains only on training data
+        # (``run`` checked there is a spec) and validates only on validation data.
+        train = context.train_set(model, fallback=None)
         assert train is not None
-        val = context.load(model, context.validation_spec)
+        val = context.validation_set(model, fallback=None)
     trainable: str | tuple[str, ...] = "all"
     if fixed_nodes:
         fixed = set(fixed_nodes)
@@ -75,22 +77,16 @@ def prepare_training(
         if not online and cfg.hint_weight > 0
         else ()
     )
-    config = FinetuneConfig(
+    config = finetune_config_from(
+        cfg,
         epochs=cfg.epochs,
-        lr=cfg.lr,
-        batch_size=cfg.batch_size,
-        temperature=cfg.temperature,
         alpha=alpha,
         loss="mutual" if online else ("hint" if hints else "kd"),
         hint_tensors=hints,
         hint_weight=cfg.hint_weight,
         peers=cfg.students - 1 if online else None,
-        epoch_samples=cfg.epoch_samples,
         trainable=trainable,
-        batchnorm=cfg.batchnorm,
-        batchnorm_between_convs=cfg.batchnorm_between_convs,
         seed=context.seed,
-        device=cfg.device,
     )
     training = Training(train, val, config, None if online else teacher, alpha)
     if deadline.limited:

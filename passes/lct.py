@@ -263,7 +263,7 @@ class LctConfig(PassConfig):
         """The fine-tuning of one stage attempt or ramp (``epochs`` of them: default
         ``epochs_per_stage``), or of the final phase (``epochs``: default ``final_epochs``).
         Under a time budget the clock ends the run (the schedule follows the clock)."""
-        from onnxcompress.torch_bridge.finetune_config import FinetuneConfig
+        from onnxcompress.torch_bridge.training_options import finetune_config_from
 
         if stage_budget is not None:
             epochs = 10_000
@@ -271,17 +271,11 @@ class LctConfig(PassConfig):
             epochs = max(1, self.final_epochs if epochs is None else epochs)
         elif epochs is None:
             epochs = self.epochs_per_stage
-        return FinetuneConfig(
+        return finetune_config_from(
+            self,
             epochs=epochs,
             lr=self.final_lr if final else self.lr,
-            batch_size=self.batch_size,
-            temperature=self.temperature,
-            alpha=self.alpha,
-            weight_decay=self.weight_decay,
-            epoch_samples=self.epoch_samples,
             time_budget_s=stage_budget,
-            batchnorm=self.batchnorm,
-            device=self.device,
         )
 
 
@@ -461,12 +455,8 @@ class LayerwiseCompressiveTraining(CompressionPass[LctConfig]):
     # -- data and the minimum work ----------------------------------------------------------
 
     def _datasets(self, model: ir.Model) -> tuple[Dataset, Dataset]:
-        context = self.context
-        calibration = context.calibration_set()
-        train = context.load(model, context.train_spec)
-        val = context.load(model, context.validation_spec)
-        train = calibration if train is None else train
-        val = calibration if val is None else val
+        train = self.context.train_set(model)
+        val = self.context.validation_set(model)
         if len(train) == 0 or len(val) == 0:
             raise DataError(f"{self.name}: the training or validation data holds no images")
         return train, val

@@ -22,16 +22,16 @@ How a member ``j`` is expressed by the representative ``k`` (``channel_j ≈ α 
 * ``criterion=activations``: α and β are the least-squares fit on the values the consumers read
   over calibration data (one fit per tensor the group is read at, as in lrf).
 
-Budgets are lrf's (``target_macs``, ``target_params``, ``ratio``; this pass shares its candidate
-selection, rounds against the measured total and global allocation). The clustering is then
-k-medoids by greedy elimination: every channel is merged into its cheapest surviving
-representative, and representatives are dropped one at a time, the one whose loss costs least
-first. The cost of expressing j by k is the estimated relative change of the group's output
-(residual energy of j × ‖outgoing_j‖² / the group's output energy, summed over the tensors the
-group is read at), comparable across layers; on ResNet-20 this order measured clearly better
-than cutting an average-linkage tree. ``threshold=`` instead merges, with no budget, every
-cluster whose members are all within that cosine distance of each other (complete linkage),
-each into its medoid.
+Budgets are lrf's (``target_macs``, ``target_params``, ``ratio``; both passes share the
+candidate selection, rounds against the measured total and global allocation of
+``structured_pruning``). The clustering is then k-medoids by greedy elimination: every channel
+is merged into its cheapest surviving representative, and representatives are dropped one at a
+time, the one whose loss costs least first. The cost of expressing j by k is the estimated
+relative change of the group's output (residual energy of j × ‖outgoing_j‖² / the group's output
+energy, summed over the tensors the group is read at), comparable across layers; on ResNet-20
+this order measured clearly better than cutting an average-linkage tree. ``threshold=`` instead
+merges, with no budget, every cluster whose members are all within that cosine distance of each
+other (complete linkage), each into its medoid.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import onnx_ir as ir
@@ -48,13 +48,11 @@ from onnxcompress.errors import PassConfigError
 from onnxcompress.fitting.replaceability import RemovalPlan
 from onnxcompress.graph.channels import ChannelGroup, WeightSlice
 from onnxcompress.graph.surgery import fold_compensation, remove_channels
-from onnxcompress.passes.base import PassReport
-from onnxcompress.passes.lrf import (
+from onnxcompress.passes.channel_views import View, consumers_by_tensor
+from onnxcompress.passes.structured_pruning import (
     GroupFit,
-    LinearlyReplaceableFilters,
-    LrfConfig,
-    View,
-    consumers_by_tensor,
+    StructuredPruningConfig,
+    StructuredPruningPass,
 )
 
 logger = logging.getLogger(__name__)
@@ -63,8 +61,9 @@ Mode = Literal["positive", "free", "unit"]
 
 
 @dataclasses.dataclass
-class MergeConfig(LrfConfig):
-    """Options of the ``merge`` pass; the budget options are lrf's (see :class:`LrfConfig`).
+class MergeConfig(StructuredPruningConfig):
+    """Options of the ``merge`` pass; the budget options are lrf's (see
+    :class:`StructuredPruningConfig`).
 
     Attributes:
         threshold: instead of a budget, merge every cluster whose members are all within this
@@ -79,7 +78,7 @@ class MergeConfig(LrfConfig):
         ridge: relative ridge term of the scale fits (0: exact duplicates merge exactly).
     """
 
-    target_macs: float | None = None  # restated: a threshold run clears lrf's default
+    target_macs: float | None = None  # restated: a threshold run clears the shared default
     threshold: float | None = None
     scale_aware: bool = True
     ridge: float = 0.0
@@ -96,7 +95,7 @@ class MergeConfig(LrfConfig):
                 )
         super().validate()
         if self.threshold is not None:
-            self.target_macs = None  # lrf's validation fills in a default budget
+            self.target_macs = None  # the shared validation fills in a default budget
 
 
 @dataclasses.dataclass
@@ -183,26 +182,20 @@ class _MergeFit(GroupFit):
     linkage: np.ndarray | None
 
 
-class MergeSimilarNeurons(LinearlyReplaceableFilters):
+class MergeSimilarNeurons(StructuredPruningPass[MergeConfig]):
     """Cluster similar channels and merge each cluster into one, summing outgoing weights.
 
     Shares lrf's budget machinery (candidates, rounds against the measured total, global
-    allocation, activation capture); only the plan and the edit differ.
+    allocation, activation capture: :class:`StructuredPruningPass`); only the plan and the
+    edit differ, and ``threshold`` adds a per-layer budget.
     """
 
     name = "merge"
     config_class = MergeConfig
     budget_options = ("target_macs", "target_params", "ratio", "threshold")
 
-    @property
-    def cfg(self) -> MergeConfig:
-        assert isinstance(self.config, MergeConfig)
-        return self.config
-
-    def run(self, model: ir.Model, report: PassReport) -> None:
-        super().run(model, report)
-        report.summary["scale_aware"] = self.cfg.scale_aware
-        report.summary["threshold"] = self.cfg.threshold
+    def summary_extras(self) -> dict[str, Any]:
+        return {"scale_aware": self.cfg.scale_aware, "threshold": self.cfg.threshold}
 
     def _per_layer(self) -> bool:
         return super()._per_layer() or self.cfg.threshold is not None
@@ -224,18 +217,13 @@ class MergeSimilarNeurons(LinearlyReplaceableFilters):
 
     # -- fitting -----------------------------------------------------------------------------
 
-    def _fit_groups(self, model: ir.Model, groups: Sequence[ChannelGroup]) -> list[GroupFit]:
-        activations = self.cfg.criterion == "activations"
-        all_views = self._activation_views(model, groups) if activations else {}
-        fits: list[GroupFit] = []
-        for group in groups:
-            if activations:
-                views = all_views[group.id]
-                relations = [self._activation_relation(group, view) for view in views]
-            else:
-                relations, views = self._weight_relations(group)
-            fits.append(self._plan(group, views, relations))
-        return fits
+    def fit_group(self, model: ir.Model, group: ChannelGroup, views: list[View] | None) -> GroupFit:
+        """How each channel is expressed by each other (α, β) on the views, then the plan."""
+        if views is None:
+            relations, views = self._weight_relations(group)
+        else:
+            relations = [self._activation_relation(group, view) for view in views]
+        return self._plan(group, views, relations)
 
     def _weight_relations(self, group: ChannelGroup) -> tuple[list[_Relation], list[View]]:
         """The data-free relations: one filter Gram, one view per tensor the consumers read.
@@ -311,7 +299,8 @@ class MergeSimilarNeurons(LinearlyReplaceableFilters):
 
     # -- editing -----------------------------------------------------------------------------
 
-    def _remove(self, model: ir.Model, fit: GroupFit, count: int) -> np.ndarray:
+    def fold_and_remove(self, model: ir.Model, fit: GroupFit, count: int) -> np.ndarray:
+        """Fold each merged channel into its representative's outgoing weights, then cut it."""
         assert isinstance(fit, _MergeFit)
         group = fit.group
         rows, reps = _assignment(fit, count)

@@ -451,14 +451,11 @@ class IncrementalResection(CompressionPass[ResectConfig]):
 
     def _load_data(self, teacher: ir.Model) -> tuple[Dataset | None, Dataset]:
         context = self.context
-        calibration = context.calibration_set("calibration batch")
         # An empty spec string counts as none, as it always did here.
-        val = context.load(teacher, context.validation_spec or None)
-        val = calibration if val is None else val
+        val = context.validation_set(teacher, fallback="calibration batch", blank_is_none=True)
         train: Dataset | None = None
         if self.cfg.trains:
-            train = context.load(teacher, context.train_spec or None)
-            train = calibration if train is None else train
+            train = context.train_set(teacher, fallback="calibration batch", blank_is_none=True)
         return train, val
 
     def _validate(

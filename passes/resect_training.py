@@ -142,20 +142,11 @@ class StageTraining:
         """A training run through ``finetune``, within the pass's deadline (``budget_s``: its
         budget; default: its share, see ``_budget``); None when what it gets cannot hold its
         minimum (``skipped`` says why)."""
-        from onnxcompress.torch_bridge.finetune_config import FinetuneConfig
         from onnxcompress.torch_bridge.train import finetune
+        from onnxcompress.torch_bridge.training_options import finetune_config_from
 
-        cfg = self.cfg
-        config = FinetuneConfig(
-            epochs=epochs,
-            batch_size=cfg.batch_size,
-            temperature=cfg.temperature,
-            alpha=cfg.alpha,
-            epoch_samples=cfg.epoch_samples,
-            seed=self.context.seed,
-            device=cfg.device,
-            **options,
-        )
+        # Every caller sets lr (overall, layer-level or final) and hint_weight where it hints.
+        config = finetune_config_from(self.cfg, epochs=epochs, seed=self.context.seed, **options)
         budget = budget_s
         if budget is None and self._deadline.limited:
             floor = self._run_floor(student, teacher, train, val, config)

@@ -197,7 +197,7 @@ def test_resnet20_reaches_the_target(resnet20_path: Path, criterion: str) -> Non
 
 def test_channel_samples_follow_the_channel_axis() -> None:
     """Activations of an NHWC tensor give the same channel statistics as their NCHW twin."""
-    from onnxcompress.passes.lrf import _channel_samples
+    from onnxcompress.passes.channel_views import _channel_samples
 
     nchw = np.random.default_rng(0).standard_normal((2, 5, 3, 4))
     positions = np.array([[4], [0], [2]])

@@ -958,3 +958,22 @@ def test_finetune_with_batchnorm_trains_and_returns_the_students_graph(
     # the same, and training recovered most of what lrf took.
     assert top1(result.model, val_data) == pytest.approx(result.best_top1, abs=0.01)
     assert top1(result.model, val_data) >= top1(student, val_data) + 30
+
+
+def test_the_shared_training_options_are_finetune_options_of_the_same_type() -> None:
+    """A pass hands its training options to finetune by name (``finetune_config_from``): a name
+    finetune does not know, or a type it would not accept, must fail here, not mid-run."""
+    from onnxcompress.passes import pass_class
+    from onnxcompress.torch_bridge.finetune_config import FinetuneConfig
+    from onnxcompress.torch_bridge.training_options import TRAINING_OPTIONS
+
+    finetune_fields = {f.name: f.type for f in dataclasses.fields(FinetuneConfig)}
+    assert set(TRAINING_OPTIONS) <= set(finetune_fields)
+    checked = 0
+    for name in ("lct", "resect", "cheapconv"):
+        fields = {f.name: f.type for f in dataclasses.fields(pass_class(name).config_class)}
+        for option in set(TRAINING_OPTIONS) & set(fields):
+            # ``T | None``: the pass derives the value when it is not given (cheapconv's alpha).
+            assert fields[option] in (finetune_fields[option], f"{finetune_fields[option]} | None")
+            checked += 1
+    assert checked >= 3 * 4  # every training pass shares lr, batch_size, temperature, alpha

@@ -11,6 +11,15 @@ import argparse
 from onnxcompress.cli.arguments import DATA_HELP, StepAction, Subcommands, add_data_argument
 from onnxcompress.cli.commands.compress import cmd_compress, cmd_sweep
 from onnxcompress.cli.commands.finetune import cmd_finetune
+from onnxcompress.torch_bridge.finetune_config import (
+    LOSSES,
+    OPTIMIZERS,
+    SCHEDULES,
+    FinetuneConfig,
+)
+
+# ``onnxcompress finetune``'s defaults and choices are finetune's own, declared once there.
+FINETUNE_DEFAULTS = FinetuneConfig()
 
 
 def _pass_list() -> str:
@@ -202,25 +211,37 @@ def add_finetune_parser(sub: Subcommands) -> None:
 
 
 def _add_optimization_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--epochs", type=int, default=3, help="epochs (default 3)")
-    p.add_argument("--lr", type=float, default=0.01, help="peak learning rate (default 0.01)")
+    d = FINETUNE_DEFAULTS
+    p.add_argument("--epochs", type=int, default=d.epochs, help=f"epochs (default {d.epochs})")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr:g})")
     p.add_argument(
         "--max-grad-norm",
         type=float,
-        default=5.0,
-        help="clip the gradient norm (default 5; 0 turns clipping off)",
+        default=d.max_grad_norm,
+        help=f"clip the gradient norm (default {d.max_grad_norm:g}; 0 turns clipping off)",
     )
-    p.add_argument("--batch-size", type=int, default=64, help="per process (default 64)")
-    p.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
-    p.add_argument("--schedule", choices=("cosine", "onecycle"), default="cosine")
-    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument(
+        "--batch-size", type=int, default=d.batch_size, help=f"per process (default {d.batch_size})"
+    )
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
+    p.add_argument("--schedule", choices=SCHEDULES, default=d.schedule)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
 
 
 def _add_distillation_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--loss", choices=("kd", "hint", "mutual"), default="kd")
-    p.add_argument("--temperature", type=float, default=4.0, help="distillation T (default 4)")
+    d = FINETUNE_DEFAULTS
+    p.add_argument("--loss", choices=LOSSES, default=d.loss)
     p.add_argument(
-        "--alpha", type=float, default=0.9, help="weight of distillation vs labels (default 0.9)"
+        "--temperature",
+        type=float,
+        default=d.temperature,
+        help=f"distillation T (default {d.temperature:g})",
+    )
+    p.add_argument(
+        "--alpha",
+        type=float,
+        default=d.alpha,
+        help=f"weight of distillation vs labels (default {d.alpha:g})",
     )
     p.add_argument(
         "--hint",
@@ -243,7 +264,7 @@ def _add_training_graph_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--batchnorm-between-convs",
         action=argparse.BooleanOptionalAction,
-        default=True,
+        default=FINETUNE_DEFAULTS.batchnorm_between_convs,
         help="with --batchnorm, also after a conv whose output feeds only other convs (the "
         "depthwise half of a separable pair); --no-batchnorm-between-convs leaves those out, "
         "a separable network's step 1.1-1.2x faster",
@@ -274,8 +295,14 @@ def _add_finetune_run_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: auto)")
-    p.add_argument("--workers", type=int, default=0, help="batch loader processes (default 0)")
+    d = FINETUNE_DEFAULTS
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=d.num_workers,
+        help=f"batch loader processes (default {d.num_workers})",
+    )
     p.add_argument("--report", metavar="FILE.json", help="write the training history as JSON")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--quiet", action="store_true", help="print only errors")

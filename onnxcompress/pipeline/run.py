@@ -220,22 +220,28 @@ def compress(
 
     make_session(input_path, optimize=False)
 
-    from onnxcompress.runtime.evaluate import accuracy, dataset_for_model
+    from onnxcompress.runtime.evaluate import accuracy
 
-    context = PassContext(seed=seed, progress=progress, validation_spec=eval_data)
+    # Every dataset of the run is loaded once, through the context, and shared by the steps.
+    # Training data reaches passes and finetune steps alike, with or without calibration data
+    # (a pass that also needs calibration data says so itself).
+    context = PassContext(
+        seed=seed, progress=progress, train_spec=train_data or data, validation_spec=eval_data
+    )
     calibration = None
     if data is not None:
-        dataset = dataset_for_model(original, data)
+        dataset = context.dataset(original, data)
+        assert dataset is not None
         count = min(calibration_size, len(dataset))
         # Spread over the data, not its first images: image folders come class by class.
         calibration = dataset.spread(count)
         context.calibration = calibration.x
         context.calibration_labels = calibration.y
-        context.train_spec = train_data or data
         say(f"calibration: {count} samples from {data}")
-    validation = None
-    if eval_data is not None:
-        validation = dataset_for_model(original, eval_data)
+    # Finetune steps read the same training data through their own context; the loads are shared.
+    finetune_data = PassContext(train_spec=train_data or data, loaded=context.loaded)
+    validation = context.validation_set(original, fallback=None)
+    if validation is not None:
         say(f"validation: {len(validation)} samples from {eval_data}")
     # The gate compares with the original on validation data when there is some: top-1
     # agreement there is what a user will see.
@@ -273,7 +279,8 @@ def compress(
             # checks below: the whole step keeps it.
             deadline = Deadline(_finetune_config(options, seed).time_budget_s, label=FINETUNE)
             if train_set is None:
-                train_set = dataset_for_model(original, train_data or data or "")
+                train_set = finetune_data.train_set(original, fallback=None)
+                assert train_set is not None  # a finetune step without data was refused above
                 say(f"training data: {len(train_set)} samples from {train_data or data}")
             say(f"running finetune {_format_options(options)}".rstrip())
             selection = {"calibration": calibration, "validation": validation}.get(

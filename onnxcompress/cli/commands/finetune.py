@@ -32,9 +32,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from onnxcompress.graph.model_io import load_model, save_model
     from onnxcompress.runtime.evaluate import dataset_for_model
     from onnxcompress.torch_bridge.distributed import is_main_process
-    from onnxcompress.torch_bridge.finetune_config import FinetuneConfig
     from onnxcompress.torch_bridge.train import finetune
     from onnxcompress.torch_bridge.training_checkpoint import CHECKPOINT_FILE
+    from onnxcompress.torch_bridge.training_options import finetune_config_from
 
     output = Path(args.output)
     inputs = [Path(args.student)] + ([Path(args.teacher)] if args.teacher else [])
@@ -46,29 +46,23 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         raise ModelSaveError(f"{output}: the folder {output.parent} does not exist")
     default_checkpoints = args.checkpoint_dir is None
     checkpoint_dir = Path(args.checkpoint_dir or f"{output}.ckpt")
-    config = FinetuneConfig(
+    # The shared training options (``TRAINING_OPTIONS``: --lr, --alpha...) go over by name;
+    # the rest are named or converted here.
+    config = finetune_config_from(
+        args,
         epochs=args.epochs,
-        lr=args.lr,
-        batch_size=args.batch_size,
         optimizer=args.optimizer,
         schedule=args.schedule,
-        weight_decay=args.weight_decay,
         max_grad_norm=args.max_grad_norm or None,
         loss=args.loss,
-        temperature=args.temperature,
-        alpha=args.alpha,
         hint_tensors=_hint_pairs(args.hint),
         peers=args.peers,
         augment=args.augment,
-        batchnorm=args.batchnorm,
-        batchnorm_between_convs=args.batchnorm_between_convs,
-        epoch_samples=args.epoch_samples,
         time_budget_s=args.time_budget * 60 if args.time_budget is not None else None,
         seed=args.seed,
         num_workers=args.workers,
         checkpoint_dir=str(checkpoint_dir),
         resume=args.resume,
-        device=args.device,
     )
     config.validate()
     # The time budget covers the whole command, loading the models and the data too: its

@@ -1,0 +1,342 @@
+"""The budget loop every channel-removing pass shares (``lrf``, ``merge``): options and rounds.
+
+Candidate groups, allocation against ``target_macs``/``target_params``/``ratio``, the aim within
+the tolerance, the target check and its miss reasons; a method supplies only the fit and the edit.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import fnmatch
+import logging
+from collections.abc import Sequence
+from typing import Any, ClassVar, TypeVar
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxcompress.errors import PassConfigError
+from onnxcompress.fitting.allocation import ExactSavings, GroupPath, allocate
+from onnxcompress.fitting.replaceability import RemovalPlan
+from onnxcompress.graph.channels import ChannelAnalysis, ChannelGroup, analyze_channels
+from onnxcompress.graph.model_io import drop_resident_external_pages
+from onnxcompress.passes.base import CompressionPass, PassConfig, PassReport, check_fraction
+from onnxcompress.passes.channel_views import View, activation_views
+
+logger = logging.getLogger(__name__)
+
+CRITERIA = ("weights", "activations")
+
+
+@dataclasses.dataclass
+class StructuredPruningConfig(PassConfig):
+    """Options every structured-pruning pass shares (how much to remove, how to fit).
+
+    Attributes:
+        target_macs: keep this fraction of the model's MACs (global allocation).
+        target_params: keep this fraction of the parameters (instead of target_macs).
+        ratio: remove this fraction of every prunable group (per-layer, no allocation).
+        criterion: ``weights`` (data-free, the paper) or ``activations`` (needs --data).
+        round_to: keep channel counts at multiples of this. The default 8 matters for speed:
+            ONNX Runtime's CPU convolutions work on blocks of 8 (AVX2) or 16 channels, and a
+            model pruned to odd widths measured slower than the original at half the MACs.
+            Groups of 8 channels or fewer are then left alone; use 1 for exact budgets.
+        exclude: node-name patterns (fnmatch, ``;``-separated on the command line) whose
+            output channels are never removed.
+        min_channels: never leave a group with fewer channels than this.
+        ridge: relative ridge term of the least-squares fits.
+        tolerance: the target counts as met when the result lands within this fraction of
+            the original total on either side (below it, the cut spent accuracy nobody asked
+            to spend). The pass aims at the target from above, stopping within a quarter of
+            the tolerance; when coarse chunks (``round_to`` on narrow groups) cannot land that
+            near, it stops at the closest point it finds and says so when that is outside.
+        max_rounds: re-plan at most this many times against the measured total.
+    """
+
+    target_macs: float | None = None
+    target_params: float | None = None
+    ratio: float | None = None
+    criterion: str = "weights"
+    round_to: int = 8
+    exclude: tuple[str, ...] = ()
+    min_channels: int = 1
+    ridge: float = 1e-6
+    tolerance: float = 0.02
+    max_rounds: int = 8
+    calibration_batch: int = 32
+
+    def validate(self) -> None:
+        budgets = [b for b in (self.target_macs, self.target_params, self.ratio) if b is not None]
+        if len(budgets) > 1:
+            raise PassConfigError("give one of target_macs, target_params or ratio, not several")
+        if not budgets:
+            self.target_macs = 0.7
+        check_fraction("target_macs", self.target_macs)
+        check_fraction("target_params", self.target_params)
+        if self.ratio is not None and not 0.0 <= self.ratio < 1.0:
+            raise PassConfigError(f"ratio={self.ratio} is out of range: give a fraction in [0, 1)")
+        if self.criterion not in CRITERIA:
+            raise PassConfigError(
+                f"criterion={self.criterion!r} is not one of {', '.join(CRITERIA)}"
+            )
+        if self.round_to < 1 or self.min_channels < 1 or self.max_rounds < 1:
+            raise PassConfigError("round_to, min_channels and max_rounds must be >= 1")
+        if not 0.0 <= self.ridge < 1.0 or not 0.0 < self.tolerance < 0.5:
+            raise PassConfigError("ridge must be in [0, 1) and tolerance in (0, 0.5)")
+        if self.calibration_batch < 1:
+            raise PassConfigError("calibration_batch must be >= 1")
+
+
+@dataclasses.dataclass
+class GroupFit:
+    """What one round knows about one group: its views and greedy plan."""
+
+    group: ChannelGroup
+    views: list[View]
+    plan: RemovalPlan
+    intercept: bool
+
+
+PruningConfigT = TypeVar("PruningConfigT", bound=StructuredPruningConfig)
+
+
+class StructuredPruningPass(CompressionPass[PruningConfigT], abc.ABC):
+    """Remove whole channels in rounds against a budget; a method says how to fit and cut.
+
+    A subclass implements :meth:`fit_group` (fit one group and plan its removals) and
+    :meth:`fold_and_remove` (cut the planned channels, compensating in the consumers).
+    """
+
+    budget_options: ClassVar[tuple[str, ...]] = ("target_macs", "target_params", "ratio")
+
+    def run(self, model: ir.Model, report: PassReport) -> None:
+        from onnxcompress.graph.metrics import model_metrics
+
+        cfg = self.cfg
+        if cfg.criterion == "activations" and self.context.calibration is None:
+            raise PassConfigError(
+                f"{self.name} criterion=activations fits on calibration data: give --data SPEC "
+                "(or use criterion=weights, which needs none)"
+            )
+        analysis = analyze_channels(model)
+        candidates = self._candidates(analysis, report)
+        before = model_metrics(model)
+        measure = (lambda m: m.params) if cfg.target_params is not None else (lambda m: m.macs)
+        start_total = measure(before)
+        self._start_total = float(start_total)
+        fraction = cfg.target_params if cfg.target_params is not None else cfg.target_macs
+        target = None if self._per_layer() else start_total * float(fraction or 1.0)
+        sizes_before = {g.id: g.size for g in candidates}
+        errors: dict[int, list[float]] = {}
+        rounds = 0
+        current = start_total
+        while candidates:
+            # Close enough from above (a quarter of the tolerance: "at most the target" is what
+            # a budget usually means), or past it (removed channels do not come back). Landing
+            # anywhere within the tolerance on either side counts as meeting the target; the
+            # allocator picks the closest point when chunks cannot land that near.
+            if target is not None and current <= target + start_total * cfg.tolerance / 4:
+                break
+            if rounds >= (1 if self._per_layer() else cfg.max_rounds):
+                break
+            rounds += 1
+            fits = self._fit_groups(model, candidates)
+            removals = self._choose(fits, current, target)
+            if not removals:
+                break
+            for fit in fits:
+                count = removals.get(fit.group.id, 0)
+                if count:
+                    residual = self.fold_and_remove(model, fit, count)
+                    errors.setdefault(fit.group.id, []).extend(residual.tolist())
+                    # Weights read from a memory-mapped external file stay resident until let
+                    # go: a 1 GB model would otherwise hold every old layer beside the new ones.
+                    drop_resident_external_pages(model)
+            current = measure(model_metrics(model))
+            logger.info(
+                "%s round %d: %s now %d (target %s)",
+                self.name,
+                rounds,
+                "params" if cfg.target_params else "MACs",
+                current,
+                target,
+            )
+            candidates = [g for g in candidates if g.size > self._min_keep(g)]
+        after = model_metrics(model)
+        for group in analysis.groups:  # not .prunable: a group cut to 1 channel leaves it
+            if group.id not in sizes_before:
+                continue
+            if group.size != sizes_before[group.id]:
+                fit_errors = errors.get(group.id, [])
+                report.layers.append(
+                    {
+                        "group": group.name,
+                        "producers": [n.name for n in group.producer_nodes],
+                        "channels_before": sizes_before[group.id],
+                        "channels_after": group.size,
+                        "fit_error": float(np.mean(fit_errors)) if fit_errors else 0.0,
+                    }
+                )
+        report.modified = after.macs != before.macs or after.params != before.params
+        if target is not None:
+            option = "target_params" if cfg.target_params is not None else "target_macs"
+            reached = measure(after) / start_total if start_total else 1.0
+            report.check_target(
+                option,
+                float(fraction or 1.0),
+                reached,
+                tolerance=cfg.tolerance,
+                reason=self._miss_reason(reached, float(fraction or 1.0), candidates, rounds),
+            )
+        report.summary = {
+            "criterion": cfg.criterion,
+            "macs_before": before.macs,
+            "macs_after": after.macs,
+            "params_before": before.params,
+            "params_after": after.params,
+            "macs_ratio": after.macs / before.macs if before.macs else 1.0,
+            "params_ratio": after.params / before.params if before.params else 1.0,
+            "target": None if self._per_layer() else fraction,
+            "target_met": report.targets_met,
+            "rounds": rounds,
+            "groups_prunable": len(analysis.prunable),
+            "groups_frozen": len(analysis.frozen),
+        }
+        report.summary.update(self.summary_extras())
+
+    def summary_extras(self) -> dict[str, Any]:
+        """The method's own entries for the report's summary, after the shared ones."""
+        return {}
+
+    def _miss_reason(
+        self, reached: float, goal: float, candidates: Sequence[ChannelGroup], rounds: int
+    ) -> str:
+        """Why the result is outside the tolerance (read only when it is)."""
+        cfg = self.cfg
+        if reached < goal:
+            return (
+                f"round_to={cfg.round_to} moves whole chunks of channels, and the closest point "
+                "found lies below the target; a smaller round_to lands closer"
+            )
+        if not any(g.size > max(cfg.round_to, self._min_keep(g)) for g in candidates):
+            return (
+                f"no group left can lose a chunk of round_to={cfg.round_to} channels (the rest "
+                "are that narrow, at min_channels, or frozen: the report lists why)"
+            )
+        if rounds >= cfg.max_rounds:
+            return f"max_rounds={cfg.max_rounds} re-plans were not enough"
+        return (
+            f"the next chunk of round_to={cfg.round_to} channels would overshoot the target by "
+            "more than it falls short; a smaller round_to lands closer"
+        )
+
+    # -- what a method implements ------------------------------------------------------------
+
+    @abc.abstractmethod
+    def fit_group(self, model: ir.Model, group: ChannelGroup, views: list[View] | None) -> GroupFit:
+        """Fit one group as it is this round and plan its removals.
+
+        Args:
+            model: the model as it is now (for letting mapped weights go after reading them).
+            group: a candidate group, at least one channel above its minimum.
+            views: with ``criterion=activations``, the group's views on calibration data (one
+                per tensor its consumers read, augmented Grams ``[C+1, C+1]``, last the
+                constant); None with ``criterion=weights``, where the method builds its own
+                data-free views from the filters.
+
+        Returns:
+            The group's fit. ``plan.order`` lists the steps in the order they are taken (at
+            most ``size - min_keep`` channels), ``plan.costs`` what each step adds to the
+            estimated relative change of the output, comparable across groups: the global
+            allocation reads only these, and :meth:`fold_and_remove` takes a prefix of them.
+        """
+
+    @abc.abstractmethod
+    def fold_and_remove(self, model: ir.Model, fit: GroupFit, count: int) -> np.ndarray:
+        """Cut the first ``count`` steps of ``fit``'s plan from ``model``, in place.
+
+        What the removed channels carried is folded into the consumers' weights (and biases)
+        so the network computes nearly the same; the group's size shrinks by ``count``.
+
+        Returns:
+            The relative fit error of each removed channel (the report averages them).
+        """
+
+    # -- selection ---------------------------------------------------------------------------
+
+    def _per_layer(self) -> bool:
+        """Whether the budget is per layer (one round, no global target)."""
+        return self.cfg.ratio is not None
+
+    def _min_keep(self, group: ChannelGroup) -> int:
+        return max(1, min(self.cfg.min_channels, group.size))
+
+    def _candidates(self, analysis: ChannelAnalysis, report: PassReport) -> list[ChannelGroup]:
+        for group, reason in analysis.frozen:
+            report.decline(group.name, reason)
+        chosen = []
+        for group in analysis.prunable:
+            # A layer named here keeps its output channels; its inputs may still shrink when
+            # the layer before it is pruned (as Torch-Pruning's ignored_layers).
+            names = [n.name or "" for n in group.producer_nodes]
+            names.append(group.name)
+            pattern = next(
+                (p for p in self.cfg.exclude if any(fnmatch.fnmatchcase(n, p) for n in names)), None
+            )
+            if pattern is not None:
+                report.decline(group.name, f"excluded by the user (exclude={pattern})")
+                continue
+            if not group.producer_nodes:
+                report.decline(group.name, "no producer weights (channels made by Pad only)")
+                continue
+            chosen.append(group)
+        return chosen
+
+    def _choose(
+        self, fits: Sequence[GroupFit], current: float, target: float | None
+    ) -> dict[int, int]:
+        cfg = self.cfg
+        if cfg.ratio is not None:
+            counts = {}
+            for fit in fits:
+                size = fit.group.size
+                keep = max(self._min_keep(fit.group), size - int(size * cfg.ratio))
+                if cfg.round_to > 1 and size > cfg.round_to:
+                    keep = min(size, int(np.ceil(keep / cfg.round_to) * cfg.round_to))
+                counts[fit.group.id] = min(size - keep, len(fit.plan.order))
+            return {k: v for k, v in counts.items() if v > 0}
+        assert target is not None
+        paths = []
+        for fit in fits:
+            saving = (
+                fit.group.params_per_channel()
+                if cfg.target_params is not None
+                else fit.group.macs_per_channel()
+            )
+            paths.append(
+                GroupPath(
+                    key=fit.group.id,
+                    size=fit.group.size,
+                    costs=fit.plan.costs,
+                    saving=float(saving),
+                    min_keep=self._min_keep(fit.group),
+                )
+            )
+        exact = ExactSavings([fit.group for fit in fits], params=cfg.target_params is not None)
+        return allocate(
+            paths,
+            current - target,
+            round_to=cfg.round_to,
+            slack=cfg.tolerance * self._start_total,
+            shortfall=cfg.tolerance * self._start_total / 4,
+            exact=exact,
+        )
+
+    def _fit_groups(self, model: ir.Model, groups: Sequence[ChannelGroup]) -> list[GroupFit]:
+        if self.cfg.criterion != "activations":
+            return [self.fit_group(model, group, None) for group in groups]
+        calibration = self.context.calibration
+        assert calibration is not None
+        views = activation_views(model, groups, calibration, self.cfg.calibration_batch)
+        return [self.fit_group(model, group, views[group.id]) for group in groups]
