@@ -55,6 +55,11 @@ REGISTRY: dict[str, PassEntry] = {
             "cheapconv:CheapConvolutions",
             "cheap convs (separable/group/shift) + distillation",
         ),
+        PassEntry(
+            "finetune",
+            "finetune:Finetune",
+            "recover accuracy: distill from the original in the torch bridge",
+        ),
     )
 }
 

@@ -171,6 +171,13 @@ class PassContext:
         progress: whether long steps may draw progress bars.
         loaded: the datasets loaded so far in this run, by spec and by the preprocessing a
             model asks for (see ``dataset``); contexts of one run may share it.
+        original: the model the run started from: the teacher of steps that distill from it.
+        calibration_spec: the spec the calibration batch was drawn from (its name as data).
+        checks_seconds: what the pipeline spends on its own checks after a step (verification,
+            accuracy); a step with a time budget keeps it back, so the whole step keeps it.
+        step_started: ``time.monotonic()`` when the pipeline began the current step, before it
+            loaded the step's training data: a step's time budget counts from then (None: from
+            the pass's own start).
 
     The data rule, the same for every role (``train_set``, ``validation_set``): a role's data
     is the dataset its spec names, loaded on first use (inside the step that first asks, so
@@ -190,6 +197,10 @@ class PassContext:
     loaded: dict[tuple[str | None, str], Dataset | None] = dataclasses.field(
         default_factory=dict, repr=False, compare=False
     )
+    original: ir.Model | None = dataclasses.field(default=None, repr=False, compare=False)
+    calibration_spec: str | None = None
+    checks_seconds: float = 0.0
+    step_started: float | None = None
     # The calibration batch standing in for a role, by name, with the arrays it wraps.
     _stand_ins: dict[str, tuple[Any, Any, Dataset]] = dataclasses.field(
         default_factory=dict, init=False, repr=False, compare=False
@@ -337,6 +348,12 @@ class CompressionPass(InPlacePass, Generic[ConfigT]):
     # Whether the pass exists to change the model (a compression pass that changes nothing
     # says why on the console); canonicalization may rightly find nothing to do.
     compresses: ClassVar[bool] = True
+    # Trains on the run's training data (``--train-data``, else ``--data``): the pipeline
+    # refuses a run without any before it starts, and loads it at the start of the step.
+    needs_training_data: ClassVar[bool] = False
+    # Refines what the step before it made (finetune): the two are one stage, and the budget
+    # is checked at the end of the stage, not between them.
+    joins_previous_stage: ClassVar[bool] = False
 
     @classmethod
     def budget_targets(cls, options: Mapping[str, Any]) -> tuple[str, ...]:

@@ -24,11 +24,8 @@ else:  # pragma: no cover - Python 3.10 needs the tomli backport
 
 logger = logging.getLogger(__name__)
 
+# The pass a recipe writes as ``finetune = {...}`` (and the command line as ``--finetune``).
 FINETUNE = "finetune"
-# What a finetune step may say besides FinetuneConfig's fields.
-FINETUNE_EXTRA_KEYS = ("teacher", "select")
-TEACHERS = ("original", "none")
-SELECTIONS = ("last", "calibration", "validation")
 TOP_LEVEL_KEYS = ("description", "seed", "data", "budget", "latency", "step")
 DATA_KEYS = ("calibration", "train", "validation", "calibration_size")
 LATENCY_KEYS = ("provider", "batch", "threads", "warmup", "runs")
@@ -44,11 +41,12 @@ SHIPPED_DIRS = (
 
 @dataclasses.dataclass
 class Step:
-    """One step of a run: a registered pass with options, or a fine-tuning step.
+    """One step of a run: a registered pass with options.
 
     Attributes:
-        name: the pass name, or ``finetune``.
-        options: the pass's options, or ``FinetuneConfig`` fields (plus ``teacher``).
+        name: the pass name (``finetune`` too: recipes write it as ``finetune = {...}``).
+        options: the pass's options (a finetune step's: ``FinetuneConfig`` fields, ``teacher``
+            and ``select``).
     """
 
     name: str
@@ -286,23 +284,14 @@ def check_pass_options(name: str, options: Mapping[str, Any], label: str) -> Non
 
 
 def check_finetune_options(options: dict[str, Any], label: str) -> dict[str, Any]:
-    """Check the extra keys of a finetune step (its config fields are checked when it runs).
+    """Check a finetune step's ``teacher`` and ``select`` (prefixed with ``label``); its
+    training options are checked, as the pass's config, before the run does any work."""
+    from onnxcompress.passes.finetune import check_step_choices
 
-    FinetuneConfig lives beside torch; importing it here would make every recipe cost torch's
-    start-up, so the pipeline builds (and so validates) the config before any work instead.
-    """
-    teacher = options.get("teacher", "original")
-    if teacher not in TEACHERS:
-        raise PassConfigError(
-            f'{label}: finetune teacher = {teacher!r}: use "original" (distill from the input '
-            'model) or "none" (labels only)'
-        )
-    select = options.get("select", "last")
-    if select not in SELECTIONS:
-        raise PassConfigError(
-            f'{label}: finetune select = {select!r}: keep the "last" epoch, or the best on '
-            '"calibration" or "validation" data'
-        )
+    try:
+        check_step_choices(options.get("teacher", "original"), options.get("select", "last"))
+    except PassConfigError as exc:
+        raise PassConfigError(f"{label}: {exc}") from None
     return options
 
 

@@ -21,7 +21,6 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcompress import __version__
-from onnxcompress.deadline import Deadline
 from onnxcompress.errors import OnnxCompressError, PassConfigError, VerificationError
 from onnxcompress.graph.model_io import (
     clone_model,
@@ -42,8 +41,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_CALIBRATION_SIZE = 512
 # Validation samples the verification gate compares with the original after every step.
 DEFAULT_VERIFY_SAMPLES = 256
-# A step name that is not a pass: fine-tune the model (torch bridge), distilling from the original.
-FINETUNE = "finetune"
 # Budget on the deviation a rewrite may cause before the pipeline refuses it: only used when the
 # user asks for a lossless run (max_rel_deviation); lossy passes report their deviation instead.
 LOSSLESS_RTOL = 1e-4
@@ -58,7 +55,8 @@ class StepRecord:
     verification: dict[str, Any]
     metrics: dict[str, Any]
     seconds: float
-    # Set on the last step of a stage (a pass and the finetune steps after it): the budget check.
+    # Set on the last step of a stage (a pass and the steps that join it, such as finetune): the
+    # budget check.
     budget: dict[str, Any] | None = None
 
 
@@ -156,18 +154,19 @@ def compress(
     """Compress ``input_path`` with ``passes`` and write the result to ``output_path``.
 
     Steps run in order and every one is verified against the original (checker, session, output
-    deviation and top-1 agreement). A stage is a pass plus the ``finetune`` steps after it; after
-    each stage the budget is checked: the run stops at the first stage that breaks ``max_drop``
-    (or once every target is met) and keeps the last model that met all constraints.
+    deviation and top-1 agreement). A stage is a pass plus the steps after it that join its
+    stage (``joins_previous_stage``: ``finetune``); after each stage the budget is checked: the
+    run stops at the first stage that breaks ``max_drop`` (or once every target is met) and
+    keeps the last model that met all constraints.
 
     Args:
-        passes: (name, options) pairs from the registry in ``onnxcompress.passes``, or
-            ``("finetune", FinetuneConfig options)``; canonicalization runs first unless listed.
+        passes: (name, options) pairs from the registry in ``onnxcompress.passes`` (such as
+            ``("finetune", FinetuneConfig options)``); canonicalization runs first unless listed.
         data: dataset spec for calibration (``calibration_size`` samples spread evenly over
             it).
         eval_data: labelled validation data: accuracy before/after and per stage, budgets, and
             the inputs of the verification gate.
-        train_data: training data of finetune steps (default: ``data``).
+        train_data: training data of the steps that train (default: ``data``).
         budget: targets and the accuracy constraint; a pass given no budget option of its own
             gets the budget's MACs/params target, converted to the model it receives.
         latency: how ``target_latency`` is measured.
@@ -199,19 +198,17 @@ def compress(
     # Validate every pass and option before any work, so a typo fails in a second, with the
     # budget each step will be handed (its value depends on the model then; the goal stands in).
     for name, options in steps:
-        if name == FINETUNE:
-            _finetune_config(options, seed)
-        else:
-            injected = _injected_budget(name, options, budget)
-            parse_options(pass_class(name).config_class, {**options, **injected}, name)
+        injected = _injected_budget(name, options, budget)
+        parse_options(pass_class(name).config_class, {**options, **injected}, name)
     if budget.max_drop is not None and eval_data is None:
         raise PassConfigError(
             "budget max_drop needs labelled validation data: give --val-data SPEC "
             "(or [data] validation in the recipe)"
         )
-    if any(name == FINETUNE for name, _ in steps) and (train_data or data) is None:
+    trains = [name for name, _ in steps if pass_class(name).needs_training_data]
+    if trains and (train_data or data) is None:
         raise PassConfigError(
-            "a finetune step needs training data: give --train-data SPEC (or [data] train)"
+            f"a {trains[0]} step needs training data: give --train-data SPEC (or [data] train)"
         )
 
     # Every step is verified against the original in ONNX Runtime: a model it cannot run (an
@@ -223,10 +220,15 @@ def compress(
     from onnxcompress.runtime.evaluate import accuracy
 
     # Every dataset of the run is loaded once, through the context, and shared by the steps.
-    # Training data reaches passes and finetune steps alike, with or without calibration data
-    # (a pass that also needs calibration data says so itself).
+    # Training data reaches every pass, with or without calibration data (a pass that also
+    # needs calibration data says so itself).
     context = PassContext(
-        seed=seed, progress=progress, train_spec=train_data or data, validation_spec=eval_data
+        seed=seed,
+        progress=progress,
+        train_spec=train_data or data,
+        validation_spec=eval_data,
+        original=original,
+        calibration_spec=data,
     )
     calibration = None
     if data is not None:
@@ -238,8 +240,6 @@ def compress(
         context.calibration = calibration.x
         context.calibration_labels = calibration.y
         say(f"calibration: {count} samples from {data}")
-    # Finetune steps read the same training data through their own context; the loads are shared.
-    finetune_data = PassContext(train_spec=train_data or data, loaded=context.loaded)
     validation = context.validation_set(original, fallback=None)
     if validation is not None:
         say(f"validation: {len(validation)} samples from {eval_data}")
@@ -255,13 +255,13 @@ def compress(
     before = model_metrics(original, file_size=input_path.stat().st_size).as_dict()
     tic = time.perf_counter()
     accuracy_before = accuracy(original, validation).as_dict() if validation is not None else None
-    # What the pipeline itself runs after every step (verification, accuracy): a finetune
-    # step's time budget keeps it back (the original's accuracy run stands in for it).
-    checks_seconds = time.perf_counter() - tic
+    # What the pipeline itself runs after every step (verification, accuracy): a step's time
+    # budget keeps it back (the original's accuracy run stands in for it).
+    context.checks_seconds = time.perf_counter() - tic
     meter = None
     if budget.target_latency is not None:
         meter = LatencyMeter(original, latency or LatencySettings(), seed=seed)
-    train_set = None
+    announced_training = False
     records: list[StepRecord] = []
     kept: ir.Model | None = None
     kept_step: int | None = None
@@ -273,25 +273,16 @@ def compress(
     bar = tqdm(total=len(steps), desc="compress", unit="step", disable=not progress, leave=False)
     for index, (name, options) in enumerate(steps):
         step_start = time.perf_counter()
+        # A step's time budget starts here, before its training data loads, and keeps back the
+        # checks below: the whole step keeps it.
+        context.step_started = time.monotonic()
         bar.set_postfix_str(name)
-        if name == FINETUNE:
-            # The step's time budget starts before its training data loads and ends with the
-            # checks below: the whole step keeps it.
-            deadline = Deadline(_finetune_config(options, seed).time_budget_s, label=FINETUNE)
-            if train_set is None:
-                train_set = finetune_data.train_set(original, fallback=None)
-                assert train_set is not None  # a finetune step without data was refused above
-                say(f"training data: {len(train_set)} samples from {train_data or data}")
-            say(f"running finetune {_format_options(options)}".rstrip())
-            selection = {"calibration": calibration, "validation": validation}.get(
-                str(options.get("select", "last"))
-            )
-            if deadline.limited:
-                deadline = deadline.within(deadline.remaining() - checks_seconds)
-            model, report = _run_finetune(
-                model, original, options, train_set, selection, seed, progress, deadline
-            )
-        elif meter is not None and _searches_latency(name, options, budget):
+        if pass_class(name).needs_training_data and not announced_training:
+            train_set = context.train_set(original, fallback=None)
+            assert train_set is not None  # a run without training data was refused above
+            say(f"training data: {len(train_set)} samples from {context.train_spec}")
+            announced_training = True
+        if meter is not None and _searches_latency(name, options, budget):
             say(f"running {name} {_format_options(options)} (searching target_macs for latency)")
             model, report = _latency_search(name, options, model, context, meter, budget, say)
         else:
@@ -311,7 +302,11 @@ def compress(
         if validation is not None:
             step_accuracy = accuracy(model, validation).as_dict()
             step_metrics["accuracy"] = step_accuracy
-        stage_end = index == 0 or index + 1 == len(steps) or steps[index + 1][0] != FINETUNE
+        stage_end = (
+            index == 0
+            or index + 1 == len(steps)
+            or not pass_class(steps[index + 1][0]).joins_previous_stage
+        )
         check = None
         if stage_end:
             latency_ratio = None
@@ -502,57 +497,6 @@ def _latency_search(
     return best[2], report
 
 
-def _finetune_config(options: dict[str, Any], seed: int) -> Any:
-    """The FinetuneConfig a finetune step's options describe (validated)."""
-    from onnxcompress.passes.base import parse_options
-    from onnxcompress.torch_bridge.finetune_config import FinetuneConfig
-
-    values = {k: v for k, v in options.items() if k not in ("teacher", "select")}
-    values.setdefault("seed", seed)
-    return parse_options(FinetuneConfig, values, FINETUNE)
-
-
-def _run_finetune(
-    model: ir.Model,
-    original: ir.Model,
-    options: dict[str, Any],
-    train: Any,
-    selection: Any,
-    seed: int,
-    progress: bool,
-    deadline: Deadline | None = None,
-) -> tuple[ir.Model, dict[str, Any]]:
-    """Fine-tune ``model`` (KD from the original unless ``teacher = "none"``), within
-    ``deadline`` (the step's time budget, started before its data loaded) when given.
-
-    By default the last epoch is kept (``select = "last"``): picking the best epoch on the
-    validation data would bias the accuracy the report gives, and calibration data is often
-    part of the training data. ``select = "calibration"`` or ``"validation"`` picks on those.
-    """
-    from onnxcompress.passes.base import PassReport, expand_compact_weights
-    from onnxcompress.torch_bridge.train import finetune
-
-    config = _finetune_config(options, seed)
-    teacher = None if options.get("teacher", "original") == "none" else original
-    start = time.perf_counter()
-    expanded = PassReport(FINETUNE, {})
-    expand_compact_weights(model, expanded, FINETUNE)
-    result = finetune(
-        model, teacher, train, selection, config, progress=progress, deadline=deadline
-    )
-    report = {
-        "name": FINETUNE,
-        "options": {k: v for k, v in dataclasses.asdict(config).items() if v is not None},
-        "modified": True,
-        "layers": [],
-        "declined": [],
-        "summary": result.as_dict(),
-        "seconds": round(time.perf_counter() - start, 4),
-        "notes": expanded.notes,
-    }
-    return result.model, report
-
-
 def _check_output_path(output: Path, input_path: Path, force: bool) -> None:
     if output.resolve() == input_path.resolve():
         raise PassConfigError(f"{output}: the output would overwrite the input model")
@@ -598,15 +542,15 @@ def _stamp_provenance(
 ) -> None:
     """Record how the model was made, so a deployed file explains itself.
 
-    ``onnxcompress.recipe`` lists the steps that made this file (not the ones a budget cut off).
+    ``onnxcompress.recipe`` lists the steps that made this file (not the ones a budget cut off),
+    each as a recipe writes it.
     """
+    from onnxcompress.pipeline.recipe import Step
+
     model.metadata_props["onnxcompress.version"] = __version__
     model.metadata_props["onnxcompress.source_sha256"] = sha256_of(input_path)
     model.metadata_props["onnxcompress.recipe"] = json.dumps(
-        [
-            {FINETUNE: options} if name == FINETUNE else {"pass": name, **options}
-            for name, options in steps
-        ],
+        [Step(name, dict(options)).as_dict() for name, options in steps],
         default=str,
     )
     if budget is not None and not budget.is_empty():

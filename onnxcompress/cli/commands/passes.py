@@ -15,7 +15,10 @@ def cmd_passes(args: argparse.Namespace) -> int:
     for entry in available_passes():
         cls = pass_class(entry.name)
         fields = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls.config_class))
-        data = " [needs --data]" if cls.needs_data else ""
+        if cls.needs_training_data:
+            data = " [needs --train-data or --data]"
+        else:
+            data = " [needs --data]" if cls.needs_data else ""
         print(f"{entry.name}{data}: {entry.summary}")
         if fields:
             print(f"    options: {fields}")
