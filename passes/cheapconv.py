@@ -63,6 +63,7 @@ from onnxcompress.passes.base import CompressionPass, PassConfig, PassReport
 from onnxcompress.passes.cheapconv_init import fit_images, fit_layer
 from onnxcompress.passes.cheapconv_rewrite import ConvRewriter, ConvSite
 from onnxcompress.passes.cheapconv_training import Training, prepare_training, train_substituted
+from onnxcompress.torch_bridge.training_options import TrainingOptions
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +84,8 @@ TRAINING_MARGIN = 1.5
 
 
 @dataclasses.dataclass
-class CheapConvConfig(PassConfig):
-    """Options of the ``cheapconv`` pass.
+class CheapConvConfig(PassConfig, TrainingOptions):
+    """Options of the ``cheapconv`` pass, and the shared ``TrainingOptions`` of its training.
 
     Attributes:
         kind: ``separable``, ``group`` or ``shift``.
@@ -159,15 +160,9 @@ class CheapConvConfig(PassConfig):
     distill: str = "offline"
     students: int = 4
     hint_weight: float = 0.0
-    lr: float = 0.01
-    batch_size: int = 64
-    temperature: float = 4.0
-    alpha: float | None = None
-    epoch_samples: int | None = None
+    # None: derived from ``distill`` (see above), where the shared default is one number.
+    alpha: float | None = None  # type: ignore[assignment]
     time_budget_s: float | None = None
-    batchnorm: bool = False
-    batchnorm_between_convs: bool = True
-    device: str | None = None
 
     def validate(self) -> None:
         choices = (
@@ -193,14 +188,11 @@ class CheapConvConfig(PassConfig):
             raise PassConfigError(
                 f"cheapconv: students={self.students}: online distillation needs at least 2"
             )
-        if self.lr <= 0 or self.batch_size < 1 or self.temperature <= 0:
-            raise PassConfigError("cheapconv: lr, batch_size and temperature must be positive")
         if self.ridge < 0 or self.rounds < 0 or self.calibration_batch < 1 or self.hint_weight < 0:
             raise PassConfigError(
                 "cheapconv: ridge, rounds and hint_weight must be >= 0, calibration_batch >= 1"
             )
-        if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
-            raise PassConfigError(f"cheapconv: alpha={self.alpha} must be in [0, 1]")
+        self.check_training_options("cheapconv")
 
 
 class CheapConvolutions(CompressionPass[CheapConvConfig]):

@@ -46,8 +46,8 @@ def prepare_training(
 ) -> Training:
     """Load the data and set the training up; under a time budget, refuse one that cannot
     hold the training's minimum (before the init fits spend any of it)."""
+    from onnxcompress.torch_bridge.finetune_config import finetune_config_from
     from onnxcompress.torch_bridge.minimum_work import minimum_work
-    from onnxcompress.torch_bridge.training_options import finetune_config_from
 
     with deadline.phase("data"):
         # The calibration batch stands in for neither: the pass trains only on training data

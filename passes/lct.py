@@ -55,6 +55,7 @@ from onnxcompress.passes.lct_layers import (
 from onnxcompress.passes.lct_ranking import rank_layers
 from onnxcompress.passes.lct_scoring import Scorer
 from onnxcompress.passes.lct_training import LctTraining, split_stages
+from onnxcompress.torch_bridge.training_options import TrainingOptions
 
 if TYPE_CHECKING:
     from onnxcompress.data import Dataset
@@ -71,7 +72,7 @@ TARGET_TOLERANCE = 0.02
 
 
 @dataclasses.dataclass
-class LctConfig(PassConfig):
+class LctConfig(PassConfig, TrainingOptions):
     """Options of the ``lct`` pass.
 
     Attributes:
@@ -116,7 +117,7 @@ class LctConfig(PassConfig):
         epoch_samples: images per epoch (a fresh random subset each time); None: all.
         ramp: fraction of each stage over which sigma_l (or the rank cut) grows to its target.
             Gradual: the ramp ends at ``1 - final_share`` of the run.
-        lr, batch_size, temperature, alpha, weight_decay: the distillation fine-tuning
+        lr (and the other shared ``TrainingOptions``): the distillation fine-tuning
             (``onnxcompress.torch_bridge.finetune_config.FinetuneConfig``). The learning rate is
             lower than a recovery fine-tune's because every stage starts from a trained model (at
             0.01, the first one-epoch stage on ResNet-20 CIFAR-10 ended 2.6 points down).
@@ -174,24 +175,18 @@ class LctConfig(PassConfig):
     stages: int = 8
     retries: int = 2
     epochs_per_stage: int = 1
-    epoch_samples: int | None = None
     ramp: float = 0.5
+    # Lower than the shared default: every stage starts from a trained model (see above).
     lr: float = 0.003
-    batch_size: int = 64
-    temperature: float = 4.0
-    alpha: float = 0.9
-    weight_decay: float = 5e-4
     final_share: float = 0.3
     final_epochs: int = 1
     final_lr: float = 0.01
     time_budget_s: float | None = None
     compact: bool = True
     values: str = "float32"
-    batchnorm: bool = False
     min_saving: float = 0.25
     round_to: int = 8
     exclude: tuple[str, ...] = ()
-    device: str | None = None
 
     def validate(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -240,13 +235,12 @@ class LctConfig(PassConfig):
             raise PassConfigError("stages, epochs_per_stage and sensitivity_samples must be >= 1")
         if self.retries < 0:
             raise PassConfigError(f"retries={self.retries} must be >= 0")
-        if self.epoch_samples is not None and self.epoch_samples < 1:
-            raise PassConfigError(f"epoch_samples={self.epoch_samples} must be >= 1")
         if not 0.0 <= self.ramp <= 1.0:
             raise PassConfigError(f"ramp={self.ramp} is out of range: give [0, 1]")
         if self.time_budget_s is not None and not self.time_budget_s > 0:
             raise PassConfigError(f"time_budget_s={self.time_budget_s} must be positive")
-        # The fine-tuning options are checked by FinetuneConfig itself, with its messages.
+        self.check_training_options("lct")
+        # The rest of a fine-tune's options are checked by FinetuneConfig, with its messages.
         self.finetune_config(None)
 
     def gradual_epochs(self) -> tuple[int, int]:
@@ -263,7 +257,7 @@ class LctConfig(PassConfig):
         """The fine-tuning of one stage attempt or ramp (``epochs`` of them: default
         ``epochs_per_stage``), or of the final phase (``epochs``: default ``final_epochs``).
         Under a time budget the clock ends the run (the schedule follows the clock)."""
-        from onnxcompress.torch_bridge.training_options import finetune_config_from
+        from onnxcompress.torch_bridge.finetune_config import finetune_config_from
 
         if stage_budget is not None:
             epochs = 10_000

@@ -64,6 +64,7 @@ from onnxcompress.graph.resection import (
 from onnxcompress.passes.base import CompressionPass, PassConfig, PassReport, check_fraction
 from onnxcompress.passes.resect_ranking import TrialCuts, class_scores, spread_subset
 from onnxcompress.passes.resect_training import StageTraining, WorkTimes
+from onnxcompress.torch_bridge.training_options import TrainingOptions
 
 if TYPE_CHECKING:
     from onnxcompress.data import Dataset
@@ -76,8 +77,8 @@ TARGET_TOLERANCE = 0.02
 
 
 @dataclasses.dataclass
-class ResectConfig(PassConfig):
-    """Options of the ``resect`` pass.
+class ResectConfig(PassConfig, TrainingOptions):
+    """Options of the ``resect`` pass, and the shared ``TrainingOptions`` of its training runs.
 
     Attributes:
         target_layers: stop when the model has at most this many compute layers (Conv,
@@ -108,13 +109,9 @@ class ResectConfig(PassConfig):
             the final distillation; 0: logits only.
         rerank: redo the significance ranking on the current student after every accepted
             stage (False: the ranking of the input model decides every stage).
-        epoch_samples: images per epoch (a fresh random subset each epoch; None: all).
-        lr: learning rate of overall learning.
+        lr: (shared) learning rate of overall learning.
         layer_lr: learning rate of layer-level learning.
-        batch_size: training batch size.
         hint_weight: weight of the hint loss in layer-level learning.
-        temperature: distillation temperature.
-        alpha: weight of distillation against cross-entropy when labels exist.
         time_budget_s: wall-clock budget of the whole pass (see the module docstring): each
             stage's training run gets at most its share of what is left (in proportion to the
             planned epochs), the final distillation all that the stages leave (None: no
@@ -138,15 +135,9 @@ class ResectConfig(PassConfig):
     final_lr: float | None = None
     final_hint_weight: float = 0.0
     rerank: bool = True
-    epoch_samples: int | None = None
-    lr: float = 0.01
     layer_lr: float = 0.01
-    batch_size: int = 64
     hint_weight: float = 10.0
-    temperature: float = 4.0
-    alpha: float = 0.9
     time_budget_s: float | None = None
-    device: str | None = None
 
     def validate(self) -> None:
         if all(t is None for t in (self.target_layers, self.target_macs, self.target_params)):
@@ -168,22 +159,15 @@ class ResectConfig(PassConfig):
             raise PassConfigError("epochs, layer_epochs and final_epochs must be >= 0")
         if not 0.0 <= self.ridge < 1.0:
             raise PassConfigError(f"ridge={self.ridge} must be in [0, 1)")
-        if self.epoch_samples is not None and self.epoch_samples < 1:
-            raise PassConfigError(f"epoch_samples={self.epoch_samples} must be positive")
         if self.time_budget_s is not None and self.time_budget_s <= 0:
             raise PassConfigError(f"time_budget_s={self.time_budget_s} must be positive")
-        if self.lr <= 0 or self.layer_lr <= 0 or self.batch_size < 1:
-            raise PassConfigError("lr and layer_lr must be positive, batch_size >= 1")
+        self.check_training_options("resect")
+        if self.layer_lr <= 0:
+            raise PassConfigError(f"layer_lr={self.layer_lr} must be positive")
         if self.final_lr is not None and self.final_lr <= 0:
             raise PassConfigError(f"final_lr={self.final_lr} must be positive")
-        if (
-            min(self.hint_weight, self.final_hint_weight) < 0
-            or self.temperature <= 0
-            or not 0.0 <= self.alpha <= 1.0
-        ):
-            raise PassConfigError(
-                "hint_weight and final_hint_weight >= 0, temperature > 0 and alpha in [0, 1]"
-            )
+        if min(self.hint_weight, self.final_hint_weight) < 0:
+            raise PassConfigError("hint_weight and final_hint_weight must be >= 0")
 
     @property
     def trains(self) -> bool:

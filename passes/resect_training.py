@@ -142,8 +142,8 @@ class StageTraining:
         """A training run through ``finetune``, within the pass's deadline (``budget_s``: its
         budget; default: its share, see ``_budget``); None when what it gets cannot hold its
         minimum (``skipped`` says why)."""
+        from onnxcompress.torch_bridge.finetune_config import finetune_config_from
         from onnxcompress.torch_bridge.train import finetune
-        from onnxcompress.torch_bridge.training_options import finetune_config_from
 
         # Every caller sets lr (overall, layer-level or final) and hint_weight where it hints.
         config = finetune_config_from(self.cfg, epochs=epochs, seed=self.context.seed, **options)

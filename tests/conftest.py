@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Generator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -41,6 +42,23 @@ def mnist_dir() -> Path:
     skip_without_shared(MNIST_DIR / "t10k-images-idx3-ubyte.gz")
     skip_without_shared(MNIST_DIR / "t10k-labels-idx1-ubyte.gz")
     return MNIST_DIR
+
+
+@pytest.fixture
+def batchnorm_insertions(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """The names of the BatchNorms each training run put in (``insert_batchnorms`` watched),
+    one list per call, in order."""
+    from onnxcompress.torch_bridge import batchnorm
+
+    calls: list[list[str]] = []
+    insert = batchnorm.insert_batchnorms
+
+    def watched(*args: Any, **kwargs: Any) -> list[str]:
+        calls.append(insert(*args, **kwargs))
+        return calls[-1]
+
+    monkeypatch.setattr(batchnorm, "insert_batchnorms", watched)
+    return calls
 
 
 @pytest.fixture

@@ -550,17 +550,10 @@ def test_training_updates_the_cheap_convs_but_never_the_fixed_shift(distill: str
     check_valid(model)
 
 
-def test_separable_training_with_batchnorm_only_where_a_nonlinearity_follows(monkeypatch):
-    from onnxcompress.torch_bridge import batchnorm
-
-    inserted: list[list[str]] = []
-    original = batchnorm.insert_batchnorms
-
-    def spy(*args, **kwargs):
-        inserted.append(original(*args, **kwargs))
-        return inserted[-1]
-
-    monkeypatch.setattr(batchnorm, "insert_batchnorms", spy)
+def test_separable_training_with_batchnorm_only_where_a_nonlinearity_follows(
+    batchnorm_insertions,
+):
+    inserted = batchnorm_insertions
     model = digits_model()
     options = {
         "kind": "separable",

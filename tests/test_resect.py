@@ -310,6 +310,32 @@ def test_training_stages_run_through_the_torch_bridge() -> None:
     assert_valid(model, original)
 
 
+def test_the_shared_batchnorm_option_reaches_the_stages(
+    batchnorm_insertions: list[list[str]],
+) -> None:
+    """``batchnorm`` comes from the shared ``TrainingOptions``: resect's stage trainings put
+    BatchNorms in (on the convs that train) and fold them back, so the output is the plain
+    student graph, valid and without a BatchNormalization node."""
+    original = conv_chain(middle_stride=2, middle_out=8)
+    model = clone_model(original)
+    report = resect(
+        model,
+        calibration(model, 64),
+        kinds="layer",
+        exclude="conv_3",
+        target_macs=0.9,
+        epochs=1,
+        layer_epochs=1,
+        batch_size=16,
+        batchnorm=True,
+    )
+    assert len(report["layers"]) == 1
+    # One insertion per training run (layer-level, then overall), each on the trained convs.
+    assert len(batchnorm_insertions) == 2 and all(batchnorm_insertions)
+    assert "BatchNormalization" not in [node.op_type for node in model.graph]
+    assert_valid(model, original)
+
+
 def three_block_resnet() -> ir.Model:
     """stem -> three basic blocks with identity shortcuts (branches of growing weight) -> head."""
     net = Net(11)

@@ -6,9 +6,10 @@
 from __future__ import annotations
 
 import dataclasses
-import math
+from typing import Any
 
 from onnxcompress.errors import PassConfigError
+from onnxcompress.torch_bridge.training_options import TRAINING_OPTIONS, TrainingOptions
 
 LOSSES = ("kd", "hint", "mutual")
 OPTIMIZERS = ("sgd", "adamw")
@@ -16,20 +17,15 @@ SCHEDULES = ("cosine", "onecycle")
 
 
 @dataclasses.dataclass
-class FinetuneConfig:
-    """Options of ``finetune``.
+class FinetuneConfig(TrainingOptions):
+    """Options of ``finetune``: the shared ``TrainingOptions`` (learning rate, batch size,
+    weight decay, distillation temperature and weight, epoch size, BatchNorm, device) and these.
 
     Attributes:
         epochs: passes over the training data (or over ``epoch_samples`` of it).
-        lr: peak learning rate.
-        batch_size: images per step and process.
         optimizer: ``sgd`` (with Nesterov momentum) or ``adamw``.
         momentum: SGD momentum.
-        weight_decay: applied to weight tensors only (not to biases or per-channel scales).
         schedule: ``cosine`` decay from ``lr`` to 0, or ``onecycle`` (warm-up then cosine).
-        temperature: softmax temperature T of the distillation terms.
-        alpha: weight of the distillation term against cross-entropy (1: distillation only).
-            Without labels the distillation term gets all the weight.
         loss: ``kd``, ``hint`` or ``mutual`` (see ``torch_bridge.train``).
         hint_tensors: (teacher tensor, student tensor) name pairs for ``hint``; for an
             ``nn.Module`` teacher the teacher name is a submodule whose output is taken.
@@ -41,8 +37,6 @@ class FinetuneConfig:
             images; None: on for images of at least 16x16 pixels.
         crop_padding: padding of the random crop.
         flip: horizontal flips when augmenting (off for data where mirroring changes the class).
-        epoch_samples: train each epoch on this many images, a fresh random subset every epoch
-            (None: all); for time-budgeted runs on large data.
         time_budget_s: wall time of the whole call, from its start (BatchNorm insertion,
             network building, validations, checkpoints and the write-back included; the last
             validation is kept back for), with the learning-rate schedule driven by whichever
@@ -63,34 +57,16 @@ class FinetuneConfig:
             (batch 128, one process): a ResNet-20 training step 1.41x faster, its
             depthwise-separable version 1.73x (oneDNN's convolutions, depthwise above all,
             prefer NHWC).
-        batchnorm: train with a BatchNormalization after every Conv that has none (set to the
-            identity on ``BATCHNORM_CALIBRATION`` training images), folded back into the convs
-            at the end, so the result has the student's nodes and names (see
-            ``torch_bridge.batchnorm``): exporters fold BN away, and a BN-free network trains
-            worse conditioned than the one that was trained. Only convs that train get one
-            (folding a trained BN into a frozen conv would change it); with ``trainable``
-            naming nodes a BN trains with its conv, with a pattern only if it matches the BN's
-            name too (``<conv>/inserted_bn``).
-        batchnorm_between_convs: with ``batchnorm``, also after convs whose output feeds only
-            other convs (the depthwise half of a separable pair); False leaves those out
-            (``torch_bridge.batchnorm.feeds_only_convs``): half the BatchNorms of a separable
-            network, its distillation step 1.1-1.2x faster (``benchmarks/distill_step.py``).
         num_workers: background batch loaders (0: in the training process).
         eval_batch_size: batch size for validation.
         checkpoint_dir: write ``last.pt`` here after every epoch (None: no checkpoints).
         resume: continue from ``checkpoint_dir/last.pt`` when it exists.
-        device: ``cpu``, ``cuda``, ``cuda:N``; None: ``cuda:LOCAL_RANK`` if a GPU is visible.
     """
 
     epochs: int = 3
-    lr: float = 0.01
-    batch_size: int = 64
     optimizer: str = "sgd"
     momentum: float = 0.9
-    weight_decay: float = 5e-4
     schedule: str = "cosine"
-    temperature: float = 4.0
-    alpha: float = 0.9
     loss: str = "kd"
     hint_tensors: tuple[tuple[str, str], ...] = ()
     hint_weight: float = 1.0
@@ -98,7 +74,6 @@ class FinetuneConfig:
     augment: bool | None = None
     crop_padding: int = 4
     flip: bool = True
-    epoch_samples: int | None = None
     time_budget_s: float | None = None
     trainable: str | tuple[str, ...] = "all"
     label_smoothing: float = 0.0
@@ -106,13 +81,10 @@ class FinetuneConfig:
     seed: int = 0
     amp: bool = True
     channels_last: bool | None = None
-    batchnorm: bool = False
-    batchnorm_between_convs: bool = True
     num_workers: int = 0
     eval_batch_size: int = 256
     checkpoint_dir: str | None = None
     resume: bool = False
-    device: str | None = None
 
     def __post_init__(self) -> None:
         self.hint_tensors = tuple((str(t), str(s)) for t, s in self.hint_tensors)
@@ -127,23 +99,15 @@ class FinetuneConfig:
             if not ok:
                 raise PassConfigError(f"finetune: {message}")
 
+        self.check_training_options("finetune")
         need(self.epochs >= 1, f"epochs={self.epochs} must be at least 1")
-        need(self.lr > 0 and math.isfinite(self.lr), f"lr={self.lr} must be positive")
-        need(self.batch_size >= 1, f"batch_size={self.batch_size} must be positive")
         need(self.optimizer in OPTIMIZERS, f"optimizer={self.optimizer!r}: use sgd or adamw")
         need(0 <= self.momentum < 1, f"momentum={self.momentum} must be in [0, 1)")
-        need(self.weight_decay >= 0, f"weight_decay={self.weight_decay} must be >= 0")
         need(self.schedule in SCHEDULES, f"schedule={self.schedule!r}: use cosine or onecycle")
-        need(self.temperature > 0, f"temperature={self.temperature} must be positive")
-        need(0 <= self.alpha <= 1, f"alpha={self.alpha} must be in [0, 1]")
         need(self.loss in LOSSES, f"loss={self.loss!r}: use kd, hint or mutual")
         need(self.hint_weight >= 0, f"hint_weight={self.hint_weight} must be >= 0")
         need(self.peers is None or self.peers >= 0, f"peers={self.peers} must be >= 0")
         need(self.crop_padding >= 0, f"crop_padding={self.crop_padding} must be >= 0")
-        need(
-            self.epoch_samples is None or self.epoch_samples >= 1,
-            f"epoch_samples={self.epoch_samples} must be positive",
-        )
         need(
             self.time_budget_s is None or self.time_budget_s > 0,
             f"time_budget_s={self.time_budget_s} must be positive",
@@ -162,3 +126,16 @@ class FinetuneConfig:
             not self.resume or self.checkpoint_dir is not None,
             "resume needs a checkpoint_dir to resume from",
         )
+
+
+def finetune_config_from(options: object, **overrides: Any) -> FinetuneConfig:
+    """The ``FinetuneConfig`` of one training run (validated, with its messages).
+
+    Args:
+        options: a pass's config (a ``TrainingOptions``) or the CLI's arguments; each of
+            ``TRAINING_OPTIONS`` it has is taken as it is, the others keep the defaults.
+        overrides: what the run sets itself (its epochs, budget, loss, seed...), or a value
+            the run derives from one of those options (a final learning rate, a default alpha).
+    """
+    shared = {name: getattr(options, name) for name in TRAINING_OPTIONS if hasattr(options, name)}
+    return FinetuneConfig(**{**shared, **overrides})

@@ -32,9 +32,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from onnxcompress.graph.model_io import load_model, save_model
     from onnxcompress.runtime.evaluate import dataset_for_model
     from onnxcompress.torch_bridge.distributed import is_main_process
+    from onnxcompress.torch_bridge.finetune_config import finetune_config_from
     from onnxcompress.torch_bridge.train import finetune
     from onnxcompress.torch_bridge.training_checkpoint import CHECKPOINT_FILE
-    from onnxcompress.torch_bridge.training_options import finetune_config_from
 
     output = Path(args.output)
     inputs = [Path(args.student)] + ([Path(args.teacher)] if args.teacher else [])

@@ -11,15 +11,22 @@ def cmd_passes(args: argparse.Namespace) -> int:
     import dataclasses
 
     from onnxcompress.passes import available_passes, pass_class
+    from onnxcompress.torch_bridge.training_options import TRAINING_OPTIONS
 
     for entry in available_passes():
         cls = pass_class(entry.name)
-        fields = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls.config_class))
+        fields = dataclasses.fields(cls.config_class)
+        # The training options every training pass shares go on a line of their own, after
+        # what is particular to the pass.
+        shared = [f for f in fields if f.name in TRAINING_OPTIONS]
+        own = ", ".join(f"{f.name}={f.default!r}" for f in fields if f not in shared)
         if cls.needs_training_data:
             data = " [needs --train-data or --data]"
         else:
             data = " [needs --data]" if cls.needs_data else ""
         print(f"{entry.name}{data}: {entry.summary}")
-        if fields:
-            print(f"    options: {fields}")
+        if own:
+            print(f"    options: {own}")
+        if shared:
+            print(f"    training: {', '.join(f'{f.name}={f.default!r}' for f in shared)}")
     return EXIT_OK
