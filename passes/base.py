@@ -84,6 +84,8 @@ class PassReport:
     targets: list[TargetOutcome] = dataclasses.field(default_factory=list)
     # Why the pass left the model as it was (set by CompressionPass.call when run changed nothing).
     unchanged: str | None = None
+    # Initializers the pass left that nothing reads, removed after it (``CompressionPass.ensures``).
+    leftover_initializers: list[str] = dataclasses.field(default_factory=list)
 
     def decline(self, node: str, reason: str) -> None:
         logger.info("%s: leaving %s alone: %s", self.name, node, reason)
@@ -142,6 +144,7 @@ class PassReport:
             "targets": [t.as_dict() for t in self.targets],
             "targets_met": self.targets_met,
             "warnings": self.warnings,
+            "leftover_initializers": list(self.leftover_initializers),
         }
 
 
@@ -398,6 +401,25 @@ class CompressionPass(InPlacePass, Generic[ConfigT]):
 
     def run(self, model: ir.Model, report: PassReport) -> None:
         raise NotImplementedError
+
+    def ensures(self, model: ir.Model) -> None:
+        """After every pass: no initializer is left that nothing reads.
+
+        ONNX Runtime prints a warning for each one whenever it loads the model. A leftover is a
+        bug in the pass: the model is cleaned, and the console and the report say so.
+        """
+        from onnxcompress.graph.edits import drop_unused_initializers, unused_initializers
+
+        leftovers = unused_initializers(model.graph)
+        if not leftovers:
+            return
+        drop_unused_initializers(model.graph)
+        self.report.leftover_initializers = leftovers
+        shown = ", ".join(leftovers[:3]) + (", ..." if len(leftovers) > 3 else "")
+        self.report.notes.append(
+            f"{self.name} left {len(leftovers)} initializer(s) nothing reads ({shown}); removed "
+            "them (a bug in the pass: please report it)"
+        )
 
     def check_targets(self, before: ModelMetrics, after: ModelMetrics, report: PassReport) -> None:
         """Record in ``report`` how the result stands against the targets the options set

@@ -320,14 +320,17 @@ class ConvRewriter:
 
     def _replace(self, model: ir.Model, site: ConvSite, new_nodes: Sequence[ir.Node]) -> None:
         graph, node = model.graph, site.node
-        old_weight = node.inputs[1]
+        old_inputs = [value for value in node.inputs[1:] if value is not None]
         ir.convenience.replace_nodes_and_values(
             graph, node, [node], list(new_nodes), [node.outputs[0]], [new_nodes[-1].outputs[0]]
         )
-        if old_weight is None or old_weight.uses() or old_weight.is_graph_output():
-            return
-        if old_weight.name is not None and old_weight.name in graph.initializers:
-            del graph.initializers[old_weight.name]
+        # The replaced conv's weight and bias, unless something else still reads them: left
+        # behind, ONNX Runtime warns about each one whenever it loads the model.
+        for value in old_inputs:
+            if value.uses() or value.is_graph_output() or value.is_graph_input():
+                continue
+            if value.name is not None and graph.initializers.get(value.name) is value:
+                del graph.initializers[value.name]
 
 
 def _ints(node: ir.Node, name: str) -> tuple[int, ...] | None:

@@ -101,8 +101,16 @@ def fresh_name(graph: ir.Graph, base: str) -> str:
     return _fresh_name(graph, base)
 
 
+def unused_initializers(graph: ir.Graph) -> list[str]:
+    """The names of the initializers nothing reads (neither a node nor the graph's outputs)."""
+    return [
+        name
+        for name, value in graph.initializers.items()
+        if not value.uses() and not value.is_graph_output() and not value.is_graph_input()
+    ]
+
+
 def drop_unused_initializers(graph: ir.Graph) -> None:
     """Delete initializers nothing reads (they would make ONNX Runtime warn at every load)."""
-    for name, value in list(graph.initializers.items()):
-        if not value.uses() and not value.is_graph_output() and not value.is_graph_input():
-            del graph.initializers[name]
+    for name in unused_initializers(graph):
+        del graph.initializers[name]
