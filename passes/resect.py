@@ -87,9 +87,17 @@ class ResectConfig(PassConfig, TrainingOptions):
         target_macs: stop when the MACs are at most this fraction of the input model's.
         target_params: stop when the parameters are at most this fraction of the input's.
             Without any target: ``target_macs=0.75``.
-        max_drop: stop when validation top-1 falls more than this many points below the input
-            model's (agreement with it, when the validation data has no labels); that stage is
-            undone.
+        max_drop: the result's validation top-1 stays within this many points of the input
+            model's (agreement with it, when the validation data has no labels). A stage that
+            falls further (beyond ``slack``) is undone.
+        slack: when a final distillation follows (``final_epochs``), a stage may fall up to
+            this many points beyond ``max_drop`` and the run goes on from it: a stage judged
+            right after its short training under-rates what the final distillation wins back.
+            If the result still ends beyond ``max_drop``, the pass keeps the last stage that
+            was within it (said on the console). Without a final distillation: 0.
+        retries: undone stages in a row before the run stops. After an undone stage the run
+            tries a smaller step: half the candidates of a multi-candidate stage, or the next
+            candidate in the ranking after a single one.
         kinds: which candidates to consider: ``branch``, ``block``, ``layer``
             (``;``-separated on the command line).
         exclude: node-name patterns (fnmatch) never removed.
@@ -102,7 +110,9 @@ class ResectConfig(PassConfig, TrainingOptions):
         layer_epochs: layer-level (hint) epochs per stage; 0 skips it.
         final_epochs: overall distillation epochs after the last stage (0 skips it). With
             ``time_budget_s`` the final distillation instead trains until the budget is spent
-            (epochs of the same size, the learning-rate schedule driven by the clock).
+            (epochs of the same size, the learning-rate schedule driven by the clock). None
+            (default): with ``time_budget_s``, a final distillation with whatever the stages
+            leave; without, none.
         final_lr: learning rate of the final distillation (None: ``lr``).
         final_hint_weight: weight of a hint loss at the feature maps the student shares with
             the input model (the last tensor of each shape: the stage outputs of a CNN) during
@@ -123,6 +133,8 @@ class ResectConfig(PassConfig, TrainingOptions):
     target_macs: float | None = None
     target_params: float | None = None
     max_drop: float = 1.5
+    slack: float = 1.0
+    retries: int = 2
     kinds: tuple[str, ...] = KINDS
     exclude: tuple[str, ...] = ()
     per_stage: int = 1
@@ -131,7 +143,7 @@ class ResectConfig(PassConfig, TrainingOptions):
     rank_samples: int = 512
     epochs: int = 1
     layer_epochs: int = 1
-    final_epochs: int = 0
+    final_epochs: int | None = None
     final_lr: float | None = None
     final_hint_weight: float = 0.0
     rerank: bool = True
@@ -153,9 +165,13 @@ class ResectConfig(PassConfig, TrainingOptions):
             raise PassConfigError(f"kinds={';'.join(self.kinds)}: choose among {', '.join(KINDS)}")
         if self.max_drop < 0:
             raise PassConfigError(f"max_drop={self.max_drop} must be >= 0 (points of top-1)")
+        if self.slack < 0 or self.retries < 0:
+            raise PassConfigError(
+                f"slack={self.slack} (points of top-1) and retries={self.retries} must be >= 0"
+            )
         if self.per_stage < 1 or self.max_stages < 0 or self.rank_samples < 1:
             raise PassConfigError("per_stage and rank_samples must be >= 1, max_stages >= 0")
-        if min(self.epochs, self.layer_epochs, self.final_epochs) < 0:
+        if min(self.epochs, self.layer_epochs, self.final_epoch_count) < 0:
             raise PassConfigError("epochs, layer_epochs and final_epochs must be >= 0")
         if not 0.0 <= self.ridge < 1.0:
             raise PassConfigError(f"ridge={self.ridge} must be in [0, 1)")
@@ -170,8 +186,39 @@ class ResectConfig(PassConfig, TrainingOptions):
             raise PassConfigError("hint_weight and final_hint_weight must be >= 0")
 
     @property
+    def final_epoch_count(self) -> int:
+        """The final distillation's epochs without a time budget (with one, the clock's)."""
+        return 0 if self.final_epochs is None else self.final_epochs
+
+    @property
+    def final_distillation(self) -> bool:
+        """Whether a final distillation follows the stages."""
+        if self.final_epochs is None:
+            return self.time_budget_s is not None
+        return self.final_epochs > 0
+
+    @property
     def trains(self) -> bool:
-        return self.epochs + self.layer_epochs + self.final_epochs > 0
+        return self.epochs + self.layer_epochs + self.final_epoch_count > 0 or (
+            self.final_distillation
+        )
+
+    @property
+    def stage_slack(self) -> float:
+        """Points a stage may fall beyond ``max_drop``: ``slack`` when a final distillation can
+        win them back, else none."""
+        return self.slack if self.final_distillation else 0.0
+
+
+@dataclasses.dataclass
+class _Feasible:
+    """A state of the run within max_drop: the model, its size, its stage (0: the input
+    model) and its validation top-1."""
+
+    model: ir.Model
+    size: _Size
+    stage: int
+    top1: float
 
 
 @dataclasses.dataclass
@@ -263,8 +310,12 @@ class IncrementalResection(CompressionPass[ResectConfig]):
         training = StageTraining(cfg, self.context, deadline, self._times, self._say)
         training.planned_epochs = self._plan_epochs(ranking, before)
         current, current_size = model, before
+        # The last state within max_drop: what the pass keeps if the result ends beyond it.
+        feasible = _Feasible(model, before, 0, reference_top1)
         tried: set[str] = set()
         stage = 0
+        step = cfg.per_stage
+        undone_in_a_row = 0
         stop_reason = ""
         while not self._met(current_size):
             if cfg.max_stages and stage >= cfg.max_stages:
@@ -273,7 +324,7 @@ class IncrementalResection(CompressionPass[ResectConfig]):
             if not deadline.fits(self._times.stage_minimum()):
                 stop_reason = f"time_budget_s={cfg.time_budget_s} holds no further stage"
                 break
-            if stage > 0 and cfg.rerank:
+            if stage > 0 and cfg.rerank and undone_in_a_row == 0:
                 with deadline.phase("ranking"):
                     ranking = trials.rerank(current, ranking, x_rank, report)
                 training.planned_epochs = training.spent_epochs + self._plan_epochs(
@@ -283,15 +334,16 @@ class IncrementalResection(CompressionPass[ResectConfig]):
             # bridge when layers are counted) only costs accuracy.
             order = [row["key"] for row in ranking if self._useful(row)]
             available = self._search(current).by_key()
-            picks = [k for k in order if k in available and k not in tried][: cfg.per_stage]
+            picks = [k for k in order if k in available and k not in tried][:step]
             if not picks:
-                stop_reason = "no candidates left"
+                # After undone stages, the last rejection is why the run stopped.
+                stop_reason = "; ".join(r for r in (stop_reason, "no candidates left") if r)
                 break
             stage += 1
-            tried.update(picks)
             with deadline.phase("cuts"):
                 student, cuts = trials.cut(current, picks, x_rank)
             if not cuts:
+                tried.update(picks)
                 continue
             infer_shapes(student)
             record: dict[str, Any] = {"stage": stage, "cuts": [dataclasses.asdict(c) for c in cuts]}
@@ -319,35 +371,69 @@ class IncrementalResection(CompressionPass[ResectConfig]):
                 seconds=round(deadline.spent(), 1),
             )
             drop = reference_top1 - top1
-            record["accepted"] = drop <= cfg.max_drop
+            record["accepted"] = drop <= cfg.max_drop + cfg.stage_slack
+            record["within_max_drop"] = drop <= cfg.max_drop
             report.layers.append(record)
+            if record["accepted"]:
+                verdict = "" if record["within_max_drop"] else "; within slack, the run goes on"
+            else:
+                guard = f"max_drop={cfg.max_drop}" + (
+                    f" + slack={cfg.stage_slack}" if cfg.stage_slack else ""
+                )
+                verdict = f"; over {guard}: undone"
             self._say(
                 f"stage {stage}: validation top-1 {top1:.2f}% ({drop:+.2f} points below the input "
                 f"model), {size.layers} layers, MACs {size.macs / max(before.macs, 1):.1%}, "
-                f"params {size.params / max(before.params, 1):.1%}"
-                + ("" if record["accepted"] else f"; over max_drop={cfg.max_drop}: undone")
+                f"params {size.params / max(before.params, 1):.1%}{verdict}"
             )
             if not record["accepted"]:
-                stop_reason = f"stage {stage} dropped {drop:.2f} points (> max_drop={cfg.max_drop})"
-                break
+                undone_in_a_row += 1
+                stop_reason = f"stage {stage} dropped {drop:.2f} points (> {guard})"
+                if undone_in_a_row > cfg.retries:
+                    break
+                # A smaller step: half of these candidates, or the next one after a single one.
+                if len(picks) > 1:
+                    step = max(1, len(picks) // 2)
+                else:
+                    tried.update(picks)
+                self._say(f"stage {stage} undone; retrying with {step} candidate(s) per stage")
+                continue
+            tried.update(picks)
+            undone_in_a_row = 0
+            stop_reason = ""
             current, current_size = student, size
+            if record["within_max_drop"]:
+                feasible = _Feasible(current, size, stage, top1)
 
-        if current is not model and cfg.final_epochs > 0:
+        if current is not model and cfg.final_distillation:
             with deadline.phase("training"):
                 current = training.final(current, teacher, train, val, report)
             current_size = _size(current)
+        if not stop_reason:
+            stop_reason = "target met" if self._met(current_size) else "no stage left to try"
+        top1_after = reference_top1
+        if current is not model:
+            with deadline.phase("validation"):
+                top1_after = self._validate(current, val, teacher)
+        if reference_top1 - top1_after > cfg.max_drop and current is not feasible.model:
+            # The stages taken within slack were not won back: keep the last state that was
+            # within max_drop (the input model when no stage was).
+            kept = f"stage {feasible.stage}" if feasible.stage else "the input model"
+            stop_reason += (
+                f"; the result ended {reference_top1 - top1_after:.2f} points below the input "
+                f"model (> max_drop={cfg.max_drop}), so the pass kept {kept} "
+                f"({feasible.top1:.2f}%)"
+            )
+            self._say(f"resect: fell back to {kept}: the final result was beyond max_drop")
+            report.summary["fell_back_to_stage"] = feasible.stage
+            current, current_size, top1_after = feasible.model, feasible.size, feasible.top1
         changed = current is not model
         if changed:
             # In place: the pass hands back the same Model object with the resected graph.
             model.graph = current.graph
             model.functions.clear()
             model.functions.update(current.functions)
-        if not stop_reason:
-            stop_reason = "target met"
-        with deadline.phase("validation"):
-            report.summary["top1_after"] = (
-                self._validate(model, val, teacher) if changed else reference_top1
-            )
+        report.summary["top1_after"] = top1_after
         self._finish(report, before, current_size, stop_reason)
 
     def _finish(self, report: PassReport, before: _Size, after: _Size, reason: str) -> None:
@@ -472,7 +558,8 @@ class IncrementalResection(CompressionPass[ResectConfig]):
         """Training epochs still expected from ``size`` on, for sharing ``time_budget_s``."""
         cfg = self.cfg
         stages = self._expected_stages(ranking, size)
-        return stages * (cfg.epochs + cfg.layer_epochs) + cfg.final_epochs
+        final = max(cfg.final_epoch_count, 1) if cfg.final_distillation else 0
+        return stages * (cfg.epochs + cfg.layer_epochs) + final
 
     def _expected_stages(self, ranking: list[dict[str, Any]], start: _Size) -> int:
         per_stage = self.cfg.per_stage

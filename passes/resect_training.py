@@ -245,7 +245,7 @@ class StageTraining:
         cfg = self.cfg
         if train is None:
             return current
-        epochs, budget = cfg.final_epochs, self.time_left(validations=1)
+        epochs, budget = max(cfg.final_epoch_count, 1), self.time_left(validations=1)
         if budget is not None:
             if budget < MIN_FINAL_SECONDS:
                 self._say(f"final distillation skipped: {max(budget, 0):.0f} s of the budget left")

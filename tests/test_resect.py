@@ -284,6 +284,109 @@ def test_stage_over_max_drop_is_undone() -> None:
     assert op_types(model) == op_types(original)
 
 
+def scripted_top1(monkeypatch: pytest.MonkeyPatch, scores: list[float]) -> list[float]:
+    """The pass's validations return ``scores`` in turn (the input model's first); the list
+    left over shows how many were asked for."""
+    from onnxcompress.passes import resect as resect_module
+
+    left = list(scores)
+
+    def top1(model: ir.Model, val: Any, teacher: ir.Model) -> float:
+        return left.pop(0)
+
+    monkeypatch.setattr(resect_module.IncrementalResection, "_top1", staticmethod(top1))
+    return left
+
+
+def test_an_undone_stage_is_retried_with_the_next_candidate(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first pick breaks the guard and is undone; the run goes on with the next candidate
+    in the ranking instead of stopping."""
+    model = two_block_resnet(small_branch_scale=1e-3)
+    left = scripted_top1(monkeypatch, [90.0, 80.0, 89.5, 89.5])
+    report = resect(model, kinds="branch", target_layers=4, max_drop=1.5)
+    first, second = report["layers"]
+    assert first["accepted"] is False and second["accepted"] is True
+    assert first["cuts"][0]["key"] != second["cuts"][0]["key"]
+    assert report["modified"] and report["summary"]["target_met"]
+    assert report["summary"]["stopped"] == "target met"
+    assert not left
+
+
+def test_without_retries_the_first_undone_stage_stops_the_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = two_block_resnet(small_branch_scale=1e-3)
+    scripted_top1(monkeypatch, [90.0, 80.0])
+    report = resect(model, kinds="branch", target_layers=4, max_drop=1.5, retries=0)
+    assert [stage["accepted"] for stage in report["layers"]] == [False]
+    assert not report["modified"]
+    assert "dropped 10.00 points" in report["summary"]["stopped"]
+
+
+def test_a_stage_within_slack_that_is_not_won_back_falls_back_to_the_last_feasible_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Stage 1 is within max_drop, stage 2 only within the slack a final distillation allows;
+    the final result is still beyond max_drop, so the pass keeps stage 1 and says so."""
+    original = two_block_resnet()
+    model = clone_model(original)
+    # The input model, stage 1's cut, stage 2's cut, the result after the final distillation.
+    left = scripted_top1(monkeypatch, [90.0, 89.0, 88.0, 88.2])
+    said: list[str] = []
+    monkeypatch.setattr(
+        "onnxcompress.passes.resect.IncrementalResection._say", lambda s, m: said.append(m)
+    )
+    report = resect(
+        model,
+        kinds="branch",
+        target_layers=2,
+        max_drop=1.5,
+        slack=1.0,
+        final_epochs=1,
+        batch_size=16,
+    )
+    first, second = report["layers"]
+    assert first["within_max_drop"] and first["accepted"]
+    assert second["accepted"] and not second["within_max_drop"]
+    assert "final_learning" in report["summary"]
+    summary = report["summary"]
+    assert summary["fell_back_to_stage"] == 1
+    assert "kept stage 1" in summary["stopped"]
+    assert summary["top1_after"] == 89.0
+    assert any("fell back to stage 1" in line for line in said)
+    # Stage 1's model: one branch cut, two of the six layers gone.
+    assert compute_layer_count(model) == 4
+    assert not left
+
+
+def test_slack_applies_only_when_a_final_distillation_follows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without a final distillation nothing wins the points back: a stage beyond max_drop is
+    undone even with slack."""
+    model = two_block_resnet(small_branch_scale=1e-3)
+    scripted_top1(monkeypatch, [90.0, 88.0, 88.0])
+    report = resect(model, kinds="branch", target_layers=4, max_drop=1.5, slack=1.0, retries=0)
+    assert report["layers"][0]["accepted"] is False
+    assert not report["modified"]
+
+
+def test_a_time_budget_gives_what_the_stages_leave_to_a_final_distillation_by_default(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """final_epochs unset: with time_budget_s the final distillation runs, without it none."""
+    clock = work_clock(monkeypatch)
+    model = two_block_resnet()
+    x = calibration(model, 32)
+    options: dict[str, Any] = dict(kinds="branch", target_layers=4, batch_size=16)
+    report = resect(model, x, clock=clock, time_budget_s=12.0, **options)
+    assert report["summary"]["final_learning"]["epochs"] >= 1
+    report = resect(two_block_resnet(), x, **options)
+    assert "final_learning" not in report["summary"]
+
+
 def test_training_stages_run_through_the_torch_bridge() -> None:
     """Layer-level (hint) and overall (KD) learning both run, the bridge and the neighbours
     train, and the best epoch is kept: never below the cut's own validation agreement."""
