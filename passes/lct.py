@@ -325,6 +325,7 @@ class LayerwiseCompressiveTraining(CompressionPass[LctConfig]):
 
     def _compress(self, model: ir.Model, report: PassReport) -> None:
         from onnxcompress.graph.canonicalize import infer_shapes
+        from onnxcompress.graph.input_shapes import at_counted_shapes
         from onnxcompress.graph.metrics import model_metrics
 
         cfg, deadline = self.cfg, self._deadline
@@ -341,7 +342,10 @@ class LayerwiseCompressiveTraining(CompressionPass[LctConfig]):
             report.decline("<model>", "no layer to compress (see the declined nodes)")
             return
         if lowrank:
-            allocate_ranks(model, layers, report, macs_before, cfg)
+            # Planned in MACs at the run's input shapes (symbolic height and width would count
+            # every layer at 1x1); allocation only reads the graph.
+            with at_counted_shapes(model):
+                allocate_ranks(model, layers, report, macs_before, cfg)
             layers = [layer for layer in layers if 0 < layer.rank <= layer.break_even]
         else:
             allocate_sparsity(model, layers, cfg)

@@ -111,7 +111,7 @@ class StructuredPruningPass(CompressionPass[PruningConfigT], abc.ABC):
     budget_options: ClassVar[tuple[str, ...]] = ("target_macs", "target_params", "ratio")
 
     def run(self, model: ir.Model, report: PassReport) -> None:
-        from onnxcompress.graph.metrics import model_metrics
+        from onnxcompress.graph.metrics import macs_per_weight_element, model_metrics
 
         cfg = self.cfg
         if cfg.criterion == "activations" and self.context.calibration is None:
@@ -122,6 +122,9 @@ class StructuredPruningPass(CompressionPass[PruningConfigT], abc.ABC):
         analysis = analyze_channels(model)
         candidates = self._candidates(analysis, report)
         before = model_metrics(model)
+        # Where height and width are symbolic, the channel analysis counts a layer's MACs at
+        # 1x1; the run's input shapes give the real count the plan must be made in.
+        self._macs_factors: dict[ir.Node, float] = {}
         measure = (lambda m: m.params) if cfg.target_params is not None else (lambda m: m.macs)
         start_total = measure(before)
         self._start_total = float(start_total)
@@ -142,6 +145,8 @@ class StructuredPruningPass(CompressionPass[PruningConfigT], abc.ABC):
                 break
             rounds += 1
             fits = self._fit_groups(model, candidates)
+            if cfg.target_params is None:
+                self._macs_factors = macs_per_weight_element(model)
             removals = self._choose(fits, current, target)
             if not removals:
                 break
@@ -312,7 +317,7 @@ class StructuredPruningPass(CompressionPass[PruningConfigT], abc.ABC):
             saving = (
                 fit.group.params_per_channel()
                 if cfg.target_params is not None
-                else fit.group.macs_per_channel()
+                else fit.group.macs_per_channel(self._macs_factors)
             )
             paths.append(
                 GroupPath(
@@ -323,7 +328,11 @@ class StructuredPruningPass(CompressionPass[PruningConfigT], abc.ABC):
                     min_keep=self._min_keep(fit.group),
                 )
             )
-        exact = ExactSavings([fit.group for fit in fits], params=cfg.target_params is not None)
+        exact = ExactSavings(
+            [fit.group for fit in fits],
+            params=cfg.target_params is not None,
+            factors=self._macs_factors,
+        )
         return allocate(
             paths,
             current - target,

@@ -97,6 +97,13 @@ def _add_compress_data_arguments(p: argparse.ArgumentParser) -> None:
         help="labelled validation data: accuracy per stage, max_drop, and the inputs of the "
         "verification gate (validation)",
     )
+    data.add_argument(
+        "--shape",
+        action="append",
+        metavar="NAME=DIMS",
+        help="count MACs with an input at these dims, e.g. input=1x3x640x640 (for models with "
+        "symbolic height and width; default: the --data images' size); the output stays dynamic",
+    )
 
 
 def _add_budget_arguments(p: argparse.ArgumentParser) -> None:

@@ -169,7 +169,14 @@ class ExactSavings:
     Parameters are the sliced weights' elements, biases included.
     """
 
-    def __init__(self, groups: Sequence[Any], params: bool = False) -> None:
+    def __init__(
+        self,
+        groups: Sequence[Any],
+        params: bool = False,
+        factors: Mapping[Any, float] | None = None,
+    ) -> None:
+        """``factors`` replace the ``macs_factor`` of the nodes they name (MACs per weight
+        element counted at the run's input shapes, where the model's own are symbolic)."""
         # weight -> [shape, factor, {axis: [(group key, positions per channel)]}]
         self._weights: dict[tuple[int, int], tuple[list[int], float, dict[int, list]]] = {}
         for group in groups:
@@ -181,7 +188,10 @@ class ExactSavings:
                 if key not in self._weights:
                     value = ws.value.const_value
                     shape = [int(d) for d in value.shape]
-                    self._weights[key] = (shape, 1.0 if params else float(ws.macs_factor), {})
+                    factor = float(ws.macs_factor)
+                    if factors and ws.node in factors:
+                        factor = float(factors[ws.node])
+                    self._weights[key] = (shape, 1.0 if params else factor, {})
                 cuts = self._weights[key][2].setdefault(ws.axis, [])
                 entry = (group.id, group.multiplicity(ws.tensor))
                 if entry not in cuts:  # the same axis seen through both of its readers

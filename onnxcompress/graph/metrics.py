@@ -24,6 +24,12 @@ What the counter cannot count, :func:`uncounted_ops` lists: ops outside the defa
 (their semantics are unknown here) and default-domain ops that multiply-accumulate but are not
 modelled (``UNCOUNTED_COMPUTE_OPS``); both count 0 MACs. :func:`channel_mismatches` lists the
 convolutions whose weight does not fit their input, a defect ONNX's checker lets through.
+
+Where height and width are symbolic (detectors, segmenters), the shapes on the graph cannot say
+how much a layer computes: ``input_shapes.count_macs_at`` records the input shapes to count at
+(the pipeline resolves them once per run, from ``--shape`` or the calibration data), and every
+:func:`model_metrics` of that model then counts with its inputs fixed to them, leaving the
+model's own shapes as they were.
 """
 
 from __future__ import annotations
@@ -31,11 +37,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import onnx_ir as ir
 
+# fix_input_shapes and symbolic_dims are used by inspect, which finds them here as before.
+from onnxcompress.graph.input_shapes import counted_at, shapes_differ, shapes_fixed
+from onnxcompress.graph.input_shapes import fix_input_shapes as fix_input_shapes
+from onnxcompress.graph.input_shapes import symbolic_dims as symbolic_dims
 from onnxcompress.graph.op_families import COMPUTE_OPS, DEFAULT_DOMAINS
 
 logger = logging.getLogger(__name__)
@@ -107,6 +117,8 @@ class ModelMetrics:
         layers: every Conv/ConvTranspose/Gemm/MatMul node in graph order.
         file_size: bytes on disk (external data included), when measured from a file.
         batch: the batch size symbolic dims were given.
+        input_shapes: the dims of each graph input the counts were made at (symbolic dims
+            left open count as ``batch``).
     """
 
     params: int
@@ -114,6 +126,7 @@ class ModelMetrics:
     layers: list[LayerMetrics]
     file_size: int | None
     batch: int
+    input_shapes: dict[str, list[int]] = dataclasses.field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -388,58 +401,42 @@ def _shapes_missing(model: ir.Model) -> bool:
     return any(out.shape is None for node in _compute_nodes(model) for out in node.outputs[:1])
 
 
-def symbolic_dims(model: ir.Model) -> dict[str, list[str]]:
-    """Graph inputs whose dims beyond the first (the batch axis) are symbolic or unknown."""
-    found: dict[str, list[str]] = {}
-    initializers = set(model.graph.initializers)
-    for value in model.graph.inputs:
-        if value.name in initializers or value.shape is None:
-            continue
-        dims = [str(d) if d is not None else "?" for d in list(value.shape)[1:]]
-        symbolic = [
-            d
-            for d, raw in zip(dims, list(value.shape)[1:], strict=True)
-            if not isinstance(raw, int)
-        ]
-        if symbolic:
-            found[str(value.name)] = symbolic
-    return found
+def macs_per_weight_element(model: ir.Model) -> dict[ir.Node, float]:
+    """How many MACs each weight element of a compute node does per sample at the counting
+    shapes (``count_macs_at``), for the nodes whose count there differs from the one their own
+    shapes give; empty when the model records no counting shapes.
 
-
-def fix_input_shapes(
-    model: ir.Model, shapes: dict[str, tuple[int, ...]], source: object = "model"
-) -> None:
-    """Give graph inputs concrete dims and re-infer every shape inside the graph from them.
-
-    Raises:
-        DataError: a name that is not a graph input, or dims of the wrong rank.
+    A Conv's weight element is used once per output pixel, so this is the factor a pass that
+    plans removals in MACs must use where height and width are symbolic.
     """
-    from onnxcompress.errors import DataError
-    from onnxcompress.graph.canonicalize import infer_shapes
+    shapes = counted_at(model)
+    if not shapes or not shapes_differ(model, shapes):
+        return {}
+    if _shapes_missing(model):
+        from onnxcompress.graph.canonicalize import infer_shapes
 
-    graph = model.graph
-    inputs = {str(value.name): value for value in graph.inputs}
-    for name, dims in shapes.items():
-        value = inputs.get(name)
-        if value is None:
-            raise DataError(
-                f"{source}: --shape names {name!r}, not an input (inputs: {', '.join(inputs)})"
-            )
-        if value.shape is not None and len(value.shape) != len(dims):
-            raise DataError(
-                f"{source}: --shape {name} has {len(dims)} dims, the input has {len(value.shape)}"
-            )
-        value.shape = ir.Shape(dims)
-    # Shapes inferred from the symbolic dims would be merged, not replaced: start afresh.
-    initializers = set(graph.initializers)
-    for node in graph:
-        for out in node.outputs:
-            if not out.is_graph_output() and out.name not in initializers:
-                out.shape = None
-    infer_shapes(model)
+        infer_shapes(model)
+    own = {node: node_macs(node) for node in _compute_nodes(model)}
+    with shapes_fixed(model, shapes):
+        fixed = {node: node_macs(node) for node in own}
+    factors = {}
+    for node, macs in fixed.items():
+        weight = node.inputs[1] if len(node.inputs) > 1 else None
+        if macs == own[node] or weight is None or weight.const_value is None:
+            continue
+        elements = math.prod(int(d) for d in weight.const_value.shape.numpy())
+        if elements:
+            factors[node] = macs / elements
+    return factors
 
 
-def model_metrics(model: ir.Model, *, batch: int = 1, file_size: int | None = None) -> ModelMetrics:
+def model_metrics(
+    model: ir.Model,
+    *,
+    batch: int = 1,
+    file_size: int | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+) -> ModelMetrics:
     """Parameters, MACs and per-layer costs of ``model``.
 
     Runs ONNX shape inference on the model first when a compute node's output has no shape
@@ -448,13 +445,24 @@ def model_metrics(model: ir.Model, *, batch: int = 1, file_size: int | None = No
     Args:
         batch: the value given to symbolic dims (normally the batch axis).
         file_size: bytes on disk, when the caller measured the file.
+        input_shapes: count with these inputs fixed to these dims (default: the shapes
+            ``count_macs_at`` recorded on the model, else the model's own); the model's own
+            shapes are left as they were.
     """
     if batch < 1:
         raise ValueError(f"batch must be positive, got {batch}")
+    shapes = input_shapes if input_shapes is not None else counted_at(model)
+    if shapes and shapes_differ(model, shapes):
+        with shapes_fixed(model, shapes):
+            return _count(model, batch, file_size)
     if _shapes_missing(model):
         from onnxcompress.graph.canonicalize import infer_shapes
 
         infer_shapes(model)
+    return _count(model, batch, file_size)
+
+
+def _count(model: ir.Model, batch: int, file_size: int | None) -> ModelMetrics:
     layers: list[LayerMetrics] = []
     unknown: list[str] = []
     for index, node in enumerate(_compute_nodes(model)):
@@ -478,6 +486,11 @@ def model_metrics(model: ir.Model, *, batch: int = 1, file_size: int | None = No
         layers=layers,
         file_size=file_size,
         batch=batch,
+        input_shapes={
+            str(value.name): list(dims)
+            for value in model.graph.inputs
+            if not value.is_initializer() and (dims := _dims(value, batch)) is not None
+        },
     )
 
 

@@ -349,6 +349,10 @@ def format_markdown(payload: Mapping[str, Any], plot_names: set[str] | None = No
         f"Params and MACs of the original are counted after canonicalization (BatchNorm folded); "
         f"the file as given holds {_count(payload['original']['params_as_given'])} params."
     )
+    if payload.get("macs_counted_at"):
+        from onnxcompress.graph.input_shapes import shapes_text
+
+        out.append(f"MACs are counted at input `{shapes_text(payload['macs_counted_at'])}`.")
     out += ["", "## Budget", ""]
     budget = {k: v for k, v in (payload.get("budget") or {}).items() if v is not None}
     out.append(

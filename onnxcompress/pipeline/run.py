@@ -13,7 +13,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +80,8 @@ class CompressionResult:
     # What the user must hear: kept steps that missed a target or changed nothing, and budget
     # targets the result misses. Empty when every target was met.
     missed: list[str] = dataclasses.field(default_factory=list)
+    # The dims of each graph input every MAC count, budget and target of the run was made at.
+    macs_counted_at: dict[str, list[int]] | None = None
 
     @property
     def targets_met(self) -> bool:
@@ -104,6 +106,7 @@ class CompressionResult:
             "data": self.data,
             "targets_met": self.targets_met,
             "missed": self.missed,
+            "macs_counted_at": self.macs_counted_at,
         }
 
 
@@ -145,6 +148,7 @@ def compress(
     budget: Budget | None = None,
     latency: LatencySettings | None = None,
     recipe: dict[str, Any] | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
     verify_samples: int = DEFAULT_VERIFY_SAMPLES,
     force: bool = False,
     seed: int = 0,
@@ -171,6 +175,9 @@ def compress(
             gets the budget's MACs/params target, converted to the model it receives.
         latency: how ``target_latency`` is measured.
         recipe: the recipe as data, recorded in the output's metadata and the report.
+        input_shapes: the dims to count MACs at for inputs with symbolic height and width
+            (``--shape``); without them, the calibration data's. MACs, budgets and every
+            step's targets are counted there; the written model keeps its symbolic dims.
         force: replace an existing output file.
     """
     from onnxcompress.passes import create_pass, pass_class
@@ -197,9 +204,12 @@ def compress(
         steps.insert(0, ("canonicalize", {}))
     # Validate every pass and option before any work, so a typo fails in a second, with the
     # budget each step will be handed (its value depends on the model then; the goal stands in).
+    macs_budgets = ["target_macs"] if budget.target_macs is not None else []
     for name, options in steps:
         injected = _injected_budget(name, options, budget)
-        parse_options(pass_class(name).config_class, {**options, **injected}, name)
+        config = parse_options(pass_class(name).config_class, {**options, **injected}, name)
+        if getattr(config, "target_macs", None) is not None:
+            macs_budgets.append(f"{name} target_macs")
     if budget.max_drop is not None and eval_data is None:
         raise PassConfigError(
             "budget max_drop needs labelled validation data: give --val-data SPEC "
@@ -240,6 +250,14 @@ def compress(
         context.calibration = calibration.x
         context.calibration_labels = calibration.y
         say(f"calibration: {count} samples from {data}")
+    _count_macs_at_real_shapes(
+        original,
+        model,
+        input_shapes,
+        calibration.x.shape if calibration is not None else None,
+        macs_budgets,
+        input_path,
+    )
     validation = context.validation_set(original, fallback=None)
     if validation is not None:
         say(f"validation: {len(validation)} samples from {eval_data}")
@@ -250,9 +268,11 @@ def compress(
     else:
         verify_x = calibration.spread(verify_samples).x if calibration is not None else None
 
+    from onnxcompress.graph.input_shapes import counted_at
     from onnxcompress.graph.metrics import model_metrics
 
-    before = model_metrics(original, file_size=input_path.stat().st_size).as_dict()
+    counted = model_metrics(original, file_size=input_path.stat().st_size)
+    before = counted.as_dict()
     tic = time.perf_counter()
     accuracy_before = accuracy(original, validation).as_dict() if validation is not None else None
     # What the pipeline itself runs after every step (verification, accuracy): a step's time
@@ -295,7 +315,9 @@ def compress(
         # Runtime maps its external data instead of copying a gigabyte of weights per step,
         # and the pages the pass read through our own mapping are let go first.
         drop_resident_external_pages(original)
-        verification = verify_step(input_path, model, name, verify_x, seed)
+        verification = verify_step(
+            input_path, model, name, verify_x, seed, shapes=counted_at(original)
+        )
         metrics = model_metrics(model).as_dict()
         step_metrics: dict[str, Any] = {k: metrics[k] for k in ("params", "macs")}
         step_accuracy = None
@@ -368,6 +390,7 @@ def compress(
     after = model_metrics(model).as_dict()
     result = CompressionResult(str(input_path), None, records, before, after)
     result.kept_step, result.stopped = kept_step, stopped
+    result.macs_counted_at = counted.input_shapes
     for record in records[: kept_step + 1]:
         result.missed.extend(record.report.get("warnings", ()))
     if last_check is not None:
@@ -390,6 +413,39 @@ def compress(
         result.after["file_size"] = written.stat().st_size
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _count_macs_at_real_shapes(
+    original: ir.Model,
+    model: ir.Model,
+    given: Mapping[str, Sequence[int]] | None,
+    data_dims: Sequence[int] | None,
+    macs_budgets: Sequence[str],
+    input_path: Path,
+) -> None:
+    """Resolve once the input shapes every MAC count of the run is made at, and record them on
+    both models (the pipeline's, the passes' and the budget's counts all read them there).
+
+    A MACs budget on a model whose height and width stay symbolic would be counted at 1x1:
+    that is refused, with how to give the size.
+    """
+    from onnxcompress.graph.input_shapes import count_macs_at, counting_shapes, spatial_dims_open
+
+    shapes = counting_shapes(original, given, data_dims, input_path)
+    for target in (original, model):
+        count_macs_at(target, shapes)
+    open_dims = spatial_dims_open(original)
+    if open_dims and macs_budgets:
+        name, dims = next(iter(open_dims.items()))
+        value = next(v for v in original.graph.inputs if v.name == name)
+        template = "x".join(
+            "1" if axis == 0 else str(d) for axis, d in enumerate(value.shape or ())
+        )
+        raise PassConfigError(
+            f"{input_path}: input {name!r} has symbolic dims {', '.join(dims)}, so "
+            f"{macs_budgets[0]} cannot be counted: give --shape {name}={template} with the "
+            "size it runs at, or --data SPEC"
+        )
 
 
 def _injected_budget(name: str, options: dict[str, Any], budget: Budget) -> dict[str, float]:
@@ -511,12 +567,20 @@ def _format_options(options: dict[str, Any]) -> str:
 
 
 def verify_step(
-    original: ir.Model | Path, model: ir.Model, step: str, x: np.ndarray | None, seed: int
+    original: ir.Model | Path,
+    model: ir.Model,
+    step: str,
+    x: np.ndarray | None,
+    seed: int,
+    shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> dict[str, Any]:
-    """Checker, session build and output deviation against the original, after one step."""
+    """Checker, session build and output deviation against the original, after one step.
+
+    Without ``x``, random inputs take ``shapes`` for inputs with symbolic height and width.
+    """
     from onnxcompress.runtime.evaluate import verify
 
-    result = verify(original, model, x=x, seed=seed)
+    result = verify(original, model, x=x, seed=seed, shapes=shapes)
     if not result.checker_ok:
         raise VerificationError(
             f"step {step!r} produced a model that fails onnx.checker: {result.checker_error}"

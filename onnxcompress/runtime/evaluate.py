@@ -523,6 +523,7 @@ def verify(
     samples: int = 16,
     seed: int = 0,
     provider: str | None = None,
+    shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> VerifyResult:
     """Check ``candidate`` (the checker, a session, the outputs) against ``original``.
 
@@ -533,6 +534,8 @@ def verify(
         x: inputs for the single graph input; None draws ``samples`` seeded standard-normal
             inputs for every input, shaped from the original model.
         seed: for the random inputs.
+        shapes: dims of the random inputs whose height and width are symbolic (``--shape``);
+            their batch axis takes ``samples`` where the model leaves it open.
 
     Raises:
         ModelLoadError: ONNX Runtime cannot build a session for the original.
@@ -555,7 +558,8 @@ def verify(
         if samples < 1:
             raise DataError(f"verification needs at least one sample, got samples={samples}")
         try:
-            feeds = random_feeds(ref_session, samples, seed=seed)
+            overrides = _sample_shapes(ref_session, shapes, samples) if shapes else None
+            feeds = random_feeds(ref_session, samples, seed=seed, overrides=overrides)
         except DataError as exc:
             raise DataError(f"{_label(original)}: {exc}") from exc
     count = int(next(iter(feeds.values())).shape[0])
@@ -580,6 +584,20 @@ def verify(
     except (DataError, VerificationError) as exc:
         return failed(str(exc))
     return VerifyResult(checker_error is None, checker_error, True, None, deviation)
+
+
+def _sample_shapes(
+    session: ort.InferenceSession, shapes: Mapping[str, Sequence[int]], samples: int
+) -> dict[str, tuple[int, ...]]:
+    """``shapes`` with ``samples`` on each open batch axis."""
+    result = {}
+    for spec in session_inputs(session):
+        dims = shapes.get(spec.name)
+        if dims is None:
+            continue
+        open_batch = bool(spec.shape) and not isinstance(spec.shape[0], int)
+        result[spec.name] = (samples, *map(int, dims[1:])) if open_batch else tuple(dims)
+    return result
 
 
 # ---------------------------------------------------------------------------------------------

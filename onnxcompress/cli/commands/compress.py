@@ -47,8 +47,10 @@ def _compress_recipe(args: argparse.Namespace) -> Any:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
+    from onnxcompress.graph.input_shapes import shapes_text
     from onnxcompress.pipeline.recipe import check_pass_options
     from onnxcompress.pipeline.run import DEFAULT_CALIBRATION_SIZE, compress, write_json_atomic
+    from onnxcompress.runtime.session import parse_shape_overrides
 
     if args.calibration_size is not None and args.calibration_size <= 0:
         raise OnnxCompressError("--calibration-size must be positive")
@@ -70,6 +72,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         budget=recipe.budget,
         latency=recipe.latency,
         recipe=recipe.as_dict(),
+        input_shapes=parse_shape_overrides(args.shape),
         force=args.force,
         seed=recipe.seed if recipe.seed is not None else 0,
         progress=progress,
@@ -107,6 +110,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
                 before, result.after, result.accuracy_before, result.accuracy_after, latency
             )
         )
+        print(f"MACs counted at {shapes_text(result.macs_counted_at)}")
         if result.stopped:
             print(f"note: {result.stopped}")
         print(f"wrote {result.output_path}")

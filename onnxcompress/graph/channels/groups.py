@@ -8,7 +8,7 @@ bookkeeping that keeps them valid while surgery removes channels; a group lists 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
@@ -381,22 +381,28 @@ class ChannelGroup:
 
     # -- cost ----------------------------------------------------------------------------------
 
-    def macs_per_channel(self) -> int:
+    def macs_per_channel(self, factors: Mapping[ir.Node, float] | None = None) -> int:
         """Multiply-accumulates per sample saved by removing one channel, from current shapes.
 
         Counts the weighted layers only (Conv, ConvTranspose, Gemm, MatMul, depthwise kernels) --
         producers' rows, consumers' columns and depthwise rows -- as MAC counters usually do;
         elementwise ops and biases count nothing. A node that both reads and writes the group is
         counted twice for the element where its row and column cross (negligible).
+
+        Args:
+            factors: MACs per weight element of the nodes whose shapes here are symbolic,
+                counted at the run's input shapes (``metrics.macs_per_weight_element``); they
+                replace those nodes' ``macs_factor``.
         """
-        total = 0
+        total = 0.0
         for ws in self.slices:
             if ws.is_bias or ws.macs_factor == 0:
                 continue
             array = ws.array()
             per_position = array.size // max(int(array.shape[ws.axis]), 1)
-            total += per_position * self.multiplicity(ws.tensor) * ws.macs_factor
-        return total
+            factor = factors.get(ws.node, ws.macs_factor) if factors else ws.macs_factor
+            total += per_position * self.multiplicity(ws.tensor) * factor
+        return round(total)
 
     def params_per_channel(self) -> int:
         """Weight elements removed with one channel (all sliced initializers, biases included)."""
