@@ -437,6 +437,19 @@ def test_the_shared_batchnorm_option_reaches_the_stages(
     assert len(batchnorm_insertions) == 2 and all(batchnorm_insertions)
     assert "BatchNormalization" not in [node.op_type for node in model.graph]
     assert_valid(model, original)
+    # The negative: turned off, no training run puts one in.
+    resect(
+        clone_model(original),
+        calibration(original, 64),
+        kinds="layer",
+        exclude="conv_3",
+        target_macs=0.9,
+        epochs=1,
+        layer_epochs=1,
+        batch_size=16,
+        batchnorm=False,
+    )
+    assert len(batchnorm_insertions) == 2
 
 
 def three_block_resnet() -> ir.Model:

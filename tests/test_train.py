@@ -343,7 +343,9 @@ def test_mutual_learning_with_the_teacher_and_with_peers(
     student: ir.Model, teacher: ir.Model, small_train: Dataset, val_data: Dataset
 ) -> None:
     teacher_before = initializers(teacher)
-    config = FinetuneConfig(epochs=2, loss="mutual", lr=1e-3)
+    # The mechanism under test, without BatchNorm put back: at this lr the inserted BNs slow
+    # the first two epochs on digits (+5 points instead of the +10 asserted).
+    config = FinetuneConfig(epochs=2, loss="mutual", lr=1e-3, batchnorm=False)
     with_teacher = finetune(student, teacher, small_train, val_data, config, progress=False)
     assert with_teacher.best_top1 is not None and with_teacher.history[0].val_top1 is not None
     assert with_teacher.best_top1 > with_teacher.history[0].val_top1 + 10
@@ -971,7 +973,7 @@ def test_every_training_run_shares_one_declaration_of_the_training_options() -> 
     shared = {f.name: f.default for f in dataclasses.fields(TrainingOptions)}
     assert set(TRAINING_OPTIONS) == set(shared)
     # lct trains from a trained model at every stage; cheapconv derives alpha from ``distill``.
-    departures = {"lct": {"lr": 0.003}, "cheapconv": {"alpha": None}}
+    departures = {"lct": {"lr": 0.003, "batchnorm": False}, "cheapconv": {"alpha": None}}
     for name in ("finetune", "lct", "resect", "cheapconv"):
         config_class = pass_class(name).config_class
         assert issubclass(config_class, TrainingOptions), name

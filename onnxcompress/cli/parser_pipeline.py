@@ -263,10 +263,12 @@ def _add_distillation_arguments(p: argparse.ArgumentParser) -> None:
 def _add_training_graph_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--batchnorm",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=FINETUNE_DEFAULTS.batchnorm,
         help="train with a BatchNormalization after every Conv that has none (exporters fold "
         "BN away), folded back into the convs when training ends: same graph, better "
-        "conditioned training",
+        "conditioned training (1 to 4 points on CIFAR-10 ResNet-20 students in 3 epochs); "
+        "--no-batchnorm trains the convs as they are",
     )
     p.add_argument(
         "--batchnorm-between-convs",

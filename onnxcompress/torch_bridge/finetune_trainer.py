@@ -74,6 +74,21 @@ ONECYCLE_END_DIV = 1e4
 PEER_NOISE = 0.01
 
 
+# What torch raises when images do not fit a network (channels, sizes, ranks).
+MISFIT_ERRORS = (RuntimeError, ValueError, IndexError)
+
+
+def misfit_error(data: Dataset, model: ir.Model, exc: BaseException) -> DataError:
+    """The one line a user gets when the training images do not fit the student."""
+    from onnxcompress.graph.model_io import model_label
+
+    return DataError(
+        f"finetune: images of shape {tuple(data.x.shape[1:])} from {data.name!r} do not fit "
+        f"{model_label(model)} ({str(exc).splitlines()[0][:200]}); fix the data spec "
+        "(e.g. resize=, channels=)"
+    )
+
+
 class Trainer:
     """One fine-tuning run; ``finetune`` is its public face."""
 
@@ -229,14 +244,8 @@ class Trainer:
                 )
         except OnnxCompressError:
             raise
-        except (RuntimeError, ValueError, IndexError) as exc:
-            from onnxcompress.graph.model_io import model_label
-
-            raise DataError(
-                f"finetune: images of shape {tuple(self.x.shape[1:])} from "
-                f"{self.train_data.name!r} do not fit {model_label(self.student_model)} "
-                f"({str(exc).splitlines()[0][:200]}); fix the data spec (e.g. resize=, channels=)"
-            ) from exc
+        except MISFIT_ERRORS as exc:
+            raise misfit_error(self.train_data, self.student_model, exc) from exc
         finally:
             self.student.train()
         if student_logits.dim() != 2:

@@ -103,6 +103,13 @@ def check_supported(model: ir.Model | str | os.PathLike[str]) -> list[tuple[str,
     return [(name, op) for name, op, _ in _find_unsupported(loaded)]
 
 
+def require_supported(model: ir.Model) -> None:
+    """Raise UnsupportedOpError, naming ``model`` and every node the bridge cannot run."""
+    problems = _find_unsupported(model)
+    if problems:
+        raise UnsupportedOpError(_unsupported_message(_as_model(model)[1], problems))
+
+
 def _unsupported_message(label: str, problems: Sequence[tuple[str, str, str]]) -> str:
     by_op: dict[str, list[str]] = {}
     reasons: dict[str, str] = {}
@@ -219,9 +226,7 @@ class OnnxModule(nn.Module):
     ) -> None:
         super().__init__()
         loaded, label = _as_model(model)
-        problems = _find_unsupported(loaded)
-        if problems:
-            raise UnsupportedOpError(_unsupported_message(label, problems))
+        require_supported(loaded)
         self._label = label
         self.onnx_params = nn.ParameterDict()
         self.onnx_buffers = _BufferStore()

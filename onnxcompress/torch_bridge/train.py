@@ -148,15 +148,23 @@ def finetune(
     trainable = config.trainable
     if config.batchnorm:
         from onnxcompress.torch_bridge.batchnorm import insert_batchnorms, selected_by
+        from onnxcompress.torch_bridge.finetune_trainer import MISFIT_ERRORS, misfit_error
+        from onnxcompress.torch_bridge.module import require_supported
 
+        # Checked on the caller's model, so the message names its file, not the copy's graph.
+        require_supported(student)
         # Deterministic (the same images, eval mode): every process inserts the same.
-        student = clone_model(student)
-        inserted = insert_batchnorms(
-            student,
-            train.spread(BATCHNORM_CALIBRATION).x,
-            select=selected_by(trainable),
-            between_convs=config.batchnorm_between_convs,
-        )
+        original, student = student, clone_model(student)
+        try:
+            inserted = insert_batchnorms(
+                student,
+                train.spread(BATCHNORM_CALIBRATION).x,
+                select=selected_by(trainable),
+                between_convs=config.batchnorm_between_convs,
+            )
+        except MISFIT_ERRORS as exc:
+            # The BN statistics are the first pass of the images through the student.
+            raise misfit_error(train, original, exc) from exc
         if isinstance(trainable, tuple):
             # A BN trains with the conv it follows.
             config = dataclasses.replace(config, trainable=trainable + tuple(inserted))
