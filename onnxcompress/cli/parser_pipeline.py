@@ -153,8 +153,9 @@ def _add_compress_output_arguments(p: argparse.ArgumentParser) -> None:
     out.add_argument(
         "--strict",
         action="store_true",
-        help="exit with code 3 when a step misses a target it was given or changes nothing, or "
-        "the result misses the budget (default: warn on stderr and exit 0)",
+        help="exit with code 3 when a step misses a target it was given or changes nothing, "
+        "the result misses the budget, or the report's benchmark finds it slower than the "
+        "original (default: warn on stderr and exit 0)",
     )
 
 

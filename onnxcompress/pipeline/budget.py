@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from onnxcompress.errors import PassConfigError
+from onnxcompress.pipeline.slowdown import SLOWER_MARGIN
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -162,7 +163,10 @@ def check_budget(
             continue
         ratios[key] = value
         if value > target + TARGET_TOLERANCE:
-            missed.append(f"{key} at {value:.3f} of the original (target {target:.3f})")
+            text = f"{key} at {value:.3f} of the original (target {target:.3f})"
+            if key == "latency" and value > 1.0 + SLOWER_MARGIN:
+                text += ": slower than the original"
+            missed.append(text)
     broken: list[str] = []
     if budget.max_drop is not None and drop is not None and drop > budget.max_drop:
         broken.append(f"accuracy dropped {drop:.2f} points (max_drop {budget.max_drop:.2f})")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from onnxcompress.errors import DataError, OnnxCompressError
+from onnxcompress.pipeline.slowdown import slowdown_message, slower_batches
 
 if TYPE_CHECKING:
     from onnxcompress.pipeline.run import CompressionResult
@@ -48,7 +49,9 @@ def build_report(
 
     ``original`` counts the input after canonicalization (BatchNorm folded, which is not
     compression), so its params compare like with like; ``params_as_given`` is the file's own.
-    Latency is measured on the input and output files, interleaved, when the output was written.
+    Latency is measured on the input and output files, interleaved, when the output was written;
+    a batch size at which the output is slower is listed in ``slower_than_original`` and added
+    to ``missed`` (so ``targets_met`` is false), like a missed target.
     """
     payload = result.as_dict()
     canonical = result.steps[0].metrics if result.steps else result.before
@@ -77,6 +80,11 @@ def build_report(
             warmup=warmup,
             progress=progress,
         )
+    payload["slower_than_original"] = slower_batches(payload["latency"])
+    if payload["slower_than_original"]:
+        lines = [slowdown_message(entry) for entry in payload["slower_than_original"]]
+        payload["missed"] = [*payload["missed"], *lines]
+        payload["targets_met"] = False
     return payload
 
 
@@ -305,12 +313,13 @@ def summary_rows(payload: Mapping[str, Any]) -> list[tuple[str, str, str, str]]:
         if "original" in pair and "compressed" in pair:
             a, b = pair["original"]["p50_ms"], pair["compressed"]["p50_ms"]
             provider = pair["original"].get("provider", "")
+            speed = f"{a / b:.2f}x faster" if b <= a else f"{b / a:.2f}x slower"
             rows.append(
                 (
                     f"latency p50, batch {batch} ({provider})",
                     f"{a:.3f} ms",
                     f"{b:.3f} ms",
-                    f"{_ratio(a, b)} ({a / b:.2f}x faster)",
+                    f"{_ratio(a, b)} ({speed})",
                 )
             )
     acc_before, acc_after = payload.get("accuracy_before"), payload.get("accuracy_after")
@@ -363,6 +372,8 @@ def format_markdown(payload: Mapping[str, Any], plot_names: set[str] | None = No
         out.append(f"- **targets not met**: {'; '.join(check['missed'])}")
     elif budget:
         out.append("- every target met" if check.get("ratios") else "- no targets set")
+    for entry in payload.get("slower_than_original") or []:
+        out.append(f"- **{slowdown_message(entry)}**")
     if payload.get("stopped"):
         out.append(f"- stopped: {payload['stopped']}")
     kept = payload.get("kept_step")
