@@ -103,7 +103,9 @@ class LctConfig(PassConfig, TrainingOptions):
             passed); after the ramp (``1 - final_share`` of the run) the constraints hold and
             the network recovers in a fine-tune of its own that restarts its cosine at
             ``final_lr``; a run that still ends beyond ``max_drop`` falls back to the weights of
-            the furthest check that was within it).
+            the best check on the way: the furthest one within ``max_drop``, else the
+            highest-scoring one that passed, if the whole validation set finds it within
+            ``max_drop``; the console says what was kept, or that nothing held).
         stagger: gradual: the most significant layer starts its schedule this fraction of
             the way into the ramp (0: all layers start together).
         checks: gradual: validation checks along the ramp.
@@ -399,12 +401,13 @@ class LayerwiseCompressiveTraining(CompressionPass[LctConfig]):
             report.summary["stopped"] = stopped
         if accepted is None:
             if cfg.schedule == "gradual":
+                # The run says what it ended at and which check it tried to fall back to.
                 reason = (
-                    f"the gradual run ended more than max_drop={cfg.max_drop} points below the "
-                    "original's validation top-1, with no check on the way that held within it "
-                    "on the whole validation set; the model is left as it was (raise max_drop "
-                    "or the training budget, or lower the target)"
-                )
+                    stopped
+                    or f"the gradual run ended more than max_drop={cfg.max_drop} points below "
+                    "the original's validation top-1, with no check on the way that held within "
+                    "it on the whole validation set; the model is left as it was"
+                ) + " (raise max_drop or the training budget, or lower the target)"
             else:
                 reason = (
                     f"no stage stayed within max_drop={cfg.max_drop} points of validation "
@@ -412,6 +415,8 @@ class LayerwiseCompressiveTraining(CompressionPass[LctConfig]):
                     "the training budget)"
                 )
             report.decline("<model>", reason)
+            # Said on the console too: an unchanged model after a long run is no silent outcome.
+            report.notes.append(f"lct left the model unchanged: {reason}")
             self._report_layers(report, layers, {})
             return
         from onnxcompress.torch_bridge.writeback import write_back

@@ -117,8 +117,11 @@ class GradualProjector(Projector):
         lowrank: project onto a rank (else onto a count of zeros).
         check: scores the student (validation top-1) and leaves it in training mode.
         floor: the lowest top-1 a check may pass with.
-        keep_above: a check at or above this top-1 keeps a copy of the weights (the furthest
-            such one is kept): the fallback if the run ends below it.
+        keep_above: None: no check keeps weights. Else a check that passes keeps a copy of the
+            weights when it is the best so far: the fallback if the run ends below this top-1
+            (``max_drop``). The best is the furthest check at or above ``keep_above``; while
+            none is, the highest-scoring check that passed (ties: the furthest), which the
+            whole validation set may still find within it (a check scores a sample).
         clock: times the checks' records (default ``time.monotonic``).
         """
         super().__init__([], {}, ranked, ramp_end, lowrank)
@@ -137,7 +140,7 @@ class GradualProjector(Projector):
         self.clock = clock if clock is not None else time.monotonic
         self.started = self.clock()
         self.keep_above = keep_above
-        # (schedule position, weights, check top-1) of the furthest check at keep_above.
+        # (schedule position, weights, check top-1) of the best check (see keep_above).
         self.snapshot: tuple[float, dict[str, Any], float] | None = None
 
     def level(self, index: int, at: float) -> float:
@@ -161,10 +164,12 @@ class GradualProjector(Projector):
         """Why the schedule ended short of the targets (None when it reached them)."""
         if self.at >= self.ramp_end:
             return None
-        paused = sum(1 for record in self.history if not record["accepted"])
+        # The pass appends its own records (end of the ramp, recovery) to the same history.
+        checks = [record for record in self.history if record["stage"] == "ramp"]
+        paused = sum(1 for record in checks if not record["accepted"])
         return (
             f"the schedule reached {100 * self.share():.0f}% of its way to the "
-            f"targets: {paused} of {len(self.history)} checks fell below {self.floor:.2f} and "
+            f"targets: {paused} of {len(checks)} checks fell below {self.floor:.2f} and "
             "paused it"
         )
 
@@ -190,15 +195,29 @@ class GradualProjector(Projector):
         self._project_at(module)
 
     def keep(self, module: OnnxModule, top1: float) -> None:
-        """Keep a copy of the weights as the fallback if they are the furthest so far."""
-        if self.at > 0 and (self.snapshot is None or self.at >= self.snapshot[0]):
+        """Keep a copy of the weights as the fallback if this check is the best so far (see
+        ``keep_above``); a check at the start of the schedule has nothing to keep."""
+        if self.at > 0 and self._better(top1):
             state = {name: value.detach().clone() for name, value in module.state_dict().items()}
             self.snapshot = (self.at, state, top1)
+
+    def _better(self, top1: float) -> bool:
+        """Whether a check scoring ``top1`` here beats the kept one as the fallback."""
+        if self.snapshot is None:
+            return True
+        at, _, kept = self.snapshot
+        bar = self.floor if self.keep_above is None else self.keep_above
+        within, kept_within = top1 >= bar, kept >= bar
+        if within != kept_within:
+            return within
+        if within:
+            return self.at >= at
+        return (top1, self.at) >= (kept, at)
 
     def _check(self, module: OnnxModule) -> None:
         top1 = self.check(module)
         ok = top1 >= self.floor
-        if self.keep_above is not None and top1 >= self.keep_above:
+        if self.keep_above is not None and ok:
             self.keep(module, top1)
         if ok:
             self.passed, self.paused, self.failed_in_a_row = self.at, False, 0

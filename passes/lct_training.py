@@ -88,6 +88,7 @@ class LctTraining:
         accepted: Accepted | None = None
         # The last accepted model that was within max_drop by itself: the fallback.
         within: Accepted | None = None
+        within_stage = 0
         student = model
         history: list[dict[str, Any]] = []
         stopped: str | None = None
@@ -147,7 +148,7 @@ class LctTraining:
                     accepted = Accepted(result.module, result.model, top1, every)
                     student = result.model
                     if top1 >= reference - cfg.max_drop:
-                        within = accepted
+                        within, within_stage = accepted, number
                 history.append(
                     {
                         "stage": number,
@@ -174,6 +175,13 @@ class LctTraining:
             )
         if accepted is None or accepted.top1 < reference - cfg.max_drop:
             # Nothing after the last model within budget held up: fall back to it.
+            if accepted is not None and within is not None:
+                self._report.notes.append(
+                    f"lct kept stage {within_stage} (top-1 {within.top1:.2f}), the last one "
+                    f"within max_drop={cfg.max_drop}: the run ended at top-1 "
+                    f"{accepted.top1:.2f}, {reference - accepted.top1:.2f} points below the "
+                    f"original's {reference:.2f}"
+                )
             accepted = within
             if within is not None:
                 within.restore(every)
@@ -196,10 +204,10 @@ class LctTraining:
         then a recovery fine-tune at the levels reached.
 
         Returns the student (when it ends more than ``max_drop`` below the original: the
-        weights of the furthest check within it, if they hold on the whole validation set,
-        else None), one record per check plus one for the end of the ramp, one for the
-        recovery (and one for the fallback), and why the schedule ended short (None when it
-        did not).
+        weights of the best check on the way, ``GradualProjector.keep``, if they are within it
+        on the whole validation set, else None), one record per check plus one for the end of
+        the ramp, one for the recovery (and one for the fallback), and why the schedule ended
+        short or the result is not its end (None when neither).
         """
         cfg = self.cfg
         ranked = sorted(layers, key=lambda layer: layer.significance)
@@ -295,11 +303,20 @@ class LctTraining:
             )
         if accepted.top1 >= reference - cfg.max_drop:
             return accepted, history, projector.halted
+        missed = (
+            f"the run ended at top-1 {accepted.top1:.2f}, {reference - accepted.top1:.2f} points "
+            f"below the original's {reference:.2f} (max_drop={cfg.max_drop})"
+        )
         if projector.snapshot is not None:
-            return self._gradual_fallback(result, projector, scorer, reference, history)
+            return self._gradual_fallback(result, projector, scorer, reference, history, missed)
         for layer in ranked:
             layer.level = 0.0
-        return None, history, projector.halted
+        self._report.summary["fallback"] = None
+        stopped = (
+            f"{missed}, and no check on the way passed (top-1 at or above {floor:.2f}) to fall "
+            "back to: the model is left as it was"
+        )
+        return None, history, _joined(projector.halted, stopped)
 
     def _gradual_fallback(
         self,
@@ -308,19 +325,24 @@ class LctTraining:
         scorer: Scorer,
         reference: float,
         history: list[dict[str, Any]],
+        missed: str,
     ) -> tuple[Accepted | None, list[dict[str, Any]], str | None]:
-        """The weights of the furthest check that was within ``max_drop``, if they still are
-        on the whole validation set (the check scored ``check_samples`` of it)."""
+        """The weights of the best check on the way (``GradualProjector.keep``), scored again on
+        the whole validation set (the check scored ``check_samples`` of it): the result if they
+        are within ``max_drop`` there. What was kept, and why, goes to the console (a note) and
+        to the report (``fallback`` in the summary)."""
         assert projector.snapshot is not None
-        at, state, _ = projector.snapshot
+        cfg = self.cfg
+        at, state, check_top1 = projector.snapshot
         result.model, result.module = result.model_from_state(state)
         top1 = scorer.score(result.module, deadline=self._deadline)
-        within = top1 >= reference - self.cfg.max_drop
+        within = top1 >= reference - cfg.max_drop
+        share = projector.share(at)
         for layer, level in zip(projector.ranked, projector.levels(at), strict=True):
             layer.level = level if within else 0.0
         logger.info(
             "lct gradual: fallback to the check at %.0f%% of the schedule: top-1 %.2f (%s)",
-            100 * projector.share(at),
+            100 * share,
             top1,
             "kept" if within else "beyond max_drop too",
         )
@@ -328,7 +350,7 @@ class LctTraining:
             {
                 "stage": "fallback",
                 "attempt": 1,
-                "increment": round(projector.share(at), 4),
+                "increment": round(share, 4),
                 "layers": [layer.node for layer in projector.ranked if layer.accepted],
                 "top1": top1,
                 "reference_top1": reference,
@@ -338,14 +360,28 @@ class LctTraining:
                 "seconds": 0.0,
             }
         )
-        stopped = (
-            f"the run ended more than max_drop={self.cfg.max_drop} below the original; the "
-            f"result is the furthest check within it ({100 * projector.share(at):.0f}% of "
-            "the schedule)"
+        which = (
+            "the furthest check within max_drop"
+            if projector.keep_above is not None and check_top1 >= projector.keep_above
+            else "the best-scoring check that passed"
         )
+        point = (
+            f"{which}, at {100 * share:.0f}% of the schedule (top-1 {check_top1:.2f} on its "
+            f"check, {top1:.2f} on the whole validation set)"
+        )
+        self._report.summary["fallback"] = {
+            "schedule_share": round(share, 4),
+            "check_top1": check_top1,
+            "top1": top1,
+            "kept": within,
+        }
         if not within:
-            return None, history, stopped
-        return Accepted(result.module, result.model, top1, projector.ranked), history, stopped
+            stopped = f"{missed}, and {point} is beyond it too: the model is left as it was"
+            return None, history, _joined(projector.halted, stopped)
+        stopped = f"{missed}; the result is {point}"
+        self._report.notes.append(f"lct kept {point}: {missed}")
+        accepted = Accepted(result.module, result.model, top1, projector.ranked)
+        return accepted, history, _joined(projector.halted, stopped)
 
     def _attempt(
         self,
@@ -453,6 +489,12 @@ class LctTraining:
         if not better:
             return accepted
         return Accepted(result.module, result.model, top1, every)
+
+
+def _joined(*reasons: str | None) -> str | None:
+    """The reasons given, in one line (None when there are none)."""
+    given = [reason for reason in reasons if reason]
+    return "; ".join(given) if given else None
 
 
 class Accepted:
