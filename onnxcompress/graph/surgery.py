@@ -28,7 +28,6 @@ import onnx_ir as ir
 
 from onnxcompress.graph.canonicalize import infer_shapes
 from onnxcompress.graph.channels import ChannelAnalysis, ChannelGroup, WeightSlice, rule_for
-from onnxcompress.graph.edits import private_initializer, set_initializer
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +51,9 @@ def remove_channels(
     depthwise kernels), rewrites the layout constants that depend on the channel count (Slice
     bounds, Split sizes, Pad amounts for zero channels, Reshape targets that spell a channel
     count, a depthwise Conv's ``group``) and updates the static channel dim of every affected
-    value. Shared initializers are copied first, so other users keep the original.
+    value. Shared initializers are copied first, so other users keep the original. A weight
+    stored quantized (int8 behind a DequantizeLinear) is cut in its stored form, with its
+    per-channel scales and zero points when the cut runs along their axis.
 
     The output is exactly the input model's output when the removed channels carry no signal
     into any consumer (e.g. all-zero filters and zero bias with a zero-preserving path); in
@@ -84,9 +85,7 @@ def remove_channels(
     # Positions first, from the current layout; every slice is cut before the layout changes.
     cuts = [(ws, group.positions(ws.tensor)[indices].reshape(-1)) for ws in slices]
     for ws, positions in cuts:
-        value = private_initializer(graph, ws.node, ws.input_index)
-        array = value.const_value.numpy()  # type: ignore[union-attr]
-        set_initializer(graph, value, np.delete(array, positions, axis=ws.axis))
+        ws.cut(graph, positions)
     analysis.mark_removed(components)
     for fix in group.fixups:
         fix.apply(graph, analysis)
@@ -169,7 +168,9 @@ def fold_compensation(
     The bias part is exact for Gemm/MatMul consumers; for a Conv with zero padding it is exact
     in the interior and approximate at the borders, where the padded zeros do not carry the
     constant. A consumer without a bias gets one (registered with the analysis so later removals
-    slice it); a MatMul gets its bias through the ``Add`` that follows it, or a new one.
+    slice it); a MatMul gets its bias through the ``Add`` that follows it, or a new one. A
+    consumer stored quantized is re-encoded at its scales (grown only where the new values
+    overflow), so there the fold is exact only up to half a quantization step per changed weight.
 
     Args:
         model: the model ``group`` was computed on (edited in place).
@@ -223,17 +224,19 @@ def _fold_into(
     coefficients: np.ndarray,
     constant: np.ndarray | None,
 ) -> None:
-    graph = model.graph
+    rule = rule_for(ws.node)
+    if rule is None:
+        raise ValueError(f"cannot fold a compensation into {ws.node.op_type} {ws.node.name}")
     positions = group.positions(ws.tensor)
     rows_removed, rows_kept = positions[removed], positions[kept]
-    value = private_initializer(graph, ws.node, ws.input_index)
-    original = value.const_value.numpy()  # type: ignore[union-attr]
+    # Decoded to floats when the weight is stored quantized; the rule re-encodes it.
+    original = ws.array()
     weight = original.astype(np.float64)
     moved = np.moveaxis(weight, ws.axis, 0)  # a view: writes land in ``weight``
     taken = moved[rows_removed]  # [R, m, ...], copied before any update
     for block in range(positions.shape[1]):
         moved[rows_kept[:, block]] += np.tensordot(coefficients.T, taken[:, block], axes=1)
-    set_initializer(graph, value, weight.astype(original.dtype))
+    rule.write_weight(model.graph, group.analysis, ws, weight.astype(original.dtype))
     if constant is None or not np.any(constant):
         return
     assert ws.out_axis is not None, "consumer slices always name their output axis"
@@ -242,7 +245,4 @@ def _fold_into(
     weighted = np.tensordot(constant, taken, axes=1)  # [m, *rest]
     weighted = np.moveaxis(weighted, out_axis + 1, 0)
     contribution = weighted.reshape(weighted.shape[0], -1).sum(axis=1)
-    rule = rule_for(ws.node)
-    if rule is None:
-        raise ValueError(f"cannot fold a bias into {ws.node.op_type} {ws.node.name}")
     rule.fold_bias(model, group.analysis, ws, contribution)

@@ -63,9 +63,13 @@ cut through a moved channel axis yet, so a group that leaves axis 1 stays frozen
 channel shuffle (Reshape-Transpose-Reshape, ShuffleNet) is frozen; LRN freezes the channels it
 normalizes (removing one would change its neighbours).
 
+Quantized (QDQ) graphs: channels flow through QuantizeLinear/DequantizeLinear, and a weight
+stored as integers behind a DequantizeLinear is a constant whose rule reads, cuts and re-encodes
+it (``WeightSlice.storage``); shared or blocked quantized weights are frozen.
+
 Modules: ``groups`` (the data model), ``analysis`` (the walk and the grouping), ``rule`` (the
 rule type and its helpers), ``registry`` (the families), and the families themselves:
-``elementwise``, ``weighted``, ``layout``, ``shapes``.
+``elementwise``, ``weighted``, ``layout``, ``shapes``, ``quantization``.
 
 Typical use::
 

@@ -26,7 +26,13 @@ from onnxcompress.graph.channels.groups import (
     describe,
 )
 from onnxcompress.graph.channels.registry import UNKNOWN_OP, rule_for
-from onnxcompress.graph.channels.rule import Unsupported, default_opset, rank, static_dim
+from onnxcompress.graph.channels.rule import (
+    OpRule,
+    Unsupported,
+    default_opset,
+    rank,
+    static_dim,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -70,13 +76,44 @@ class Builder:
     # -- slots ---------------------------------------------------------------------------------
 
     def is_channel_tensor(self, value: ir.Value | None) -> bool:
-        """A computed tensor with a channel axis (rank >= 2, or already tracked)."""
-        if value is None or value.const_value is not None:
+        """A computed tensor with a channel axis (rank >= 2, or already tracked).
+
+        A weight decoded from stored constants (a DequantizeLinear of int8 values) is a
+        constant, not a channel tensor.
+        """
+        if value is None or value.const_value is not None or self.storage(value) is not None:
             return False
         if value in self.base:
             return True
         value_rank = rank(value)
         return value_rank is not None and value_rank >= 2
+
+    def storage(self, value: ir.Value | None) -> OpRule[Any] | None:
+        """The rule of the op that decodes ``value`` from stored constants, or None."""
+        producer = None if value is None else value.producer()
+        if producer is None:
+            return None
+        rule = rule_for(producer)
+        return rule if rule is not None and rule.stores(producer) else None
+
+    def constant(self, value: ir.Value | None) -> np.ndarray | None:
+        """The contents of a constant input, or None for a computed tensor.
+
+        An initializer, or a weight decoded from stored constants (its rule then cuts the
+        stored tensors). Raises :class:`Unsupported` for a stored weight that cannot be cut,
+        which freezes the reader with the reason.
+        """
+        if value is None:
+            return None
+        if value.const_value is not None:
+            return value.const_value.numpy()
+        storage = self.storage(value)
+        producer = value.producer()
+        if storage is None or producer is None:
+            return None
+        storage.check_stored(producer)
+        self.touch(value)
+        return storage.decode(producer)
 
     def axis(self, value: ir.Value | None) -> int:
         """The channel axis of ``value``: where its producer's rule put it, else axis 1."""
@@ -195,8 +232,11 @@ class Builder:
         out_axis: int | None = None,
         macs_factor: int = 0,
     ) -> None:
+        storage = self.storage(node.inputs[input_index])
         self.records.append(
-            WeightSlice(node, input_index, axis, tensor, role, is_bias, out_axis, macs_factor)
+            WeightSlice(
+                node, input_index, axis, tensor, role, is_bias, out_axis, macs_factor, storage
+            )
         )
 
     def add_fixup(self, fixup: LayoutFixup) -> None:

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import numpy as np
 import onnx_ir as ir
 
+from onnxcompress.graph.edits import private_initializer, set_initializer
+
 if TYPE_CHECKING:
     from onnxcompress.graph.channels.rule import OpRule
 
@@ -63,6 +65,9 @@ class WeightSlice:
             of a compensation is summed over every other axis.
         macs_factor: how many times each weight element is used per sample (output pixels of a
             Conv, 1 for a Gemm); 0 for elementwise parameters, which count no MACs.
+        storage: for a weight the node reads through an op that decodes it from stored
+            constants (a DequantizeLinear of int8 values), that op's rule, which reads, cuts and
+            re-encodes the stored tensors; None for a plain initializer.
     """
 
     node: ir.Node
@@ -73,18 +78,58 @@ class WeightSlice:
     is_bias: bool = False
     out_axis: int | None = None
     macs_factor: int = 0
+    storage: OpRule[Any] | None = None
+
+    @property
+    def decoder(self) -> ir.Node | None:
+        """The node that decodes the weight from stored constants (None: an initializer)."""
+        if self.storage is None:
+            return None
+        value = self.node.inputs[self.input_index]
+        return None if value is None else value.producer()
 
     @property
     def value(self) -> ir.Value:
-        """The initializer the node reads now (surgery may have replaced it by a copy)."""
+        """The initializer that holds the weight: the input itself, or the stored values its
+        decoder reads (same shape). Surgery may have replaced it by a copy."""
+        decoder = self.decoder
+        if decoder is not None and self.storage is not None:
+            return self.storage.stored_value(decoder)
         value = self.node.inputs[self.input_index]
         if value is None or value.const_value is None:
             raise ValueError(f"input {self.input_index} of {describe(self.node)} is not a constant")
         return value
 
     def array(self) -> np.ndarray:
-        """The weight's current contents."""
+        """The weight's current contents (decoded to floats when it is stored quantized)."""
+        decoder = self.decoder
+        if decoder is not None and self.storage is not None:
+            return self.storage.decode(decoder)
         return self.value.const_value.numpy()  # type: ignore[union-attr]
+
+    def cut(self, graph: ir.Graph, positions: np.ndarray) -> None:
+        """Delete ``positions`` along ``axis`` (shared initializers are copied first)."""
+        decoder = self.decoder
+        if decoder is not None and self.storage is not None:
+            self.storage.cut_stored(graph, decoder, self.axis, positions)
+            return
+        value = private_initializer(graph, self.node, self.input_index)
+        array = value.const_value.numpy()  # type: ignore[union-attr]
+        set_initializer(graph, value, np.delete(array, positions, axis=self.axis))
+
+    def write(self, graph: ir.Graph, array: np.ndarray) -> np.ndarray | None:
+        """Give the weight new contents (a folded compensation).
+
+        Returns:
+            For a weight stored quantized, how much each scale of its decoder grew to hold the
+            new values (the scale's shape, 1 where unchanged), or None when no scale changed.
+        """
+        decoder = self.decoder
+        if decoder is not None and self.storage is not None:
+            return self.storage.encode(graph, decoder, array)
+        value = private_initializer(graph, self.node, self.input_index)
+        set_initializer(graph, value, array)
+        return None
 
     def describe(self) -> str:
         return f"{describe(self.node)} input {self.input_index} axis {self.axis} ({self.role})"
@@ -497,6 +542,15 @@ class ChannelAnalysis:
     def mark_removed(self, components: np.ndarray) -> None:
         """Record that these components are gone (called by ``surgery.remove_channels``)."""
         self._removed[components] = True
+
+    def slice_of(self, node: ir.Node, input_index: int) -> WeightSlice | None:
+        """A recorded slice of input ``input_index`` of ``node`` (it says how the input is
+        stored), or None when the analysis recorded none."""
+        for tensor in [*node.outputs, *node.inputs]:
+            for ws in self._records_by_tensor.get(tensor, ()) if tensor is not None else ():
+                if ws.node is node and ws.input_index == input_index:
+                    return ws
+        return None
 
     def add_slice(self, weight_slice: WeightSlice) -> None:
         """Register a weight axis created after the analysis (a bias made by compensation)."""

@@ -35,6 +35,7 @@ from onnxcompress.graph.channels.layout import (
     TileRule,
     TransposeRule,
 )
+from onnxcompress.graph.channels.quantization import DequantizeLinearRule, QuantizeLinearRule
 from onnxcompress.graph.channels.rule import OpRule
 from onnxcompress.graph.channels.shapes import (
     FlattenRule,
@@ -65,6 +66,8 @@ FAMILIES: tuple[OpRule[Any], ...] = (
     ConvTransposeRule(),
     GemmRule(),
     MatMulRule(),
+    QuantizeLinearRule(),
+    DequantizeLinearRule(),
     ConcatRule(),
     SplitRule(),
     SliceRule(),

@@ -112,6 +112,49 @@ class OpRule(Generic[FixupT]):
         """Add ``contribution`` (one value per output of the consumer ``ws.node``) to its bias."""
         raise ValueError(f"cannot fold a bias into {ws.node.op_type} {ws.node.name}")
 
+    def write_weight(
+        self, graph: ir.Graph, analysis: ChannelAnalysis, ws: WeightSlice, array: np.ndarray
+    ) -> None:
+        """Give the weight ``ws`` slices new contents (a compensation folded into a consumer)."""
+        ws.write(graph, array)
+
+    # -- weights decoded from stored constants (DequantizeLinear of int8 values) ----------------
+
+    def stores(self, node: ir.Node) -> bool:
+        """Whether ``node`` decodes a weight from stored constants, for its reader to cut.
+
+        Such a rule also implements :meth:`check_stored`, :meth:`decode`, :meth:`stored_value`,
+        :meth:`cut_stored` and :meth:`encode`; the analysis treats the decoded value as a
+        constant and records it on the reader's :class:`WeightSlice` (``storage``).
+        """
+        return False
+
+    def check_stored(self, node: ir.Node) -> None:
+        """Raise :class:`Unsupported` (with the reason) when the stored weight cannot be cut."""
+
+    def decode(self, node: ir.Node) -> np.ndarray:
+        """The float weight ``node`` computes from its stored constants."""
+        raise NotImplementedError(f"{self.family} ops store no weights")
+
+    def stored_value(self, node: ir.Node) -> ir.Value:
+        """The initializer holding the stored values (the decoded weight's shape)."""
+        raise NotImplementedError(f"{self.family} ops store no weights")
+
+    def cut_stored(self, graph: ir.Graph, node: ir.Node, axis: int, positions: np.ndarray) -> None:
+        """Delete ``positions`` along ``axis`` of the decoded weight from the stored tensors."""
+        raise NotImplementedError(f"{self.family} ops store no weights")
+
+    def encode(
+        self,
+        graph: ir.Graph,
+        node: ir.Node,
+        array: np.ndarray,
+        scale_factor: np.ndarray | None = None,
+    ) -> np.ndarray | None:
+        """Store ``array`` as the new decoded weight (scales first multiplied by
+        ``scale_factor``); returns how much each scale grew, or None."""
+        raise NotImplementedError(f"{self.family} ops store no weights")
+
     def uniformity(self, op_type: str) -> tuple[bool, bool]:
         """Whether ``op_type`` is (linear, positively homogeneous) and the same on every channel."""
         linear = op_type in self.linear_ops

@@ -55,6 +55,27 @@ class _WeightedRule(OpRule[FixupT]):
     def moved(b: Builder, value: ir.Value | None) -> bool:
         return b.is_channel_tensor(value) and b.axis(value) != CHANNEL_AXIS
 
+    def write_weight(
+        self, graph: ir.Graph, analysis: ChannelAnalysis, ws: WeightSlice, array: np.ndarray
+    ) -> None:
+        """Write the weight; where a quantized weight's scales grew, its int32 bias follows.
+
+        ONNX Runtime stores a QDQ layer's bias at scale ``input_scale * weight_scale`` per
+        output, and its fused kernels (QLinearConv, QGemm) add the integers without rescaling:
+        a bias left at the old scale would still decode right but run wrong once fused.
+        """
+        growth = ws.write(graph, array)
+        bias = analysis.slice_of(ws.node, 2)
+        if growth is None or bias is None or bias.decoder is None or bias.storage is None:
+            return
+        outputs = ws.out_axis if ws.out_axis is not None else ws.axis
+        if any(size != 1 for axis, size in enumerate(growth.shape) if axis != outputs):
+            return  # scales along the inputs: the bias has no such scale to follow
+        factor = growth.reshape(-1)
+        bias_scale = const(bias.decoder.inputs[1])
+        if bias_scale is not None and factor.size in (1, bias_scale.size):
+            bias.storage.encode(graph, bias.decoder, bias.array(), scale_factor=factor)
+
     def fold_bias(
         self, model: ir.Model, analysis: ChannelAnalysis, ws: WeightSlice, contribution: np.ndarray
     ) -> None:
@@ -81,8 +102,8 @@ class ConvRule(_WeightedRule[ConvGroupFixup]):
     def analyze(self, node: ir.Node, b: Builder) -> None:
         x, w_value, y = required(node, 0), required(node, 1), node.outputs[0]
         bias_value = optional(node, 2)
-        weight = const(w_value)
-        if weight is None or (bias_value is not None and const(bias_value) is None):
+        weight = b.constant(w_value)
+        if weight is None or (bias_value is not None and b.constant(bias_value) is None):
             b.block_node(node, f"{describe(node)} has a computed weight or bias")
             return
         group = node.attributes.get_int("group", 1)
@@ -151,8 +172,8 @@ class ConvTransposeRule(_WeightedRule[LayoutFixup]):
     def analyze(self, node: ir.Node, b: Builder) -> None:
         x, w_value, y = required(node, 0), required(node, 1), node.outputs[0]
         bias_value = optional(node, 2)
-        weight = const(w_value)
-        if weight is None or (bias_value is not None and const(bias_value) is None):
+        weight = b.constant(w_value)
+        if weight is None or (bias_value is not None and b.constant(bias_value) is None):
             b.block_node(node, f"{describe(node)} has a computed weight or bias")
             return
         if node.attributes.get_int("group", 1) != 1:
@@ -181,13 +202,13 @@ class GemmRule(_WeightedRule[LayoutFixup]):
     def analyze(self, node: ir.Node, b: Builder) -> None:
         a, b_value, y = required(node, 0), required(node, 1), node.outputs[0]
         c_value = optional(node, 2)
-        weight = const(b_value)
+        weight = b.constant(b_value)
         if weight is None or weight.ndim != 2 or node.attributes.get_int("transA", 0) != 0:
             b.block_node(node, f"{describe(node)} has a computed weight or a transposed input")
             return
         trans_b = node.attributes.get_int("transB", 0)
         k, n = (weight.shape[1], weight.shape[0]) if trans_b else weight.shape
-        bias = const(c_value)
+        bias = b.constant(c_value)
         if c_value is not None and bias is None:
             b.block_node(node, f"{describe(node)} adds a computed tensor")
             return
@@ -239,7 +260,7 @@ class MatMulRule(OpRule):
 
     def analyze(self, node: ir.Node, b: Builder) -> None:
         a, b_value, y = required(node, 0), required(node, 1), node.outputs[0]
-        weight = const(b_value)
+        weight = b.constant(b_value)
         a_rank = rank(a)
         if weight is not None and weight.ndim == 2 and a_rank == 2:
             k, n = weight.shape
@@ -311,6 +332,16 @@ def add_bias_input(
 ) -> None:
     """Add ``contribution`` (one value per output channel) to a bias input, creating it."""
     existing = node.inputs[index] if len(node.inputs) > index else None
+    stored = analysis.slice_of(node, index) if existing is not None else None
+    if stored is not None and stored.decoder is not None:
+        current = stored.array()
+        if current.shape != (contribution.size,):
+            raise ValueError(
+                f"cannot fold a compensation into the quantized bias of {describe(node)}, of "
+                f"shape {list(current.shape)}"
+            )
+        stored.write(graph, current + contribution)
+        return
     if existing is not None:
         value = private_initializer(graph, node, index)
         array = value.const_value.numpy()  # type: ignore[union-attr]
