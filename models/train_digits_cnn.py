@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
+from onnx_export import export_classifier
 from sklearn.datasets import load_digits
 from torch import nn
 from torch.nn import functional as F
@@ -34,9 +31,6 @@ TRAIN_COUNT = 1400
 SCALE, MEAN, STD = 1 / 16, 0.5, 0.5
 PREPROCESS = Preprocess(scale=SCALE, mean=(MEAN,), std=(STD,))
 CLASSES = tuple(str(k) for k in range(10))
-OPSET = 17
-# The ONNX Runtime 1.31 on this project's CI refuses IR versions above 10.
-MAX_IR_VERSION = 10
 
 
 class ResidualBlock(nn.Module):
@@ -140,64 +134,14 @@ def torch_accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
     return 100.0 * float((logits.argmax(1).numpy() == y).mean())
 
 
-def export(model: DigitsResNet, path: Path, sample: np.ndarray) -> None:
-    """Export to ONNX with BatchNormalization kept as nodes, plus preprocessing metadata.
-
-    ``TrainingMode.PRESERVE`` on a module in eval mode, without constant folding, exports
-    inference-mode BatchNormalization nodes instead of folding them into the convolutions, so
-    the demo exercises canonicalization's BN folding.
-    The file is written to a temporary name beside ``path`` and renamed when complete.
-    """
-    model.eval()
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        with warnings.catch_warnings():
-            # The TorchScript exporter is chosen on purpose: it keeps BatchNormalization nodes.
-            warnings.filterwarnings("ignore", category=DeprecationWarning)
-            torch.onnx.export(
-                model,
-                (torch.from_numpy(sample),),
-                tmp_name,
-                dynamo=False,
-                opset_version=OPSET,
-                input_names=["input"],
-                output_names=["logits"],
-                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-                training=torch.onnx.TrainingMode.PRESERVE,
-                do_constant_folding=False,
-            )
-        proto = onnx.load(tmp_name)
-        proto.ir_version = min(proto.ir_version, MAX_IR_VERSION)
-        metadata = {
-            **PREPROCESS.to_metadata(),
-            "onnxcompress.dataset": "digits",
-            "onnxcompress.classes": ",".join(CLASSES),
-        }
-        onnx.helper.set_model_props(proto, metadata)
-        onnx.checker.check_model(proto, full_check=True)
-        if not any(node.op_type == "BatchNormalization" for node in proto.graph.node):
-            raise RuntimeError("the export folded BatchNormalization; the demo needs it kept")
-        onnx.save(proto, tmp_name)
-        check_against_torch(model, tmp_name, sample)
-        # mkstemp creates the file owner-only; a shipped model should be readable like any file.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_name, 0o666 & ~umask)
-        os.replace(tmp_name, path)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-
-
-@torch.no_grad()
-def check_against_torch(model: nn.Module, onnx_path: str, x: np.ndarray) -> None:
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
-    (got,) = session.run(None, {"input": x})
-    expected = model(torch.from_numpy(x)).numpy()
-    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+def export(model: nn.Module, path: Path, sample: np.ndarray) -> None:
+    """Export with BatchNormalization kept as nodes, plus preprocessing metadata."""
+    metadata = {
+        **PREPROCESS.to_metadata(),
+        "onnxcompress.dataset": "digits",
+        "onnxcompress.classes": ",".join(CLASSES),
+    }
+    export_classifier(model, path, sample, metadata)
 
 
 def main(argv: list[str] | None = None) -> int:
