@@ -65,6 +65,11 @@ def methods(merge_available: bool) -> list[Method]:
     rows = [
         Method("lrf weights", "lrf", {"criterion": "weights", "round_to": 8}),
         Method("lrf activations", "lrf", {"criterion": "activations", "round_to": 8}),
+        Method(
+            "lrf activations, no reconstruction",
+            "lrf",
+            {"criterion": "activations", "round_to": 8, "reconstruct": False},
+        ),
         Method("lrf activations, round_to=1", "lrf", {"criterion": "activations", "round_to": 1}),
         # 16: ONNX Runtime's NCHWc block on AVX-512 CPUs (see results/latency.md).
         Method("lrf activations, round_to=16", "lrf", {"criterion": "activations", "round_to": 16}),
@@ -73,6 +78,11 @@ def methods(merge_available: bool) -> list[Method]:
         rows += [
             Method("merge weights", "merge", {"criterion": "weights", "round_to": 8}),
             Method("merge activations", "merge", {"criterion": "activations", "round_to": 8}),
+            Method(
+                "merge activations, no reconstruction",
+                "merge",
+                {"criterion": "activations", "round_to": 8, "reconstruct": False},
+            ),
         ]
     rows += [
         Method("L1 magnitude (no compensation)", None, {"round_to": 8}, BUDGET_SOURCE),
@@ -122,9 +132,9 @@ def magnitude_prune(original: Any, layers: list[dict[str, Any]]) -> Any:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     shared = Path(args.shared)
-    model_path = harness.resnet20_path(shared)
+    model_path = Path(args.model) if args.model else harness.resnet20_path(shared)
     if not model_path.exists():
-        raise SystemExit(f"{model_path}: not found (give --shared DIR, the folder with models/)")
+        raise SystemExit(f"{model_path}: not found (give --model, or --shared DIR with models/)")
     state_before = harness.machine_state()
     merge_available = "merge" in REGISTRY
     if not merge_available:
@@ -285,7 +295,8 @@ def to_markdown(result: dict[str, Any]) -> str:
     ]
     state = result["machine_after"]
     lines = [
-        "# Structural compression quality: ResNet-20 on CIFAR-10, no fine-tuning",
+        f"# Structural compression quality: `{Path(result['model']).name}` on CIFAR-10, "
+        "no fine-tuning",
         "",
         f"Teacher `{Path(result['model']).name}`: top-1 **{teacher['top1']:.2f}%** on the "
         f"evaluation half ({result['evaluation']['samples']} images), "
@@ -329,6 +340,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(default: ../shared from the repository root)",
     )
     parser.add_argument(
+        "--model",
+        help="a CIFAR-10 classifier to compress instead of the shared ResNet-20 (for example "
+        "models/resnet32_cifar10.onnx)",
+    )
+    parser.add_argument(
+        "--name",
+        default=NAME,
+        help=f"results file name, without extension (default {NAME})",
+    )
+    parser.add_argument(
         "--targets",
         type=lambda text: [float(t) for t in text.split(",")],
         default=list(DEFAULT_TARGETS),
@@ -360,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     harness.setup_logging(args.verbose)
     result = run(args)
     markdown = to_markdown(result)
-    harness.write_results(Path(args.out_dir), NAME, markdown, result)
+    harness.write_results(Path(args.out_dir), args.name, markdown, result)
     print()
     print(markdown)
     return 0

@@ -12,10 +12,9 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcompress.deadline import Deadline
-from onnxcompress.fitting.gram import GramAccumulator, GramStatistics
+from onnxcompress.fitting.gram import GramStatistics
 from onnxcompress.fitting.ridge import ridge_solve
-from onnxcompress.graph.edits import fresh_node_name, new_initializer
-from onnxcompress.graph.model_io import clone_model
+from onnxcompress.runtime.probes import pair_statistics, patch_probe, truncated
 
 if TYPE_CHECKING:
     from onnxcompress.passes.cheapconv import CheapConvConfig
@@ -49,8 +48,9 @@ def fit_layer(
     before = np.concatenate(
         [weight.reshape(cout, cin), bias_value.const_value.numpy()[:, None]], axis=1
     ).T.astype(np.float64)
-    probe = _patch_probe(model, spatial) if refit_spatial else _truncated(model, source.name)
-    stats = _pair_statistics(probe, _truncated(original, target.name), x, cfg.calibration_batch)
+    assert spatial.name is not None
+    probe = patch_probe(model, spatial.name) if refit_spatial else truncated(model, source.name)
+    stats = pair_statistics(probe, truncated(original, target.name), x, cfg.calibration_batch)
     if refit_spatial:
         spatial_value = spatial.inputs[1]
         assert spatial_value is not None and spatial_value.const_value is not None
@@ -142,71 +142,6 @@ def _fit_separable(
     if error < best[0]:
         best = (error, d, solution)
     return _SeparableFit(taps=best[1], pointwise=best[2], error_before=error_before, error=best[0])
-
-
-def _patch_probe(model: ir.Model, spatial: ir.Node) -> ir.Model:
-    """A copy of ``model`` whose only output is the im2col patches ``spatial`` reads.
-
-    A grouped Conv with one-hot kernels (same pads, strides, dilations as ``spatial``) puts
-    tap ``k`` of input channel ``c`` in output channel ``c*K + k``.
-    """
-    probe = clone_model(model)
-    node = next(n for n in probe.graph if n.name == spatial.name)
-    weight = node.inputs[1]
-    assert weight is not None and weight.const_value is not None
-    cin, _, *kernel = weight.const_value.numpy().shape
-    size = int(np.prod(kernel))
-    one_hot = np.tile(np.eye(size, dtype=np.float32), (cin, 1)).reshape(cin * size, 1, *kernel)
-    patches = ir.Node(
-        "",
-        "Conv",
-        [node.inputs[0], new_initializer(probe.graph, "cheapconv.patches", one_hot)],
-        [ir.Attr(a.name, a.type, a.value) for a in node.attributes.values()],
-        name=fresh_node_name(probe.graph, "cheapconv/patches"),
-    )
-    probe.graph.insert_after(node, patches)
-    probe.graph.outputs.clear()
-    probe.graph.outputs.append(patches.outputs[0])
-    from onnx_ir.passes.common import RemoveUnusedNodesPass
-
-    RemoveUnusedNodesPass()(probe)
-    return probe
-
-
-def _truncated(model: ir.Model, name: str) -> ir.Model:
-    """A copy of ``model`` that computes only the tensor ``name`` (its only output)."""
-    from onnx_ir.passes.common import RemoveUnusedNodesPass
-
-    probe = clone_model(model)
-    value = next(
-        (v for node in probe.graph for v in node.outputs if v.name == name),
-        None,
-    )
-    if value is None:
-        raise KeyError(f"no tensor named {name!r} in the model")
-    probe.graph.outputs.clear()
-    probe.graph.outputs.append(value)
-    RemoveUnusedNodesPass()(probe)
-    return probe
-
-
-def _pair_statistics(
-    source_model: ir.Model, target_model: ir.Model, x: np.ndarray, batch: int
-) -> GramStatistics:
-    """Gram statistics between the (only) outputs of two models over the batches of ``x``."""
-    from onnxcompress.runtime.session import make_session
-
-    sessions = [make_session(m, optimize=False) for m in (source_model, target_model)]
-    accumulator = GramAccumulator(intercept=True)
-    for start in range(0, len(x), batch):
-        z, y = (
-            np.asarray(s.run(None, {s.get_inputs()[0].name: x[start : start + batch]})[0])
-            for s in sessions
-        )
-        if z.size // z.shape[1] != y.size // y.shape[1]:
-            raise ValueError(f"positions differ: {z.shape} (replacement) vs {y.shape} (original)")
-        accumulator.add(z, y, channel_axis=1)
-    return accumulator.statistics()
 
 
 def _set_constant(value: ir.Value, array: np.ndarray) -> None:

@@ -638,13 +638,13 @@ def digits_images(count: int) -> np.ndarray:
 def fit_clock(monkeypatch: pytest.MonkeyPatch) -> ManualClock:
     """A clock that moves 0.01 s per calibration image a layer's init fit reads."""
     clock = ManualClock()
-    real = cheapconv_init_module._pair_statistics
+    real = cheapconv_init_module.pair_statistics
 
     def timed(source: ir.Model, target: ir.Model, x: np.ndarray, batch: int) -> object:
         clock.advance(0.01 * len(x))
         return real(source, target, x, batch)
 
-    monkeypatch.setattr(cheapconv_init_module, "_pair_statistics", timed)
+    monkeypatch.setattr(cheapconv_init_module, "pair_statistics", timed)
     return clock
 
 

@@ -1,0 +1,107 @@
+"""Probe models: copies of a model cut down to compute one tensor (or a conv's im2col
+patches), and the Gram statistics between two of them over calibration batches.
+
+The activation fits that refit a layer against the original model (``cheapconv``'s data
+init, the structured passes' reconstruction) read a student's inputs and the original's
+outputs at the same place; ONNX Runtime computes both, so every geometry a Conv allows
+(pads, strides, dilations, ``auto_pad``, 1-D to 3-D) is handled by the runtime, not by a
+hand-written im2col.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxcompress.fitting.gram import GramAccumulator, GramStatistics
+from onnxcompress.graph.edits import fresh_node_name, new_initializer
+from onnxcompress.graph.model_io import clone_model
+
+
+def patch_probe(model: ir.Model, conv_name: str) -> ir.Model:
+    """A copy of ``model`` whose only output is the im2col patches the Conv ``conv_name`` reads.
+
+    A Conv with one group per input channel and one-hot kernels (the same pads, strides,
+    dilations) puts tap ``k`` of input channel ``c`` in output channel ``c*K + k``: the
+    layout of the conv's weight ``[Cout, Cin, *kernel]`` flattened to ``[Cout, Cin*K]``.
+    """
+    probe = clone_model(model)
+    node = next(n for n in probe.graph if n.name == conv_name)
+    weight = node.inputs[1]
+    assert weight is not None and weight.const_value is not None
+    _, cin_per_group, *kernel = weight.const_value.numpy().shape
+    cin = cin_per_group * node.attributes.get_int("group", 1)
+    size = int(np.prod(kernel))
+    one_hot = np.tile(np.eye(size, dtype=np.float32), (cin, 1)).reshape(cin * size, 1, *kernel)
+    attributes = [
+        ir.Attr(a.name, a.type, a.value) for a in node.attributes.values() if a.name != "group"
+    ]
+    patches = ir.Node(
+        "",
+        "Conv",
+        [node.inputs[0], new_initializer(probe.graph, "probe.patches", one_hot)],
+        [*attributes, ir.AttrInt64("group", cin)],
+        name=fresh_node_name(probe.graph, "probe/patches"),
+    )
+    probe.graph.insert_after(node, patches)
+    probe.graph.outputs.clear()
+    probe.graph.outputs.append(patches.outputs[0])
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+    RemoveUnusedNodesPass()(probe)
+    return probe
+
+
+def truncated(model: ir.Model, name: str) -> ir.Model:
+    """A copy of ``model`` that computes only the tensor ``name`` (its only output).
+
+    Raises:
+        KeyError: no node output and no graph input is called ``name``.
+    """
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+    probe = clone_model(model)
+    values = [v for node in probe.graph for v in node.outputs] + list(probe.graph.inputs)
+    value = next((v for v in values if v.name == name), None)
+    if value is None:
+        raise KeyError(f"no tensor named {name!r} in the model")
+    probe.graph.outputs.clear()
+    probe.graph.outputs.append(value)
+    RemoveUnusedNodesPass()(probe)
+    return probe
+
+
+def pair_statistics(
+    source_model: ir.Model,
+    target_model: ir.Model,
+    x: np.ndarray,
+    batch: int,
+    target_channels: Sequence[int] | np.ndarray | None = None,
+) -> GramStatistics:
+    """Gram statistics (with an intercept) between the only outputs of two models over the
+    batches of ``x``; ``target_channels``: keep only these channels of the target.
+
+    Raises:
+        ValueError: the two outputs have different numbers of positions.
+    """
+    from onnxcompress.runtime.session import make_session
+
+    sessions = [make_session(m, optimize=False) for m in (source_model, target_model)]
+    accumulator = GramAccumulator(intercept=True)
+    keep = None if target_channels is None else np.asarray(target_channels, dtype=np.int64)
+    for start in range(0, len(x), batch):
+        z, y = (
+            np.asarray(s.run(None, {s.get_inputs()[0].name: x[start : start + batch]})[0])
+            for s in sessions
+        )
+        if keep is not None:
+            y = np.take(y, keep, axis=1)
+        if z.size // z.shape[1] != y.size // y.shape[1]:
+            raise ValueError(f"positions differ: {z.shape} (source) vs {y.shape} (target)")
+        accumulator.add(z, y, channel_axis=1)
+    return accumulator.statistics()
+
+
+__all__ = ["pair_statistics", "patch_probe", "truncated"]
