@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 import onnx_ir as ir
@@ -62,6 +62,7 @@ def reconstruct(
     ridge: float,
     batch: int,
     say: Callable[[str], None] | None = None,
+    progress: bool = False,
 ) -> list[Refit]:
     """Refit, in graph order, every Conv (one group) and Gemm of ``student`` whose input
     channels were cut, against the same-named node's output in ``original``.
@@ -73,13 +74,21 @@ def reconstruct(
         x: calibration inputs (the student's first graph input).
         ridge: relative ridge of the fits.
         batch: images per ONNX Runtime call.
+        progress: draw a progress bar over the layers (two forward passes of the model's
+            prefix each, the long part).
     """
     originals = {node.name: node for node in original.graph if node.name}
+    layers: Iterable[ir.Node] = [
+        node
+        for node in student.graph
+        if node.name in originals and _inputs_were_cut(node, originals[node.name])
+    ]
+    if progress:
+        from tqdm import tqdm
+
+        layers = tqdm(list(layers), desc="reconstruction", unit="layer", leave=False)
     refits = []
-    for node in list(student.graph):
-        reference = originals.get(node.name) if node.name else None
-        if reference is None or not _inputs_were_cut(node, reference):
-            continue
+    for node in layers:
         refit = _refit(student, original, node, kept_outputs.get(node.name or ""), x, ridge, batch)
         if refit is None:
             continue

@@ -254,6 +254,7 @@ class StructuredPruningPass(CompressionPass[PruningConfigT], abc.ABC):
             ridge=self.cfg.reconstruct_ridge,
             batch=self.cfg.calibration_batch,
             say=report.notes.append,
+            progress=self.context.progress,
         )
         self._refits = [{**dataclasses.asdict(r), "kept": r.kept} for r in refits]
 

@@ -14,8 +14,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxcompress.graph.canonicalize import infer_shapes
-from onnxcompress.graph.metrics import count_params, model_metrics
+from onnxcompress.graph.metrics import model_metrics
 from onnxcompress.graph.model_io import model_to_bytes
+from onnxcompress.graph.param_counting import count_params
 from onnxcompress.graph.sparse_storage import encode_gaps, encode_mask, quantize_int8, store_sparse
 
 RNG = np.random.default_rng(0)
