@@ -37,6 +37,10 @@ MAX_FEATURES = 8192
 # Float32 elements of one batch of a layer's patches: ONNX Runtime's output, and the float64
 # copies the Gram accumulation makes of it, stay within a few hundred MB at 224x224.
 PATCH_ELEMENTS_PER_BATCH = 16_000_000
+# Rows (image positions) a refit reads per unknown: far more than the system needs to be well
+# determined, and far fewer than every position of every image on large inputs, where the Gram
+# products dominate the time. Positions are sampled per image when there are more.
+ROWS_PER_FEATURE = 64
 
 
 @dataclasses.dataclass
@@ -175,8 +179,16 @@ def _refit(
         return None
     probe = patch_probe(student, node.name) if conv else truncated(student, source.name)
     batch = _patch_batch(output, features, batch)
+    positions = max(1, -(-ROWS_PER_FEATURE * (features + 1) // len(x)))
     try:
-        stats = pair_statistics(probe, truncated(original, output.name), x, batch, keep)
+        stats = pair_statistics(
+            probe,
+            truncated(original, output.name),
+            x,
+            batch,
+            keep,
+            positions_per_image=positions,
+        )
     except ValueError as exc:  # positions differ: the original's node is not this one
         logger.info("reconstruction: %s skipped (%s)", node.name, exc)
         return None
