@@ -178,6 +178,12 @@ def main(argv: list[str] | None = None) -> int:
         help="kd: logits only; hint: logits plus the three stage outputs (relative MSE)",
     )
     parser.add_argument("--hint-weight", type=float, default=5.0)
+    parser.add_argument(
+        "--reconstruct",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="lrf's reconstruction after the cut (its default with criterion=activations)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
@@ -205,7 +211,16 @@ def main(argv: list[str] | None = None) -> int:
         compressed = compress(
             teacher_path,
             student_path,
-            [("lrf", {"target_macs": 0.5, "criterion": "activations"})],
+            [
+                (
+                    "lrf",
+                    {
+                        "target_macs": 0.5,
+                        "criterion": "activations",
+                        "reconstruct": args.reconstruct,
+                    },
+                )
+            ],
             data=cifar10_spec(args.shared, "0:100"),
             calibration_size=1000,
             force=True,
