@@ -47,13 +47,12 @@ def activation_views(
         x: the calibration batch for the model's first input.
         batch: images per ONNX Runtime call.
     """
-    from onnxcompress.runtime.capture import with_extra_outputs
+    from onnxcompress.runtime.capture import run_batches, with_extra_outputs
     from onnxcompress.runtime.session import make_session
 
     readers = {group.id: consumers_by_tensor(group) for group in groups}
     names = list(dict.fromkeys(n for by in readers.values() for n in by))
     session = make_session(with_extra_outputs(model, names), optimize=False)
-    input_name = session.get_inputs()[0].name
     accumulators = {
         (g.id, n): GramAccumulator(intercept=True) for g in groups for n in readers[g.id]
     }
@@ -62,8 +61,7 @@ def activation_views(
         for g in groups
         for n, slices in readers[g.id].items()
     }
-    for start in range(0, len(x), batch):
-        outputs = session.run(names, {input_name: x[start : start + batch]})
+    for outputs in run_batches(session, x, batch, names):
         arrays = dict(zip(names, outputs, strict=True))
         for key, (pos, axis) in positions.items():
             accumulators[key].add(_channel_samples(arrays[key[1]], pos, axis), channel_axis=-1)

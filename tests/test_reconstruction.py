@@ -153,3 +153,36 @@ def test_convs_that_were_grouped_are_not_refit() -> None:
 def test_reconstruct_needs_calibration_data() -> None:
     with pytest.raises(PassConfigError, match="reconstruct=true"):
         create_pass("lrf", {"criterion": "weights", "reconstruct": True}, PassContext())
+
+
+def chain_with_batch(batch: int | str) -> ir.Model:
+    """conv-relu-conv-relu-conv-head with the input's batch dim ``batch`` (fixed or symbolic)."""
+    net = Net(11)
+    x = net.input("x", [batch, 3, 8, 8])
+    h = net.relu(net.conv(x, 3, 12))
+    h = net.relu(net.conv(h, 12, 10))
+    return net.build([net.head(net.relu(net.conv(h, 10, 8)), 8)])
+
+
+@pytest.mark.parametrize("fixed", [1, 4])
+def test_a_model_exported_with_a_fixed_batch_is_fit_as_its_dynamic_twin(fixed: int) -> None:
+    """Exports often fix the batch to 1. Asked for batches of 32, the fits run such a model in
+    batches of its size (padding the last one) and reach the same weights as the same model
+    with a symbolic batch fit in batches of that size; 50 images leave a partial batch of 4."""
+    calibration = np.random.default_rng(0).standard_normal((50, 3, 8, 8)).astype(np.float32)
+    results = []
+    for batch in (fixed, "N"):
+        model = chain_with_batch(batch)
+        options = {
+            "ratio": 0.5,
+            "criterion": "activations",
+            "round_to": 1,
+            "calibration_batch": 32 if batch == fixed else fixed,
+        }
+        compression = create_pass("lrf", options, PassContext(calibration=calibration))
+        compression(model)
+        assert compression.report.summary["reconstruction"]
+        results.append({n.name: weight(n) for n in convs(model)})
+    assert results[0].keys() == results[1].keys()
+    for name, array in results[0].items():
+        np.testing.assert_allclose(array, results[1][name], rtol=1e-4, atol=1e-5)

@@ -93,17 +93,15 @@ def pair_statistics(
     Raises:
         ValueError: the two outputs have different numbers of positions.
     """
+    from onnxcompress.runtime.capture import run_batches
     from onnxcompress.runtime.session import make_session
 
     sessions = [make_session(m, optimize=False) for m in (source_model, target_model)]
     accumulator = GramAccumulator(intercept=True)
     keep = None if target_channels is None else np.asarray(target_channels, dtype=np.int64)
     rng = np.random.default_rng(seed)
-    for start in range(0, len(x), batch):
-        z, y = (
-            np.asarray(s.run(None, {s.get_inputs()[0].name: x[start : start + batch]})[0])
-            for s in sessions
-        )
+    batches = zip(*(run_batches(session, x, batch) for session in sessions), strict=True)
+    for (z, *_), (y, *_) in batches:
         if keep is not None:
             y = np.take(y, keep, axis=1)
         if z.size // z.shape[1] != y.size // y.shape[1]:
