@@ -20,6 +20,8 @@ import onnx
 import torch
 from torch import nn
 
+from onnxcompress.graph.model_io import publish
+
 OPSET = 17
 # The ONNX Runtime wheels the project supports read IR version 10 at most.
 MAX_IR_VERSION = 10
@@ -59,11 +61,7 @@ def export_classifier(
             raise RuntimeError("the export folded BatchNormalization; it should be kept")
         onnx.save(proto, tmp_name)
         check_against_torch(model, tmp_name, sample)
-        # mkstemp creates the file owner-only; a shipped model should be readable like any file.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_name, 0o666 & ~umask)
-        os.replace(tmp_name, path)
+        publish(tmp_name, path)
     finally:
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)

@@ -26,7 +26,12 @@ import onnx_ir as ir
 import scipy.linalg
 
 from onnxcompress.fitting.ridge import ridge_solve
-from onnxcompress.graph.edits import new_initializer
+from onnxcompress.graph.edits import (
+    constant_array,
+    new_initializer,
+    private_initializer,
+    set_initializer,
+)
 from onnxcompress.runtime.probes import pair_statistics, patch_probe, truncated
 
 logger = logging.getLogger(__name__)
@@ -116,10 +121,7 @@ def reconstruct(
 
 
 def _weight(node: ir.Node) -> np.ndarray | None:
-    value = node.inputs[1] if len(node.inputs) > 1 else None
-    if value is None or value.const_value is None:
-        return None
-    return value.const_value.numpy()
+    return constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
 
 
 def _inputs_were_cut(node: ir.Node, reference: ir.Node) -> bool:
@@ -162,13 +164,11 @@ def _refit(
     # [Cout, features]: a Conv's [Cout, Cin, *kernel] flattened matches the patch layout.
     matrix = weight.reshape(weight.shape[0], -1) if trans_b else weight.T
     bias_value = node.inputs[2] if len(node.inputs) > 2 else None
-    bias = (
-        bias_value.const_value.numpy()
-        if bias_value is not None and bias_value.const_value is not None
-        else np.zeros(matrix.shape[0], dtype=weight.dtype)
-    )
-    if bias_value is not None and bias_value.const_value is None:
+    bias = constant_array(bias_value)
+    if bias_value is not None and bias is None:
         return None  # a computed bias: nothing to refit into
+    if bias is None:
+        bias = np.zeros(matrix.shape[0], dtype=weight.dtype)
     if not conv and node.attributes.get_float("beta", 1.0) != 1.0 and bias_value is not None:
         return None
     if bias.shape != (matrix.shape[0],):
@@ -208,14 +208,16 @@ def _refit(
         return refit
     new_matrix = solution[:-1].T
     new_weight = new_matrix.reshape(weight.shape) if trans_b else new_matrix.T
-    _set(node, 1, new_weight.astype(weight.dtype), student)
+    graph = student.graph
+    new_weight = np.ascontiguousarray(new_weight.astype(weight.dtype))
+    set_initializer(graph, private_initializer(graph, node, 1), new_weight)
     new_bias = solution[-1].astype(weight.dtype)
     if bias_value is None:
         while len(node.inputs) < 3:
             node.resize_inputs(len(node.inputs) + 1)
-        node.replace_input_with(2, new_initializer(student.graph, f"{node.name}.bias", new_bias))
+        node.replace_input_with(2, new_initializer(graph, f"{node.name}.bias", new_bias))
     else:
-        _set(node, 2, new_bias, student)
+        set_initializer(graph, private_initializer(graph, node, 2), new_bias)
     return refit
 
 
@@ -227,16 +229,6 @@ def _patch_batch(output: ir.Value, features: int, batch: int) -> int:
         return batch
     positions = int(np.prod([int(d) for d in dims])) if dims else 1  # type: ignore[arg-type]
     return max(1, min(batch, PATCH_ELEMENTS_PER_BATCH // max(features * positions, 1)))
-
-
-def _set(node: ir.Node, index: int, array: np.ndarray, model: ir.Model) -> None:
-    """Give the node's constant input ``index`` new contents (a private copy if shared)."""
-    from onnxcompress.graph.edits import private_initializer
-
-    value = private_initializer(model.graph, node, index)
-    assert value.name is not None
-    value.const_value = ir.tensor(np.ascontiguousarray(array), name=value.name)
-    value.shape = ir.Shape(array.shape)
 
 
 __all__ = ["Refit", "reconstruct"]

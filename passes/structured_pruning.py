@@ -148,7 +148,7 @@ class StructuredPruningPass(CompressionPass[PruningConfigT], abc.ABC):
         target = None if self._per_layer() else start_total * float(fraction or 1.0)
         sizes_before = {g.id: g.size for g in candidates}
         reference = clone_model(model) if cfg.reconstruct else None
-        self._refits: list[dict[str, Any]] = []
+        refits: list[dict[str, Any]] = []
         errors: dict[int, list[float]] = {}
         rounds = 0
         current = start_total
@@ -187,7 +187,7 @@ class StructuredPruningPass(CompressionPass[PruningConfigT], abc.ABC):
             )
             candidates = [g for g in candidates if g.size > self._min_keep(g)]
         if reference is not None and rounds:
-            self._reconstruct(model, reference, analysis, report)
+            refits = self._reconstruct(model, reference, analysis, report)
         after = model_metrics(model)
         for group in analysis.groups:  # not .prunable: a group cut to 1 channel leaves it
             if group.id not in sizes_before:
@@ -229,12 +229,13 @@ class StructuredPruningPass(CompressionPass[PruningConfigT], abc.ABC):
             "groups_frozen": len(analysis.frozen),
         }
         if cfg.reconstruct:
-            report.summary["reconstruction"] = self._refits
+            report.summary["reconstruction"] = refits
         report.summary.update(self.summary_extras())
 
     def _reconstruct(
         self, model: ir.Model, reference: ir.Model, analysis: ChannelAnalysis, report: PassReport
-    ) -> None:
+    ) -> list[dict[str, Any]]:
+        """Refit the layers whose inputs were cut; one report entry per layer tried."""
         from onnxcompress.passes.reconstruction import reconstruct
 
         calibration = self.context.calibration
@@ -256,7 +257,7 @@ class StructuredPruningPass(CompressionPass[PruningConfigT], abc.ABC):
             say=report.notes.append,
             progress=self.context.progress,
         )
-        self._refits = [{**dataclasses.asdict(r), "kept": r.kept} for r in refits]
+        return [{**dataclasses.asdict(r), "kept": r.kept} for r in refits]
 
     def summary_extras(self) -> dict[str, Any]:
         """The method's own entries for the report's summary, after the shared ones."""

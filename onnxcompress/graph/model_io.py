@@ -187,6 +187,19 @@ def model_nbytes(model: ir.Model) -> int:
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value)
 
 
+def publish(tmp: str | os.PathLike[str], path: str | os.PathLike[str]) -> None:
+    """Rename the finished temporary file ``tmp`` onto ``path``, readable as the umask says.
+
+    ``tempfile.mkstemp`` creates owner-only (0600) files; what is published (a model, a
+    report) is an ordinary file, so its mode is set from the umask first. The rename is atomic:
+    readers see the old file or the whole new one.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+
+
 def save_model(
     model: ir.Model,
     path: str | os.PathLike[str],
@@ -232,11 +245,7 @@ def save_model(
             os.replace(tmp_data, path.parent / data_name)
         else:
             ir.save(model, tmp)
-        # mkstemp creates 0600 files; a model is an ordinary file, readable as the umask says.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
+        publish(tmp, path)
     except OSError as exc:
         raise ModelSaveError(f"{path}: cannot write ({exc.strerror or exc})") from exc
     finally:

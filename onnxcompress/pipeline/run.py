@@ -26,6 +26,7 @@ from onnxcompress.graph.model_io import (
     clone_model,
     drop_resident_external_pages,
     load_model,
+    publish,
     save_model,
 )
 from onnxcompress.pipeline.budget import (
@@ -126,11 +127,7 @@ def write_json_atomic(path: str | os.PathLike[str], payload: Any) -> None:
         with os.fdopen(fd, "w") as handle:
             json.dump(payload, handle, indent=2, default=str)
             handle.write("\n")
-        # mkstemp makes 0600 files; a report is an ordinary file, readable as the umask says.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
+        publish(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
