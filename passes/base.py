@@ -23,6 +23,7 @@ from onnxcompress.errors import PassConfigError
 if TYPE_CHECKING:
     from onnxcompress.data import Dataset
     from onnxcompress.graph.metrics import ModelMetrics
+    from onnxcompress.runtime.latency_table import LatencyTarget
 
 logger = logging.getLogger(__name__)
 
@@ -181,6 +182,8 @@ class PassContext:
         step_started: ``time.monotonic()`` when the pipeline began the current step, before it
             loaded the step's training data: a step's time budget counts from then (None: from
             the pass's own start).
+        latency: where latency is priced and measured (provider, threads, batch), for passes
+            that price channels by latency (None: the CPU defaults, batch 1).
 
     The data rule, the same for every role (``train_set``, ``validation_set``): a role's data
     is the dataset its spec names, loaded on first use (inside the step that first asks, so
@@ -204,6 +207,7 @@ class PassContext:
     calibration_spec: str | None = None
     checks_seconds: float = 0.0
     step_started: float | None = None
+    latency: LatencyTarget | None = None
     # The calibration batch standing in for a role, by name, with the arrays it wraps.
     _stand_ins: dict[str, tuple[Any, Any, Dataset]] = dataclasses.field(
         default_factory=dict, init=False, repr=False, compare=False
@@ -360,9 +364,10 @@ class CompressionPass(InPlacePass, Generic[ConfigT]):
 
     @classmethod
     def budget_targets(cls, options: Mapping[str, Any]) -> tuple[str, ...]:
-        """The run budget's targets (``target_macs``, ``target_params``) this step can aim at,
-        given its options; the pipeline injects the first one the budget sets."""
-        return tuple(t for t in ("target_macs", "target_params") if t in cls.budget_options)
+        """The run budget's targets (``target_macs``, ``target_params``, ``target_latency``) this
+        step can aim at, given its options; the pipeline injects the first one the budget sets."""
+        targets = ("target_macs", "target_params", "target_latency")
+        return tuple(t for t in targets if t in cls.budget_options)
 
     def __init__(self, config: PassConfig | None = None, context: PassContext | None = None):
         super().__init__()

@@ -192,7 +192,7 @@ class MergeSimilarNeurons(StructuredPruningPass[MergeConfig]):
 
     name = "merge"
     config_class = MergeConfig
-    budget_options = ("target_macs", "target_params", "ratio", "threshold")
+    budget_options = ("target_macs", "target_params", "target_latency", "ratio", "threshold")
 
     def summary_extras(self) -> dict[str, Any]:
         return {"scale_aware": self.cfg.scale_aware, "threshold": self.cfg.threshold}
@@ -210,8 +210,9 @@ class MergeSimilarNeurons(StructuredPruningPass[MergeConfig]):
         for fit in fits:
             size = fit.group.size
             keep = max(self._min_keep(fit.group), size - len(fit.plan.order))
-            if cfg.round_to > 1 and size > cfg.round_to:
-                keep = min(size, int(np.ceil(keep / cfg.round_to) * cfg.round_to))
+            multiple = self._multiple(fit.group)
+            if multiple > 1 and size > multiple:
+                keep = min(size, int(np.ceil(keep / multiple) * multiple))
             counts[fit.group.id] = size - keep
         return {k: v for k, v in counts.items() if v > 0}
 

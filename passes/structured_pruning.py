@@ -10,7 +10,7 @@ import abc
 import dataclasses
 import fnmatch
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
@@ -23,10 +23,22 @@ from onnxcompress.graph.channels import ChannelAnalysis, ChannelGroup, analyze_c
 from onnxcompress.graph.model_io import clone_model, drop_resident_external_pages
 from onnxcompress.passes.base import CompressionPass, PassConfig, PassReport, check_fraction
 from onnxcompress.passes.channel_views import View, activation_views
+from onnxcompress.passes.latency_pricing import LatencyPricing
+from onnxcompress.runtime.latency_table import LatencyTarget
 
 logger = logging.getLogger(__name__)
 
 CRITERIA = ("weights", "activations")
+COSTS = ("macs", "latency")
+# The default round_to: the target's vector block on groups of at least WIDE_GROUP_BLOCKS
+# blocks, at most DEFAULT_ROUND_TO on narrower ones. A coarse step costs little accuracy on a
+# wide layer, where the time is, and much on a narrow one: measured on ResNet-20 (groups of 16,
+# 32 and 64 channels) on an AVX-512 CPU at half the MACs, widths on 16 instead of 8 lost 4.6
+# to 10.5 points of top-1 without fine-tuning at 0.8 to 0.6 of the MACs (benchmarks/results/
+# structured_quality.md; a 16-channel layer cannot be cut at all), for 1.10x at batch 1 and
+# 0.91x at batch 32 against the model on 8 (it kept more MACs: 0.58 instead of 0.50).
+DEFAULT_ROUND_TO = 8
+WIDE_GROUP_BLOCKS = 4
 
 
 @dataclasses.dataclass
@@ -38,10 +50,20 @@ class StructuredPruningConfig(PassConfig):
         target_params: keep this fraction of the parameters (instead of target_macs).
         ratio: remove this fraction of every prunable group (per-layer, no allocation).
         criterion: ``weights`` (data-free, the paper) or ``activations`` (needs --data).
-        round_to: keep channel counts at multiples of this. The default 8 matters for speed:
-            ONNX Runtime's CPU convolutions work on blocks of 8 (AVX2) or 16 channels, and a
-            model pruned to odd widths measured slower than the original at half the MACs.
-            Groups of 8 channels or fewer are then left alone; use 1 for exact budgets.
+        target_latency: keep this fraction of the model's measured ONNX Runtime latency on the
+            run's target (``--provider``, ``--latency-batch``, ``--threads``): channels are
+            priced by a latency model of the target (each conv timed at a few widths, cached),
+            cut in rounds, and the model is measured between rounds.
+        cost: what a removed channel is worth when channels are ranked: ``macs`` (its MACs) or
+            ``latency`` (the time it saves on the target, from the latency model). The budget
+            is still counted in the unit of the target option (MACs for ``target_macs``).
+        round_to: keep channel counts at multiples of this. It matters for speed: ONNX
+            Runtime's CPU convolutions work on blocks of channels (8 with AVX2, 16 with
+            AVX-512, detected), and a model pruned to odd widths measured slower than the
+            original at half the MACs. 0 (default): the target's block for groups of at least
+            ``WIDE_GROUP_BLOCKS`` blocks, and at most 8 for narrower ones (see
+            ``DEFAULT_ROUND_TO``). Groups of that many channels or fewer are left alone; use 1
+            for exact budgets.
         exclude: node-name patterns (fnmatch, ``;``-separated on the command line) whose
             output channels are never removed.
         min_channels: never leave a group with fewer channels than this.
@@ -62,8 +84,10 @@ class StructuredPruningConfig(PassConfig):
     target_macs: float | None = None
     target_params: float | None = None
     ratio: float | None = None
+    target_latency: float | None = None
+    cost: str = "macs"
     criterion: str = "weights"
-    round_to: int = 8
+    round_to: int = 0
     exclude: tuple[str, ...] = ()
     min_channels: int = 1
     ridge: float = 1e-6
@@ -74,21 +98,38 @@ class StructuredPruningConfig(PassConfig):
     reconstruct_ridge: float = 1e-3
 
     def validate(self) -> None:
-        budgets = [b for b in (self.target_macs, self.target_params, self.ratio) if b is not None]
+        budgets = [
+            b
+            for b in (self.target_macs, self.target_params, self.ratio, self.target_latency)
+            if b is not None
+        ]
         if len(budgets) > 1:
-            raise PassConfigError("give one of target_macs, target_params or ratio, not several")
+            raise PassConfigError(
+                "give one of target_macs, target_params, target_latency or ratio, not several"
+            )
         if not budgets:
             self.target_macs = 0.7
         check_fraction("target_macs", self.target_macs)
         check_fraction("target_params", self.target_params)
+        check_fraction("target_latency", self.target_latency)
+        if self.cost not in COSTS:
+            raise PassConfigError(f"cost={self.cost!r} is not one of {', '.join(COSTS)}")
+        if self.cost == "latency" and self.ratio is not None:
+            raise PassConfigError(
+                "cost=latency ranks channels against a global budget; ratio cuts every group "
+                "alike: give target_macs, target_params or target_latency with it"
+            )
         if self.ratio is not None and not 0.0 <= self.ratio < 1.0:
             raise PassConfigError(f"ratio={self.ratio} is out of range: give a fraction in [0, 1)")
         if self.criterion not in CRITERIA:
             raise PassConfigError(
                 f"criterion={self.criterion!r} is not one of {', '.join(CRITERIA)}"
             )
-        if self.round_to < 1 or self.min_channels < 1 or self.max_rounds < 1:
-            raise PassConfigError("round_to, min_channels and max_rounds must be >= 1")
+        if self.round_to < 0 or self.min_channels < 1 or self.max_rounds < 1:
+            raise PassConfigError(
+                "min_channels and max_rounds must be >= 1, and round_to >= 0 (0: the vector "
+                "block of the target)"
+            )
         if not 0.0 <= self.ridge < 1.0 or not 0.0 < self.tolerance < 0.5:
             raise PassConfigError("ridge must be in [0, 1) and tolerance in (0, 0.5)")
         if self.calibration_batch < 1:
@@ -124,7 +165,12 @@ class StructuredPruningPass(CompressionPass[PruningConfigT], abc.ABC):
     :meth:`fold_and_remove` (cut the planned channels, compensating in the consumers).
     """
 
-    budget_options: ClassVar[tuple[str, ...]] = ("target_macs", "target_params", "ratio")
+    budget_options: ClassVar[tuple[str, ...]] = (
+        "target_macs",
+        "target_params",
+        "target_latency",
+        "ratio",
+    )
 
     def run(self, model: ir.Model, report: PassReport) -> None:
         from onnxcompress.graph.metrics import macs_per_weight_element, model_metrics
@@ -141,10 +187,12 @@ class StructuredPruningPass(CompressionPass[PruningConfigT], abc.ABC):
         # Where height and width are symbolic, the channel analysis counts a layer's MACs at
         # 1x1; the run's input shapes give the real count the plan must be made in.
         self._macs_factors: dict[ir.Node, float] = {}
-        measure = (lambda m: m.params) if cfg.target_params is not None else (lambda m: m.macs)
-        start_total = measure(before)
+        self._pricing = self._latency_pricing(model)
+        self._block = self._pricing.block if self._pricing is not None else None
+        option, fraction = self._target_option()
+        measure = self._measure(option)
+        start_total = measure(model)
         self._start_total = float(start_total)
-        fraction = cfg.target_params if cfg.target_params is not None else cfg.target_macs
         target = None if self._per_layer() else start_total * float(fraction or 1.0)
         sizes_before = {g.id: g.size for g in candidates}
         reference = clone_model(model) if cfg.reconstruct else None
@@ -168,6 +216,9 @@ class StructuredPruningPass(CompressionPass[PruningConfigT], abc.ABC):
             removals = self._choose(fits, current, target)
             if not removals:
                 break
+            predicted = None
+            if option == "target_latency":
+                predicted = current - self._latency_savings(fits)(removals)
             for fit in fits:
                 count = removals.get(fit.group.id, 0)
                 if count:
@@ -176,14 +227,12 @@ class StructuredPruningPass(CompressionPass[PruningConfigT], abc.ABC):
                     # Weights read from a memory-mapped external file stay resident until let
                     # go: a 1 GB model would otherwise hold every old layer beside the new ones.
                     drop_resident_external_pages(model)
-            current = measure(model_metrics(model))
+            if predicted is not None and self._pricing is not None:
+                current = self._pricing.measure(model, predicted)
+            else:
+                current = measure(model)
             logger.info(
-                "%s round %d: %s now %d (target %s)",
-                self.name,
-                rounds,
-                "params" if cfg.target_params else "MACs",
-                current,
-                target,
+                "%s round %d: %s now %s (target %s)", self.name, rounds, option, current, target
             )
             candidates = [g for g in candidates if g.size > self._min_keep(g)]
         if reference is not None and rounds:
@@ -205,8 +254,11 @@ class StructuredPruningPass(CompressionPass[PruningConfigT], abc.ABC):
                 )
         report.modified = after.macs != before.macs or after.params != before.params
         if target is not None:
-            option = "target_params" if cfg.target_params is not None else "target_macs"
-            reached = measure(after) / start_total if start_total else 1.0
+            reached = (
+                (current if option == "target_latency" else measure(model)) / start_total
+                if start_total
+                else 1.0
+            )
             report.check_target(
                 option,
                 float(fraction or 1.0),
@@ -230,6 +282,8 @@ class StructuredPruningPass(CompressionPass[PruningConfigT], abc.ABC):
         }
         if cfg.reconstruct:
             report.summary["reconstruction"] = refits
+        if self._pricing is not None:
+            self._report_latency(report, option)
         report.summary.update(self.summary_extras())
 
     def _reconstruct(
@@ -259,6 +313,89 @@ class StructuredPruningPass(CompressionPass[PruningConfigT], abc.ABC):
         )
         return [{**dataclasses.asdict(r), "kept": r.kept} for r in refits]
 
+    # -- what the budget counts -------------------------------------------------------------
+
+    def _target_option(self) -> tuple[str, float | None]:
+        """The budget option in force and its fraction (``ratio`` for the per-layer mode)."""
+        cfg = self.cfg
+        for option in ("target_params", "target_latency", "ratio"):
+            if getattr(cfg, option) is not None:
+                return option, getattr(cfg, option)
+        return "target_macs", cfg.target_macs
+
+    def _measure(self, option: str) -> Callable[[ir.Model], float]:
+        """How the budget's total is counted on a model: params, MACs, or (latency) the
+        original's measured latency before any cut; rounds measure through ``LatencyPricing``."""
+        from onnxcompress.graph.metrics import model_metrics
+
+        if option == "target_params":
+            return lambda m: float(model_metrics(m).params)
+        if option == "target_latency":
+            pricing = self._pricing
+            assert pricing is not None
+            return lambda m: pricing.model.original_ms
+        return lambda m: float(model_metrics(m).macs)
+
+    def _multiple(self, group: ChannelGroup) -> int:
+        """The group's ``round_to``: the option, or by default the target's vector block on a
+        wide group and at most ``DEFAULT_ROUND_TO`` on a narrow one (by its original width,
+        so the step does not change as the group is cut)."""
+        if self.cfg.round_to:
+            return self.cfg.round_to
+        if self._block is None:
+            self._block = self._latency_target().block()
+        block = self._block
+        wide = group.original_size >= WIDE_GROUP_BLOCKS * block
+        return block if wide else min(block, DEFAULT_ROUND_TO)
+
+    def _round_to_text(self) -> str:
+        if self.cfg.round_to:
+            return f"round_to={self.cfg.round_to}"
+        block = self._block or DEFAULT_ROUND_TO
+        return f"round_to (the default: {block} on wide groups, at most {DEFAULT_ROUND_TO} else)"
+
+    def _latency_target(self) -> LatencyTarget:
+        return self.context.latency or LatencyTarget()
+
+    def _latency_pricing(self, model: ir.Model) -> LatencyPricing | None:
+        cfg = self.cfg
+        if cfg.cost != "latency" and cfg.target_latency is None:
+            return None
+        pricing = LatencyPricing(
+            model,
+            self._latency_target(),
+            measure=cfg.target_latency is not None,
+            progress=self.context.progress,
+        )
+        built = pricing.model
+        self.report.notes.append(
+            f"latency model: {len(built.curves)} convs priced on {pricing.target.provider_name()}"
+            f" (batch {pricing.target.batch}, block {built.block}): {built.measured} widths "
+            f"timed, {built.cached} from the cache, {built.seconds:.1f} s"
+        )
+        return pricing
+
+    def _latency_savings(self, fits: Sequence[GroupFit]) -> Callable[[Mapping[int, int]], float]:
+        assert self._pricing is not None
+        return self._pricing.plan_savings([fit.group for fit in fits])
+
+    def _report_latency(self, report: PassReport, option: str) -> None:
+        pricing = self._pricing
+        assert pricing is not None
+        predicted = pricing.model.predicted_ms()
+        report.summary["latency"] = pricing.summary(predicted)
+        if option == "target_latency" and pricing.rounds:
+            last = pricing.rounds[-1]
+            report.notes.append(
+                f"latency: predicted {last['predicted_ratio']:.3f}, measured "
+                f"{last['measured_ratio']:.3f} of the original (target {self.cfg.target_latency})"
+            )
+        elif option != "target_latency":
+            report.notes.append(
+                f"latency (predicted by the model, not measured here): "
+                f"{predicted / pricing.model.original_ms:.3f} of the original"
+            )
+
     def summary_extras(self) -> dict[str, Any]:
         """The method's own entries for the report's summary, after the shared ones."""
         return {}
@@ -268,21 +405,27 @@ class StructuredPruningPass(CompressionPass[PruningConfigT], abc.ABC):
     ) -> str:
         """Why the result is outside the tolerance (read only when it is)."""
         cfg = self.cfg
+        step = self._round_to_text()
+        if self._pricing is not None and not self._pricing.model.curves:
+            return (
+                "no Conv with a float weight and a known input size could be timed, so no "
+                "channel has a price in latency (give --shape for symbolic sizes)"
+            )
         if reached < goal:
             return (
-                f"round_to={cfg.round_to} moves whole chunks of channels, and the closest point "
-                "found lies below the target; a smaller round_to lands closer"
+                f"{step} moves whole chunks of channels, and the closest point found lies below "
+                "the target; a smaller round_to lands closer"
             )
-        if not any(g.size > max(cfg.round_to, self._min_keep(g)) for g in candidates):
+        if not any(g.size > max(self._multiple(g), self._min_keep(g)) for g in candidates):
             return (
-                f"no group left can lose a chunk of round_to={cfg.round_to} channels (the rest "
-                "are that narrow, at min_channels, or frozen: the report lists why)"
+                f"no group left can lose a chunk of {step} channels (the rest are that narrow, "
+                "at min_channels, or frozen: the report lists why)"
             )
         if rounds >= cfg.max_rounds:
             return f"max_rounds={cfg.max_rounds} re-plans were not enough"
         return (
-            f"the next chunk of round_to={cfg.round_to} channels would overshoot the target by "
-            "more than it falls short; a smaller round_to lands closer"
+            f"the next chunk of {step} channels would overshoot the target by more than it "
+            "falls short; a smaller round_to lands closer"
         )
 
     # -- what a method implements ------------------------------------------------------------
@@ -356,32 +499,48 @@ class StructuredPruningPass(CompressionPass[PruningConfigT], abc.ABC):
             for fit in fits:
                 size = fit.group.size
                 keep = max(self._min_keep(fit.group), size - int(size * cfg.ratio))
-                if cfg.round_to > 1 and size > cfg.round_to:
-                    keep = min(size, int(np.ceil(keep / cfg.round_to) * cfg.round_to))
+                multiple = self._multiple(fit.group)
+                if multiple > 1 and size > multiple:
+                    keep = min(size, int(np.ceil(keep / multiple) * multiple))
                 counts[fit.group.id] = min(size - keep, len(fit.plan.order))
             return {k: v for k, v in counts.items() if v > 0}
         assert target is not None
+        latency_goal = cfg.target_latency is not None
+        worth = (
+            self._pricing.worth_curves([f.group for f in fits], self._min_keep)
+            if self._pricing is not None
+            else {}
+        )
         paths = []
         for fit in fits:
-            saving = (
-                fit.group.params_per_channel()
-                if cfg.target_params is not None
-                else fit.group.macs_per_channel(self._macs_factors)
-            )
+            if cfg.target_params is not None:
+                saving = float(fit.group.params_per_channel())
+            elif latency_goal:
+                curve = worth[fit.group.id]
+                # The running estimate's saving per channel; the stop reads the exact plan.
+                saving = curve[-1] / (len(curve) - 1) if len(curve) > 1 else 0.0
+            else:
+                saving = float(fit.group.macs_per_channel(self._macs_factors))
             paths.append(
                 GroupPath(
                     key=fit.group.id,
                     size=fit.group.size,
                     costs=fit.plan.costs,
-                    saving=float(saving),
+                    saving=saving,
                     min_keep=self._min_keep(fit.group),
+                    multiple=self._multiple(fit.group),
+                    worth_curve=worth.get(fit.group.id),
                 )
             )
-        exact = ExactSavings(
-            [fit.group for fit in fits],
-            params=cfg.target_params is not None,
-            factors=self._macs_factors,
-        )
+        exact: Callable[[Mapping[int, int]], float]
+        if latency_goal:
+            exact = self._latency_savings(fits)
+        else:
+            exact = ExactSavings(
+                [fit.group for fit in fits],
+                params=cfg.target_params is not None,
+                factors=self._macs_factors,
+            )
         return allocate(
             paths,
             current - target,

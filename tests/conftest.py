@@ -22,6 +22,16 @@ MNIST_DIR = SHARED / "data" / "mnist"
 CIFAR_ARCHIVE = SHARED / "data" / "cifar10-jpeg.tar.gz"
 # Every skip for a missing shared file starts with this; the summary hook counts them by it.
 SHARED_SKIP_PREFIX = "needs ../shared:"
+# Channel widths default to the CPU's vector block (16 with AVX-512, 8 with AVX2); the suite
+# runs on both kinds of machine, so it fixes the block and gets the same results on each
+# (tests/test_latency_model.py checks the detection itself).
+os.environ.setdefault("ONNXCOMPRESS_VECTOR_BLOCK", "8")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_latency_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Latency models timed by the tests go to a cache of their own, not the user's."""
+    os.environ["ONNXCOMPRESS_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
 
 
 def skip_without_shared(path: Path) -> Path:

@@ -167,7 +167,11 @@ def test_round_to_keeps_multiples() -> None:
         ({"target_macs": 0.0}, "out of range"),
         ({"criterion": "vibes"}, "criterion"),
         ({"target_macs": 0.5, "ratio": 0.5}, "one of"),
-        ({"round_to": 0}, ">= 1"),
+        ({"round_to": -1}, "round_to >= 0"),
+        ({"cost": "money"}, "cost"),
+        ({"ratio": 0.5, "cost": "latency"}, "global budget"),
+        ({"target_latency": 1.5}, "out of range"),
+        ({"target_latency": 0.5, "target_macs": 0.5}, "one of"),
     ],
 )
 def test_bad_options(options: dict, fragment: str) -> None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from onnxcompress.cli import main
 from onnxcompress.graph.model_io import load_model
+from onnxcompress.passes import REGISTRY, register
 from onnxcompress.pipeline.report import PLOT_FILES, REPORT_JSON, REPORT_MD, format_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -274,16 +276,16 @@ def test_a_step_that_breaks_the_model_stops_with_no_output(
     assert list(tmp_path.iterdir()) == []
 
 
-def test_latency_only_budget_searches_the_pass_target(tmp_path: Path, capsys) -> None:
-    out = tmp_path / "out.onnx"
+def latency_only_run(tmp_path: Path, capsys, step: str) -> dict:
+    """``compress`` with one step under a latency-only budget; the JSON it prints."""
     code, stdout, err = run_cli(
         [
             "compress",
             str(DEMO),
             "-o",
-            str(out),
+            str(tmp_path / "out.onnx"),
             "--pass",
-            "lrf:criterion=weights",
+            step,
             "--target-latency",
             "0.8",
             "--latency-batch",
@@ -293,12 +295,58 @@ def test_latency_only_budget_searches_the_pass_target(tmp_path: Path, capsys) ->
         capsys,
     )
     assert code == 0, err
-    payload = json.loads(stdout)
+    return json.loads(stdout)
+
+
+def test_latency_only_budget_is_planned_by_lrf_in_one_pass(tmp_path: Path, capsys) -> None:
+    """lrf prices channels with a latency model and plans a latency target itself: no search
+    over MAC fractions, and the console says what was predicted and what was measured."""
+    payload = latency_only_run(tmp_path, capsys, "lrf:criterion=weights")
     lrf = payload["steps"][1]
-    tries = lrf["report"]["summary"]["latency_search"]
+    summary = lrf["report"]["summary"]
+    assert "latency_search" not in summary
+    assert lrf["report"]["options"]["target_latency"] == 0.8
+    latency = summary["latency"]
+    assert latency["target"]["batch"] == 16 and latency["model"]["convs"] > 0
+    assert latency["rounds"] and {"predicted_ratio", "measured_ratio"} <= set(latency["rounds"][0])
+    assert any(note.startswith("latency: predicted") for note in lrf["report"]["notes"])
+    assert payload["after"]["macs"] < payload["before"]["macs"]
+    assert "latency" in payload["budget_check"]["ratios"]
+
+
+MACS_ONLY_LRF = """
+from onnxcompress.passes.lrf import LinearlyReplaceableFilters
+
+
+class MacsOnlyLrf(LinearlyReplaceableFilters):
+    budget_options = ("target_macs", "target_params", "ratio")
+"""
+
+
+@pytest.fixture
+def macs_only_pass(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """lrf as a pass that can aim at MACs only, as resect does: what the latency search is for."""
+    package = tmp_path / "macs_only_passes"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "lrf_macs_only.py").write_text(MACS_ONLY_LRF)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    register("lrf-macs-only", "macs_only_passes.lrf_macs_only:MacsOnlyLrf", "MACs-only lrf")
+    try:
+        yield "lrf-macs-only"
+    finally:
+        REGISTRY.pop("lrf-macs-only", None)
+
+
+def test_latency_only_budget_searches_a_macs_only_pass(
+    tmp_path: Path, capsys, macs_only_pass: str
+) -> None:
+    payload = latency_only_run(tmp_path, capsys, f"{macs_only_pass}:criterion=weights")
+    step = payload["steps"][1]
+    tries = step["report"]["summary"]["latency_search"]
     assert 1 <= len(tries) <= 4
     # the kept try is one of the tries, and the written model is what that try produced
-    chosen = lrf["report"]["options"]["target_macs"]
+    chosen = step["report"]["options"]["target_macs"]
     assert chosen in [t["target_macs"] for t in tries] or any(
         abs(chosen - t["target_macs"]) < 1e-3 for t in tries
     )

@@ -29,8 +29,15 @@ class GroupPath:
         key: identifies the group for the caller.
         size: channels the group has now.
         costs: cost of each successive removal (non-negative).
-        saving: MACs (or params) saved by each removed channel.
+        saving: what each removed channel saves in the unit the budget counts (MACs, params
+            or milliseconds); channels are ranked by cost per saving unless ``worth_curve``.
         min_keep: the group never goes below this many channels.
+        multiple: this group's ``round_to``, if not the one ``allocate`` is given.
+        worth_curve: what the first ``n`` removals are worth together, for ``n = 0..``, when
+            channels are not worth the same along the path. Priced by latency, a channel saves
+            time only where the layer's width crosses a vector block, so a chunk that crosses
+            none is worth nothing by itself: a chunk is then ranked by the best cost per worth
+            of taking it together with the chunks after it up to a point that pays.
     """
 
     key: int
@@ -38,6 +45,8 @@ class GroupPath:
     costs: Sequence[float]
     saving: float
     min_keep: int = 1
+    multiple: int | None = None
+    worth_curve: Sequence[float] | None = None
 
 
 def allocate(
@@ -74,20 +83,21 @@ def allocate(
     """
     if needed <= 0:
         return {}
-    heap: list[tuple[float, int, int]] = []
+    heap: list[tuple[tuple[float, float], int, int]] = []
     chunks: dict[int, list[tuple[int, float]]] = {}  # key -> [(cumulative count, chunk cost)]
     by_key = {path.key: path for path in paths}
     for path in paths:
         limit = max(0, min(len(path.costs), path.size - path.min_keep))
-        if limit == 0 or path.saving <= 0 or (round_to > 1 and path.size <= round_to):
+        multiple = path.multiple or round_to
+        too_narrow = multiple > 1 and path.size <= multiple
+        if limit == 0 or path.saving <= 0 or too_narrow:
             continue
         costs = np.maximum.accumulate(np.asarray(path.costs[:limit], dtype=float))
-        steps = _chunk_ends(path.size, limit, round_to)
+        steps = _chunk_ends(path.size, limit, multiple)
         if not steps:
             continue
         chunks[path.key] = [(end, float(costs[end - 1])) for end in steps]
-        first_cost = chunks[path.key][0][1]
-        heapq.heappush(heap, (first_cost / path.saving, path.key, 0))
+        heapq.heappush(heap, (_priority(path, chunks[path.key], 0), path.key, 0))
     taken: dict[int, int] = {}  # key -> index of the last chunk taken
 
     def plan(state: Mapping[int, int]) -> dict[int, int]:
@@ -132,7 +142,8 @@ def allocate(
         estimate += _chunk_gain(chunks[key], index, by_key[key].saving)
         taken[key] = index
         if index + 1 < len(chunks[key]):
-            heapq.heappush(heap, (chunks[key][index + 1][1] / by_key[key].saving, key, index + 1))
+            priority = _priority(by_key[key], chunks[key], index + 1)
+            heapq.heappush(heap, (priority, key, index + 1))
 
     # Coarse chunks can land far from the goal. Give chunks back, one at a time, while that
     # lands better: within [enough, needed + slack] is best; then within the slack on either
@@ -209,6 +220,27 @@ class ExactSavings:
             if hit:
                 total += factor * (float(np.prod(shape)) - kept)
         return total
+
+
+def _priority(path: GroupPath, ends: list[tuple[int, float]], index: int) -> tuple[float, float]:
+    """The order chunk ``index`` is taken in: cost per unit of worth (lower first), then, for
+    chunks worth nothing however far they go, cost per unit of saving (taken last, cheapest
+    first, when the budget's unit still needs them)."""
+    by_saving = ends[index][1] / path.saving
+    if path.worth_curve is None:
+        return (by_saving, 0.0)
+    curve = path.worth_curve
+    start = ends[index - 1][0] if index > 0 else 0
+    best = float("inf")
+    for end, cost in ends[index:]:
+        if end >= len(curve):
+            break
+        gained = curve[end] - curve[start]
+        if gained > 0:
+            # The chunks up to ``end`` cost their most expensive channel (costs are running
+            # maxima), and are worth ``gained`` over ``end - start`` channels.
+            best = min(best, cost / (gained / (end - start)))
+    return (best, by_saving if best == float("inf") else 0.0)
 
 
 def _chunk_gain(ends: list[tuple[int, float]], index: int, saving: float) -> float:

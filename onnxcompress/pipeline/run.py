@@ -36,6 +36,7 @@ from onnxcompress.pipeline.budget import (
     LatencySettings,
     check_budget,
 )
+from onnxcompress.runtime.latency_table import LatencyTarget
 
 logger = logging.getLogger(__name__)
 
@@ -229,6 +230,7 @@ def compress(
     # Every dataset of the run is loaded once, through the context, and shared by the steps.
     # Training data reaches every pass, with or without calibration data (a pass that also
     # needs calibration data says so itself).
+    settings = latency or LatencySettings()
     context = PassContext(
         seed=seed,
         progress=progress,
@@ -236,6 +238,8 @@ def compress(
         validation_spec=eval_data,
         original=original,
         calibration_spec=data,
+        # Passes that price channels by latency price them where the budget measures it.
+        latency=LatencyTarget(settings.provider, settings.batch, settings.threads),
     )
     calibration = None
     if data is not None:
@@ -277,7 +281,7 @@ def compress(
     context.checks_seconds = time.perf_counter() - tic
     meter = None
     if budget.target_latency is not None:
-        meter = LatencyMeter(original, latency or LatencySettings(), seed=seed)
+        meter = LatencyMeter(original, settings, seed=seed)
     announced_training = False
     records: list[StepRecord] = []
     kept: ir.Model | None = None
@@ -303,7 +307,7 @@ def compress(
             say(f"running {name} {_format_options(options)} (searching target_macs for latency)")
             model, report = _latency_search(name, options, model, context, meter, budget, say)
         else:
-            options = _options_with_budget(name, options, budget, before, model)
+            options = _options_with_budget(name, options, budget, before, model, meter)
             compression_pass = create_pass(name, options, context)
             say(f"running {name} {_format_options(options)}".rstrip())
             compression_pass(model)
@@ -467,15 +471,24 @@ def _options_with_budget(
     budget: Budget,
     before: dict[str, Any],
     model: ir.Model,
+    meter: LatencyMeter | None = None,
 ) -> dict[str, Any]:
-    """Give a pass without a budget option the run's MACs/params target, as a fraction of ``model``.
+    """Give a pass without a budget option the run's target, as a fraction of ``model``.
 
     Passes measure their targets against the model they receive, the budget against the
-    original; a target the model already meets becomes 1 (remove nothing).
+    original; a target the model already meets becomes 1 (remove nothing). A latency target
+    is converted by timing ``model`` against the original (once an earlier step changed it).
     """
     from onnxcompress.graph.metrics import model_metrics
 
     for key, goal in _injected_budget(name, options, budget).items():
+        if key == "target_latency":
+            fraction = goal
+            if meter is not None and model_metrics(model).macs != before["macs"]:
+                reference_ms, current_ms = meter.compare(model)
+                fraction = min(1.0, goal * reference_ms / current_ms) if current_ms else 1.0
+            logger.info("%s: target_latency=%.4f from the budget", name, fraction)
+            return {**options, key: round(fraction, 6)}
         total = key.removeprefix("target_")
         if not before[total]:
             continue
@@ -502,7 +515,9 @@ def _searches_latency(name: str, options: dict[str, Any], budget: Budget) -> boo
         return False
     cls = pass_class(name)
     explicit = any(key.replace("-", "_") in cls.budget_options for key in options)
-    return "target_macs" in cls.budget_targets(options) and not explicit
+    # A pass that prices channels by latency plans for the target itself, in one run.
+    targets = cls.budget_targets(options)
+    return "target_macs" in targets and "target_latency" not in targets and not explicit
 
 
 def _latency_search(
