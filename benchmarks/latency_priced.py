@@ -113,7 +113,7 @@ def match_macs_priced(
     ``target_latency`` model): ``target_macs`` is rescaled by how far each try's latency ratio
     missed, and the closest try is kept. Accuracy at the same latency is the comparison that
     says whether pricing by latency pays."""
-    timer = InterleavedTimer(original, target, min_runs=11)
+    timer = InterleavedTimer(original, target, min_runs=7)
     goal = timer.ratio(load_model(reference["path"]))
     fraction = reference["macs_ratio"]
     best: tuple[float, dict[str, Any]] | None = None

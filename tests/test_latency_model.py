@@ -341,3 +341,35 @@ def test_chunks_that_save_no_time_are_taken_cheapest_first() -> None:
     dear = GroupPath(key=0, size=16, costs=[1.0] * 8, saving=100.0, multiple=8, worth_curve=zero)
     cheap = GroupPath(key=1, size=16, costs=[0.01] * 8, saving=10.0, multiple=8, worth_curve=zero)
     assert allocate([dear, cheap], 80.0, round_to=8) == {1: 8}
+
+
+def test_merge_prices_by_latency_too(synthetic_latency: None) -> None:
+    model = three_convs()
+    compression = create_pass(
+        "merge", {"round_to": 8, "target_macs": 0.7, "cost": "latency"}, PassContext()
+    )
+    compression(model)
+    report = compression.report.as_dict()
+    assert report["targets"][0]["met"], report["targets"]
+    assert report["summary"]["latency"]["model"]["convs"] == 3
+
+
+def eighths_ms(shape: LayerShape) -> float:
+    """A synthetic kernel whose time moves every 8 channels, inside 16-channel blocks."""
+    return 0.001 * blocks(shape.in_channels, 8) * blocks(shape.out_channels, 8)
+
+
+def test_narrow_layers_are_timed_at_every_width_a_pass_may_pick() -> None:
+    """On a 16-channel block, a 32-channel layer is timed at 8, 16, 24 and 32 on both sides,
+    and the measured times answer for those widths where the block count cannot tell them
+    apart; wide layers keep the four-point fit."""
+    model = three_convs()
+    built = LatencyModel.build(
+        model, LatencyTarget(), layer_timer=eighths_ms, model_timer=synthetic_total, block=16
+    )
+    assert built.measured == 4 + 16 + 16  # conv1 (3 inputs): 4 output widths; conv2, conv3: 4x4
+    conv2 = list(built.curves)[1]
+    curve = built.curves[conv2]
+    assert curve(32, 24) == pytest.approx(0.012) and curve(32, 32) == pytest.approx(0.016)
+    assert curve(32, 24) < curve(32, 32)
+    assert not latency_table.timed_densely(conv_shapes(model)[conv2].at(32, 128), 16)

@@ -228,10 +228,27 @@ def conv_shapes(model: ir.Model) -> dict[ir.Node, LayerShape]:
     return shapes
 
 
-def width_levels(channels: int, block: int) -> list[int]:
-    """The widths a layer is timed at: all of them, and about half on the block."""
+# A layer whose widths are all at most DENSE_BLOCKS blocks, on a target whose block is wider
+# than FINE_STEP, is timed at every multiple of FINE_STEP (the narrowest step a pass takes by
+# default): inside one block its time is not flat (see CostCurve.table), and such a layer has
+# few widths to time. Wider layers are timed at full and half widths and fitted.
+DENSE_BLOCKS = 4
+FINE_STEP = 8
+
+
+def width_levels(channels: int, block: int, dense: bool = False) -> list[int]:
+    """The widths a layer is timed at: all of them and about half on the block, or with
+    ``dense`` every multiple of ``FINE_STEP`` below them."""
+    if dense:
+        return sorted({channels, *range(FINE_STEP, channels, FINE_STEP)}, reverse=True)
     half = max(block, round(channels / 2 / block) * block)
     return [channels] if half >= channels else [channels, half]
+
+
+def timed_densely(shape: LayerShape, block: int) -> bool:
+    """Whether ``shape`` is timed at every ``FINE_STEP`` (see ``DENSE_BLOCKS``)."""
+    widest = max(shape.in_channels, shape.out_channels)
+    return block > FINE_STEP and widest <= DENSE_BLOCKS * block
 
 
 # ---------------------------------------------------------------------------------------------
@@ -424,7 +441,9 @@ class LatencyModel:
                     else:
                         cached += 1
                     points.append((point.in_channels, point.out_channels, ms))
-                memo[shape] = curves[node] = CostCurve.fit(points, block, shape.depthwise)
+                memo[shape] = curves[node] = CostCurve.fit(
+                    points, block, shape.depthwise, keep_table=timed_densely(shape, block)
+                )
         if cache is not None:
             cache.save()
         whole = (model_timer or (lambda m: time_model(m, target)))(model)
@@ -492,12 +511,13 @@ class LatencyModel:
 
 
 def _points(shape: LayerShape, block: int) -> list[LayerShape]:
+    dense = timed_densely(shape, block)
     if shape.depthwise:
-        return [shape.at(c, c) for c in width_levels(shape.out_channels, block)]
+        return [shape.at(c, c) for c in width_levels(shape.out_channels, block, dense)]
     return [
         shape.at(cin, cout)
-        for cin in width_levels(shape.in_channels, block)
-        for cout in width_levels(shape.out_channels, block)
+        for cin in width_levels(shape.in_channels, block, dense)
+        for cout in width_levels(shape.out_channels, block, dense)
     ]
 
 
