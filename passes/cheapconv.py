@@ -213,6 +213,7 @@ class CheapConvolutions(CompressionPass[CheapConvConfig]):
             report.summary["time"] = deadline.report()
 
     def _substitute(self, model: ir.Model, report: PassReport, deadline: Deadline) -> None:
+        from onnxcompress.graph.input_shapes import at_counted_shapes
         from onnxcompress.graph.metrics import node_macs
 
         cfg = self.cfg
@@ -231,8 +232,11 @@ class CheapConvolutions(CompressionPass[CheapConvConfig]):
         # one thread on a busy 2-core machine (thread hand-offs dominate).
         from threadpoolctl import threadpool_limits
 
+        # MACs at the size the run counts them at (symbolic height and width would count 1x1).
+        with at_counted_shapes(model):
+            macs_before = [node_macs(site.node) for site in sites]
         with threadpool_limits(limits=1, user_api="blas"), deadline.phase("rewrite"):
-            for site in sites:
+            for site, site_macs in zip(sites, macs_before, strict=True):
                 layer: dict[str, Any] = {
                     "node": site.node.name,
                     "kind": cfg.kind,
@@ -240,15 +244,17 @@ class CheapConvolutions(CompressionPass[CheapConvConfig]):
                     "out_channels": int(site.weight.shape[0]),
                     "kernel": list(site.kernel),
                     "stride": list(site.strides),
-                    "macs_before": node_macs(site.node),
+                    "macs_before": site_macs,
                     "params_before": int(
                         site.weight.size + (0 if site.bias is None else site.bias.size)
                     ),
                 }
                 rewritten.append((layer, rewriter.rewrite(model, site, layer, fixed_nodes)))
         infer_shapes(model)
-        for layer, new_nodes in rewritten:
-            layer["macs_after"] = sum(node_macs(node) for node in new_nodes)
+        with at_counted_shapes(model):
+            macs_after = [sum(node_macs(node) for node in nodes) for _, nodes in rewritten]
+        for (layer, new_nodes), layer_macs in zip(rewritten, macs_after, strict=True):
+            layer["macs_after"] = layer_macs
             layer["params_after"] = sum(
                 int(value.const_value.size)
                 for node in new_nodes

@@ -185,27 +185,14 @@ def allocate_ranks(
 ) -> None:
     """Ranks from one spectral-energy threshold (budget) or a per-layer energy."""
     from onnxcompress.fitting.lowrank import energy_rank
-    from onnxcompress.graph.metrics import node_macs
+    from onnxcompress.graph.input_shapes import at_counted_shapes
 
     graph = model.graph
     spectra: list[np.ndarray] = []
-    for layer in layers:
-        node = graph.node(layer.node)
-        matrix = weight_matrix(node, layer_weight(model, layer))
-        singular = np.linalg.svd(matrix.astype(np.float64), compute_uv=False)
-        spectra.append(singular)
-        layer.full_rank = int(singular.size)
-        layer.macs = node_macs(node)
-        dense_cost = rank_cost(node, layer.shape, None)
-        layer.positions = max(1, layer.macs // max(dense_cost, 1))
-        layer.rank_cost = rank_cost(node, layer.shape, 1)
-        layer.multiple = cfg.round_to if layer.full_rank > cfg.round_to else 1
-        # The largest rank worth factorizing: it saves at least min_saving of the MACs.
-        worth = math.floor(
-            (1.0 - cfg.min_saving) * layer.macs / max(layer.rank_cost * layer.positions, 1)
-        )
-        limit = min(break_even_rank(node, layer.shape), worth)
-        layer.break_even = max(0, limit - limit % layer.multiple)
+    # MACs and positions at the size the run counts them at (symbolic sizes would give 1x1).
+    with at_counted_shapes(model):
+        for layer in layers:
+            _size_layer(model, graph.node(layer.node), layer, cfg, spectra)
 
     def apply(ranks: Sequence[int]) -> int:
         saved = 0
@@ -264,3 +251,26 @@ def layer_weight(model: ir.Model, layer: Layer) -> np.ndarray:
     value = model.graph.initializers[layer.weight]
     assert value.const_value is not None
     return value.const_value.numpy()
+
+
+def _size_layer(
+    model: ir.Model, node: ir.Node, layer: Layer, cfg: LctConfig, spectra: list[np.ndarray]
+) -> None:
+    """One layer's spectrum, MACs, cost per rank and the largest rank worth factorizing."""
+    from onnxcompress.graph.metrics import node_macs
+
+    matrix = weight_matrix(node, layer_weight(model, layer))
+    singular = np.linalg.svd(matrix.astype(np.float64), compute_uv=False)
+    spectra.append(singular)
+    layer.full_rank = int(singular.size)
+    layer.macs = node_macs(node)
+    dense_cost = rank_cost(node, layer.shape, None)
+    layer.positions = max(1, layer.macs // max(dense_cost, 1))
+    layer.rank_cost = rank_cost(node, layer.shape, 1)
+    layer.multiple = cfg.round_to if layer.full_rank > cfg.round_to else 1
+    # The largest rank worth factorizing: it saves at least min_saving of the MACs.
+    worth = math.floor(
+        (1.0 - cfg.min_saving) * layer.macs / max(layer.rank_cost * layer.positions, 1)
+    )
+    limit = min(break_even_rank(node, layer.shape), worth)
+    layer.break_even = max(0, limit - limit % layer.multiple)

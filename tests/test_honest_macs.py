@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -265,3 +266,66 @@ def test_counting_at_a_shape_leaves_the_model_shapes_as_they_were(tmp_path: Path
     assert str(model.graph.inputs[0].shape) == str(
         load_model(tmp_path / "dynamic.onnx").graph.inputs[0].shape
     )
+
+
+# -- per-layer MACs of the passes that plan by layer (resect, cheapconv, lct) ----------------
+
+
+def _residual_net(spatial: Sequence[int | str]) -> Any:
+    """Stem, two basic blocks (one strided with a 1x1 shortcut), head; ``spatial`` may be
+    symbolic. Counted at 16x16 where it is."""
+    from channel_models import Net
+
+    from onnxcompress.graph.input_shapes import count_macs_at
+
+    net = Net(seed=5)
+    x = net.input("x", ["N", 3, *spatial])
+    stem = net.relu(net.conv(x, 3, 16))
+    h = net.conv(net.relu(net.conv(stem, 16, 16)), 16, 16)
+    block = net.relu(net.op("Add", [h, stem]))
+    h = net.conv(net.relu(net.conv(block, 16, 32, stride=2)), 32, 32)
+    shortcut = net.conv(block, 16, 32, k=1, stride=2)
+    out = net.relu(net.op("Add", [h, shortcut]))
+    model = net.build([net.head(out, 32)])
+    if not all(isinstance(d, int) for d in spatial):
+        count_macs_at(model, {"x": (1, 3, 16, 16)})
+    return model
+
+
+def test_resection_candidates_cost_what_they_cost_at_the_counted_size() -> None:
+    from onnxcompress.graph.resection import find_candidates
+
+    def removed(model: Any) -> dict[str, int]:
+        return {c.key: c.macs_removed for c in find_candidates(model).candidates}
+
+    static, dynamic = removed(_residual_net((16, 16))), removed(_residual_net(("H", "W")))
+    assert static and dynamic == static
+    assert min(static.values()) > 16 * 16 * 9  # not counted at 1x1
+
+
+def test_cheapconv_layer_macs_at_the_counted_size() -> None:
+    from onnxcompress.passes import create_pass
+
+    def layers(model: Any) -> list[tuple[int, int]]:
+        compression = create_pass("cheapconv", {"kind": "separable", "epochs": 0})
+        compression(model)
+        return [(x["macs_before"], x["macs_after"]) for x in compression.report.layers]
+
+    static, dynamic = layers(_residual_net((16, 16))), layers(_residual_net(("H", "W")))
+    assert static and dynamic == static
+
+
+def test_lct_ranks_priced_at_the_counted_size() -> None:
+    from onnxcompress.passes.base import PassReport
+    from onnxcompress.passes.lct import LctConfig
+    from onnxcompress.passes.lct_layers import allocate_ranks, find_candidates
+
+    def sized(model: Any) -> list[tuple[int, int, int]]:
+        report = PassReport("lct", {})
+        found = find_candidates(model, report, True, ())
+        config = LctConfig(subspace="lowrank", target_macs=0.6)
+        allocate_ranks(model, found, report, model_metrics(model).macs, config)
+        return [(layer.macs, layer.positions, layer.break_even) for layer in found]
+
+    static, dynamic = sized(_residual_net((16, 16))), sized(_residual_net(("H", "W")))
+    assert static and dynamic == static

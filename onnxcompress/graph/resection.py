@@ -446,8 +446,19 @@ def find_candidates(
     """Every part of ``model`` that can be resected, and the reason for each that cannot.
 
     Shapes must be on the graph (``onnxcompress.graph.canonicalize.infer_shapes``). Node names
-    matching an ``exclude`` pattern (fnmatch) are never removed.
+    matching an ``exclude`` pattern (fnmatch) are never removed. Where height and width are
+    symbolic, sizes and MACs are read at the input shapes MACs are counted at
+    (``input_shapes.count_macs_at``), so a candidate's ``macs_removed`` is what it costs there.
     """
+    from onnxcompress.graph.input_shapes import at_counted_shapes
+
+    with at_counted_shapes(model):
+        return _find_candidates(model, kinds, exclude)
+
+
+def _find_candidates(
+    model: ir.Model, kinds: Sequence[str], exclude: Sequence[str]
+) -> CandidateSearch:
     graph = model.graph
     nodes = list(graph)
     position = {id(node): i for i, node in enumerate(nodes)}
