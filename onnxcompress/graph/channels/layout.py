@@ -38,6 +38,7 @@ from onnxcompress.graph.channels.rule import (
     static_dim,
     write_ints,
 )
+from onnxcompress.graph.channels.shapes import own_channel_entry, trace_shape
 
 if TYPE_CHECKING:
     from onnxcompress.graph.channels.analysis import Builder
@@ -541,9 +542,21 @@ class ResizeRule(WritesChannelCount):
         if sizes_value is not None:
             sizes = const(sizes_value)
             if sizes is None:
-                b.block_node(node, f"{describe(node)} has computed output sizes")
-                return
-            if sizes.size and channel in axes:
+                # Sizes computed at run time are fine where the channel entry is this tensor's
+                # own channel count (Concat(Shape(x)[:2], new H, W)): it follows the cut.
+                entries = trace_shape(sizes_value, node, sizes_index or 0)
+                position = axes.index(channel) if channel in axes else None
+                if (
+                    entries is None
+                    or len(entries) != len(axes)
+                    or (
+                        position is not None
+                        and not own_channel_entry(entries, x, channel, position)
+                    )
+                ):
+                    b.block_node(node, f"{describe(node)} has computed output sizes")
+                    return
+            elif sizes.size and channel in axes:
                 assert sizes_index is not None
                 cx = b.channels(x)
                 entry = axes.index(channel)
@@ -576,6 +589,13 @@ class ExpandRule(WritesChannelCount):
                 )
             b.touch(x)
             return
+        if shape is None and out_rank is not None and rank(x) == out_rank:
+            # A computed shape whose channel entry is this tensor's own count follows the cut.
+            entries = trace_shape(node.inputs[1], node, 1)
+            position = b.axis(x) - (out_rank - len(entries)) if entries is not None else None
+            if entries is not None and own_channel_entry(entries, x, b.axis(x), position):
+                self.passthrough(node, b, x, y)
+                return
         if shape is None or out_rank is None or rank(x) != out_rank:
             b.block_node(node, f"{describe(node)} expands to a computed shape")
             return

@@ -111,7 +111,13 @@ def trace_shape(
         for i, part in enumerate(producer.inputs):
             traced = trace_shape(part, producer, i, depth + 1)
             if traced is None:
-                return None
+                # A part computed some other way (Mul of spatial sizes...) of known length
+                # stands as opaque entries: a channel count inside it went through arithmetic,
+                # which the Shape rule freezes where it reads the count.
+                length = static_dim(part, 0) if part is not None and rank(part) == 1 else None
+                if length is None:
+                    return None
+                traced = [ShapeEntry() for _ in range(length)]
             entries.extend(traced)
         return entries
     if op == "Gather":
@@ -226,8 +232,72 @@ def _shape_entries_read(user: ir.Node, index: int, length: int) -> list[int] | N
     return None
 
 
+# Ops a shape vector passes through on its way from Shape to where it is used.
+SHAPE_ARITHMETIC = frozenset(
+    {"Gather", "Slice", "Concat", "Unsqueeze", "Squeeze", "Cast", "Identity"}
+)
+# Where a computed shape may carry a tensor's own channel count: (op, input index). Such a
+# count follows the tensor when its channels are cut, at run time, so nothing is baked in.
+SHAPE_INPUTS = {("Reshape", 1), ("Expand", 1), ("Resize", 3)}
+
+
+def own_channel_entry(
+    entries: list[ShapeEntry], x: ir.Value, channel: int, position: int | None
+) -> bool:
+    """Whether ``x``'s channel count appears in ``entries`` only at ``position`` (and there)."""
+    hits = [i for i, entry in enumerate(entries) if entry.dim_of == (x, channel)]
+    return position is not None and hits == [position]
+
+
+def _channel_position(user: ir.Node, x: ir.Value, channel: int, length: int) -> int | None:
+    """Where the channel count of ``user``'s data input sits in its shape input of ``length``."""
+    x_rank = rank(x)
+    if x_rank is None:
+        return None
+    if user.op_type == "Expand":  # broadcast: aligned to the right
+        position = channel - (x_rank - length)
+        return position if 0 <= position < length else None
+    if user.op_type == "Resize":
+        axes_attr = user.attributes.get("axes")
+        axes = (
+            [int(a) % x_rank for a in axes_attr.as_ints()]
+            if axes_attr is not None
+            else list(range(x_rank))
+        )
+        return axes.index(channel) if channel in axes and len(axes) == length else None
+    return channel  # Reshape keeps channels on their axis (ReshapeRule checks the rest)
+
+
+def _shape_users(value: ir.Value, depth: int = 0) -> list[tuple[ir.Node, int]] | None:
+    """The ops that finally use a shape vector, past the shape arithmetic it flows through
+    (None where it goes further than this analysis follows)."""
+    if depth > 12:
+        return None
+    users: list[tuple[ir.Node, int]] = []
+    for use in value.uses():
+        node = use.node
+        if node.domain in DEFAULT_DOMAINS and node.op_type in SHAPE_ARITHMETIC:
+            if any(out.is_graph_output() for out in node.outputs):
+                return None
+            for out in node.outputs:
+                further = _shape_users(out, depth + 1)
+                if further is None:
+                    return None
+                users.extend(further)
+        else:
+            users.append((node, use.idx))
+    return users
+
+
 class ShapeRule(OpRule):
-    """Reading a shape is harmless unless the channel count flows somewhere."""
+    """Reading a shape is harmless unless the channel count flows somewhere it is baked in.
+
+    The count is followed through shape arithmetic (Gather, Slice, Concat, Unsqueeze...) to
+    where it is used. It may end as the same tensor's own channel count in the shape a Reshape,
+    Expand or Resize computes for that tensor (how dynamic exports size an upsample or a view):
+    that count follows the channels when they are cut. Anywhere else (arithmetic on it, a
+    graph output, another tensor's shape) the group is frozen.
+    """
 
     family = "shape"
     op_types = op_set("Shape")
@@ -247,17 +317,33 @@ class ShapeRule(OpRule):
         channel = b.axis(x)
         if channel not in read:
             return
-        for use in node.outputs[0].uses():
-            axes = _shape_entries_read(use.node, use.idx, len(read))
-            if axes is None or any(read[i] == channel for i in axes):
+        if node.outputs[0].is_graph_output():
+            b.block_value(x, f"its shape is a graph output via {describe(node)}")
+            return
+        users = _shape_users(node.outputs[0])
+        if users is None:
+            b.block_value(x, f"its shape is read by {describe(node)} and used beyond it")
+            return
+        for user, index in users:
+            entries = trace_shape(user.inputs[index], user, index)
+            if entries is not None and not any(e.dim_of == (x, channel) for e in entries):
+                continue  # the channel count was dropped on the way
+            follows = (
+                entries is not None
+                and user.domain in DEFAULT_DOMAINS
+                and (user.op_type, index) in SHAPE_INPUTS
+                and user.inputs[0] is x
+                and own_channel_entry(
+                    entries, x, channel, _channel_position(user, x, channel, len(entries))
+                )
+            )
+            if not follows:
                 b.block_value(
                     x,
                     f"its shape is read by {describe(node)} and the channel count is used by "
-                    f"{describe(use.node)}",
+                    f"{describe(user)}",
                 )
                 return
-        if node.outputs[0].is_graph_output():
-            b.block_value(x, f"its shape is a graph output via {describe(node)}")
 
 
 class SizeRule(OpRule):
