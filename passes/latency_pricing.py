@@ -18,6 +18,7 @@ import onnx_ir as ir
 
 from onnxcompress.fitting.latency_curve import LatencySavings
 from onnxcompress.graph.channels import ChannelGroup
+from onnxcompress.graph.input_shapes import counted_at
 from onnxcompress.graph.model_io import clone_model
 from onnxcompress.runtime.latency_table import (
     InterleavedTimer,
@@ -43,8 +44,13 @@ class LatencyPricing:
         self, model: ir.Model, target: LatencyTarget, *, measure: bool, progress: bool = False
     ) -> None:
         self.target = target
-        self.model = LatencyModel.build(model, target, progress=progress)
-        self._timer = InterleavedTimer(clone_model(model), target) if measure else None
+        self._timer = None
+        model_timer = None
+        if measure:
+            # The reference every round is timed against also gives the original's latency.
+            timer = InterleavedTimer(clone_model(model), target, overrides=counted_at(model))
+            self._timer, model_timer = timer, lambda _: timer.reference_ms()
+        self.model = LatencyModel.build(model, target, model_timer=model_timer, progress=progress)
         self.rounds: list[dict[str, float]] = []
 
     @property

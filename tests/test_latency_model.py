@@ -246,7 +246,11 @@ class FakeTimer:
     fixed cost the latency model does not see, so the pass must calibrate to land."""
 
     def __init__(self, reference: ir.Model, target: LatencyTarget, **_: Any) -> None:
+        self.original = synthetic_total(reference)
         self.reference = synthetic_total(reference, rest=0.05)
+
+    def reference_ms(self) -> float:
+        return self.original
 
     def ratio(self, candidate: ir.Model) -> float:
         return synthetic_total(candidate, rest=0.05) / self.reference
@@ -258,7 +262,7 @@ def synthetic_latency(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
     monkeypatch.setenv("ONNXCOMPRESS_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(latency_table, "time_layer", lambda shape, target: synthetic_ms(shape))
-    monkeypatch.setattr(latency_table, "time_model", lambda model, target: synthetic_total(model))
+    monkeypatch.setattr(latency_table, "InterleavedTimer", FakeTimer)
     monkeypatch.setattr(latency_pricing, "InterleavedTimer", FakeTimer)
 
 

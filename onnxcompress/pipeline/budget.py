@@ -9,17 +9,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
-
-import numpy as np
+from typing import Any
 
 from onnxcompress.errors import PassConfigError
 from onnxcompress.pipeline.slowdown import SLOWER_MARGIN
-
-if TYPE_CHECKING:
-    import onnxruntime as ort
 
 logger = logging.getLogger(__name__)
 
@@ -208,47 +202,30 @@ class LatencyMeter:
     """Times candidates against the original, interleaved so machine drift cancels out.
 
     The original's session is built once; every ``compare`` call times the original again beside
-    the candidate, and the ratio of their medians is what budgets use.
+    the candidate (``settings.runs`` runs each), and the ratio of their medians is what budgets
+    use. The timing loop is ``runtime.latency_table.InterleavedTimer``.
     """
 
     def __init__(self, original: Any, settings: LatencySettings, seed: int = 0) -> None:
-        from onnxcompress.runtime import session as runtime
+        from onnxcompress.runtime.latency_table import InterleavedTimer, LatencyTarget
 
         self.settings = settings
-        self._reference = runtime.make_session(
-            original, provider=settings.provider, threads=settings.threads
+        target = LatencyTarget(settings.provider, settings.batch, settings.threads)
+        self._timer = InterleavedTimer(
+            original,
+            target,
+            warmup=settings.warmup,
+            min_runs=settings.runs,
+            max_runs=settings.runs,
+            min_seconds=0.0,
+            seed=seed,
         )
-        self._feeds = runtime.random_feeds(self._reference, settings.batch, seed=seed)
 
     def compare(self, candidate: Any) -> tuple[float, float]:
         """p50 latency (ms) of the original and of ``candidate``, measured interleaved."""
-        from onnxcompress.runtime import session as runtime
-
-        session = runtime.make_session(
-            candidate, provider=self.settings.provider, threads=self.settings.threads
-        )
-        feeds = _rekey(session, self._feeds)
-        pairs = [(self._reference, self._feeds), (session, feeds)]
-        for _ in range(self.settings.warmup):
-            for sess, feed in pairs:
-                sess.run(None, feed)
-        times = np.zeros((2, self.settings.runs))
-        for run in range(self.settings.runs):
-            for index, (sess, feed) in enumerate(pairs):
-                start = time.perf_counter()
-                sess.run(None, feed)
-                times[index, run] = time.perf_counter() - start
-        reference_ms, candidate_ms = (float(np.median(row)) * 1e3 for row in times)
+        reference_ms, candidate_ms = self._timer.medians(candidate)
         logger.info("latency p50: original %.3f ms, candidate %.3f ms", reference_ms, candidate_ms)
         return reference_ms, candidate_ms
-
-
-def _rekey(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    # Passes keep input names; by position covers a tool that renamed them.
-    names = [i.name for i in session.get_inputs()]
-    if set(names) == set(feeds):
-        return dict(feeds)
-    return dict(zip(names, feeds.values(), strict=False))
 
 
 __all__ = ["Budget", "BudgetCheck", "LatencyMeter", "LatencySettings", "check_budget"]

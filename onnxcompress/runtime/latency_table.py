@@ -32,6 +32,8 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcompress.fitting.latency_curve import CostCurve
+from onnxcompress.graph.model_io import publish
+from onnxcompress.graph.op_families import DEFAULT_DOMAINS
 from onnxcompress.runtime.vector_block import detect_isa, vector_block
 
 logger = logging.getLogger(__name__)
@@ -165,17 +167,11 @@ class LayerShape:
         return bytes(onnx.ModelProto.SerializeToString(model))
 
 
-def _ints(node: ir.Node, name: str, default: list[int]) -> tuple[int, ...]:
-    attr = node.attributes.get(name)
-    return tuple(int(v) for v in attr.as_ints()) if attr is not None else tuple(default)
-
-
 def conv_widths(node: ir.Node) -> tuple[int, int, int]:
     """A conv's current ``(in_channels, out_channels, groups)`` from its weight and attribute."""
     weight = node.inputs[1]
     assert weight is not None and weight.const_value is not None
-    groups_attr = node.attributes.get("group")
-    groups = int(groups_attr.as_int()) if groups_attr is not None else 1
+    groups = node.attributes.get_int("group", 1)
     dims = [int(d) for d in weight.const_value.shape.numpy()]
     out_channels, per_group = dims[0], dims[1]
     return per_group * groups, out_channels, groups
@@ -195,7 +191,7 @@ def conv_shapes(model: ir.Model) -> dict[ir.Node, LayerShape]:
         ):
             infer_shapes(model)
         for node in model.graph:
-            if node.op_type != "Conv" or node.domain not in ("", "ai.onnx"):
+            if node.op_type != "Conv" or node.domain not in DEFAULT_DOMAINS:
                 continue
             x, weight = node.inputs[0], node.inputs[1] if len(node.inputs) > 1 else None
             if x is None or weight is None or weight.const_value is None or x.shape is None:
@@ -208,7 +204,7 @@ def conv_shapes(model: ir.Model) -> dict[ir.Node, LayerShape]:
                 continue
             rank = len(spatial)
             kernel = tuple(int(d) for d in weight.const_value.shape.numpy()[2:])
-            pads = _ints(node, "pads", [0] * 2 * rank)
+            pads = tuple(node.attributes.get_ints("pads", [0] * 2 * rank))
             auto_pad = node.attributes.get("auto_pad")
             if auto_pad is not None and auto_pad.as_string() not in ("NOTSET", ""):
                 # SAME_* padding: the amount follows from the sizes; a symmetric guess times
@@ -220,9 +216,9 @@ def conv_shapes(model: ir.Model) -> dict[ir.Node, LayerShape]:
                 out_channels=out_channels,
                 groups=groups,
                 kernel=kernel,
-                strides=_ints(node, "strides", [1] * rank),
+                strides=tuple(node.attributes.get_ints("strides", [1] * rank)),
                 pads=pads,
-                dilations=_ints(node, "dilations", [1] * rank),
+                dilations=tuple(node.attributes.get_ints("dilations", [1] * rank)),
                 spatial=tuple(int(d) for d in spatial),  # type: ignore[arg-type]
             )
     return shapes
@@ -294,7 +290,7 @@ class LatencyCache:
             fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".tmp")
             with os.fdopen(fd, "w") as handle:
                 json.dump({"version": CACHE_VERSION, "entries": self._entries}, handle)
-            os.replace(tmp, self.path)
+            publish(tmp, self.path)
             self._dirty = False
         except OSError as exc:
             logger.warning("latency cache %s not written: %s", self.path, exc)
@@ -331,18 +327,6 @@ def time_layer(shape: LayerShape, target: LatencyTarget) -> float:
         (target.batch, shape.in_channels, *shape.spatial), dtype=np.float32
     )
     return median_ms(lambda: session.run(None, {"x": x}))
-
-
-def time_model(model: ir.Model, target: LatencyTarget) -> float:
-    """Median latency (ms) of the whole model on ``target``, at the counted input shapes."""
-    from onnxcompress.graph.input_shapes import counted_at
-    from onnxcompress.runtime import session as runtime
-
-    session = runtime.make_session(model, provider=target.provider, threads=target.threads)
-    feeds = runtime.random_feeds(
-        session, target.batch, overrides=_batched(counted_at(model), target)
-    )
-    return median_ms(lambda: session.run(None, feeds))
 
 
 def _batched(
@@ -446,7 +430,12 @@ class LatencyModel:
                 )
         if cache is not None:
             cache.save()
-        whole = (model_timer or (lambda m: time_model(m, target)))(model)
+        if model_timer is not None:
+            whole = model_timer(model)
+        else:
+            from onnxcompress.graph.input_shapes import counted_at
+
+            whole = InterleavedTimer(model, target, overrides=counted_at(model)).reference_ms()
         covered = sum(curves[node](*conv_widths(node)[:2]) for node in curves)
         scale = min(1.0, whole / covered) if covered > 0 else 1.0
         result = cls(
@@ -534,45 +523,83 @@ def _progress_bar(total: int, enabled: bool) -> Iterator[Any]:
 
 class InterleavedTimer:
     """Times candidates against a fixed reference, their runs interleaved so that drift in the
-    machine's speed hits both; the ratio of the medians is what a latency target reads."""
+    machine's speed hits both; the ratio of the medians is what a latency target reads.
 
-    def __init__(self, reference: ir.Model, target: LatencyTarget, min_runs: int = 7) -> None:
-        from onnxcompress.graph.input_shapes import counted_at
+    The one interleaved timing loop: ``target_latency`` times every round with it, and the
+    pipeline's budget meter (``pipeline.budget.LatencyMeter``) with a fixed number of runs.
+
+    Args:
+        reference: the model every candidate is timed against (a session is built once).
+        warmup: untimed runs of each model first.
+        min_runs / max_runs: timed runs of each model: at least ``min_runs``, then more until
+            ``min_seconds`` have passed, at most ``max_runs``.
+        overrides: full input shapes for inputs with symbolic dims besides the batch (their
+            first dim becomes the target's batch).
+        seed: seed of the random inputs.
+    """
+
+    def __init__(
+        self,
+        reference: ir.Model,
+        target: LatencyTarget,
+        *,
+        warmup: int = WARMUP_RUNS,
+        min_runs: int = 7,
+        max_runs: int = 4 * MAX_RUNS,
+        min_seconds: float = 2 * MIN_SECONDS,
+        overrides: Mapping[str, tuple[int, ...]] | None = None,
+        seed: int = 0,
+    ) -> None:
         from onnxcompress.runtime import session as runtime
 
         self.target = target
-        self.min_runs = min_runs
+        self.warmup, self.min_runs, self.max_runs = warmup, min_runs, max(max_runs, min_runs)
+        self.min_seconds = min_seconds
         self._reference = runtime.make_session(
             reference, provider=target.provider, threads=target.threads
         )
         self._feeds = runtime.random_feeds(
-            self._reference, target.batch, overrides=_batched(counted_at(reference), target)
+            self._reference, target.batch, seed=seed, overrides=_batched(overrides, target)
         )
 
-    def ratio(self, candidate: ir.Model) -> float:
-        """Median latency of ``candidate`` over the reference's, interleaved."""
+    def reference_ms(self) -> float:
+        """Median latency (ms) of the reference alone (see ``median_ms``)."""
+        return median_ms(lambda: self._reference.run(None, self._feeds))
+
+    def medians(self, candidate: ir.Model) -> tuple[float, float]:
+        """Median latency (ms) of the reference and of ``candidate``, runs interleaved."""
         from onnxcompress.runtime import session as runtime
 
         session = runtime.make_session(
             candidate, provider=self.target.provider, threads=self.target.threads
         )
-        names = [spec.name for spec in runtime.session_inputs(session)]
-        feeds = dict(zip(names, self._feeds.values(), strict=False))
-        pairs = [(self._reference, self._feeds), (session, feeds)]
-        for _ in range(WARMUP_RUNS):
+        pairs = [(self._reference, self._feeds), (session, self._rekey(session))]
+        for _ in range(self.warmup):
             for sess, feed in pairs:
                 sess.run(None, feed)
         times: list[list[float]] = [[], []]
         started = time.perf_counter()
-        while len(times[0]) < 4 * MAX_RUNS and (
-            len(times[0]) < self.min_runs or time.perf_counter() - started < 2 * MIN_SECONDS
+        while len(times[0]) < self.max_runs and (
+            len(times[0]) < self.min_runs or time.perf_counter() - started < self.min_seconds
         ):
             for index, (sess, feed) in enumerate(pairs):
                 tic = time.perf_counter()
                 sess.run(None, feed)
                 times[index].append(time.perf_counter() - tic)
-        reference, candidate_time = (float(np.median(row)) for row in times)
-        return candidate_time / reference if reference > 0 else 1.0
+        reference, candidate_ms = (float(np.median(row)) * 1e3 for row in times)
+        return reference, candidate_ms
+
+    def ratio(self, candidate: ir.Model) -> float:
+        """Median latency of ``candidate`` over the reference's, interleaved."""
+        reference, candidate_ms = self.medians(candidate)
+        return candidate_ms / reference if reference > 0 else 1.0
+
+    def _rekey(self, session: Any) -> dict[str, Any]:
+        # Passes keep input names; by position covers a tool that renamed them.
+        names = [i.name for i in session.get_inputs()]
+        if set(names) == set(self._feeds):
+            return dict(self._feeds)
+        return dict(zip(names, self._feeds.values(), strict=False))
 
 
 __all__ = [
