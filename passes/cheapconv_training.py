@@ -35,6 +35,23 @@ class Training:
     minimum_seconds: float = 0.0
 
 
+def hint_pairs(
+    cfg: CheapConvConfig,
+    teacher: ir.Model | None,
+    student: ir.Model,
+    replaced_outputs: Sequence[str],
+) -> tuple[tuple[str, str], ...]:
+    """The (teacher, student) tensor pairs of the hint loss (none when its weight is 0)."""
+    if cfg.hint_weight <= 0 or teacher is None:
+        return ()
+    if cfg.hints == "convs":
+        # The replacement's last node keeps the replaced conv's output name in both graphs.
+        return tuple((name, name) for name in replaced_outputs if name)
+    from onnxcompress.graph.resection import shared_feature_maps
+
+    return tuple(shared_feature_maps(teacher, student))
+
+
 def prepare_training(
     cfg: CheapConvConfig,
     context: PassContext,
@@ -72,11 +89,7 @@ def prepare_training(
     online = cfg.distill == "online"
     alpha = cfg.alpha if cfg.alpha is not None else (0.5 if online else 0.9)
     # The replacement's last node keeps the replaced conv's output name in both graphs.
-    hints = (
-        tuple((name, name) for name in replaced_outputs if name)
-        if not online and cfg.hint_weight > 0
-        else ()
-    )
+    hints = hint_pairs(cfg, teacher, model, replaced_outputs) if not online else ()
     config = finetune_config_from(
         cfg,
         epochs=cfg.epochs,
@@ -146,8 +159,9 @@ def train_substituted(
         "ran": True,
         "distill": cfg.distill,
         "alpha": training.alpha,
+        "hints": [student for _, student in training.config.hint_tensors],
         **result.as_dict(),
     }
 
 
-__all__ = ["Training", "prepare_training", "train_substituted"]
+__all__ = ["Training", "hint_pairs", "prepare_training", "train_substituted"]

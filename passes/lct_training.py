@@ -129,7 +129,7 @@ class LctTraining:
                 # The slowest scoring so far is kept back for the next (the load may change).
                 result, top1, seconds = attempt
                 scoring = max(scoring, seconds)
-                ok = top1 >= reference - cfg.max_drop - cfg.slack
+                ok = top1 >= reference - cfg.max_drop - cfg.stage_slack
                 logger.info(
                     "lct stage %d/%d attempt %d (%d layers, increment %.3g): top-1 %.2f vs "
                     "%.2f -> %s",
@@ -213,7 +213,7 @@ class LctTraining:
         ranked = sorted(layers, key=lambda layer: layer.significance)
         for layer in ranked:
             layer.stage = 1
-        floor = reference - cfg.max_drop - cfg.slack
+        floor = reference - cfg.max_drop - cfg.stage_slack
         deadline = self._deadline
 
         def check(module: OnnxModule) -> float:

@@ -580,6 +580,25 @@ def test_separable_training_with_batchnorm_only_where_a_nonlinearity_follows(
     check_valid(model)
 
 
+@pytest.mark.parametrize(
+    ("options", "hints"),
+    [
+        # Default: the last feature map of the conv's shape both networks compute (the ReLU
+        # after the replaced conv), found on the graph.
+        ({}, ["d"]),
+        ({"hints": "convs"}, ["c"]),  # the replaced conv's output, kept by its 1x1
+        ({"hint_weight": 0.0}, []),
+    ],
+)
+def test_offline_distillation_hints_at_the_stage_outputs_by_default(options: dict, hints: list):
+    model = digits_model()
+    options = {"kind": "separable", "epochs": 1, "batch_size": 32, **options}
+    compression = create_pass("cheapconv", options, PassContext(train_spec="digits[:128]"))
+    compression(model)
+    training = compression.report.summary["training"]
+    assert training["ran"] and training["hints"] == hints
+
+
 def test_no_training_without_data():
     model = digits_model()
     compression = create_pass("cheapconv", {"epochs": 3}, PassContext())

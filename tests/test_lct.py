@@ -406,7 +406,13 @@ def _digits_context() -> PassContext:
 
 
 # The mechanics of stages and back-off are tested without the final fine-tune, with exact ranks.
-FAST = {"stages": 2, "epoch_samples": 256, "max_drop": 100.0, "final_epochs": 0}
+FAST = {
+    "schedule": "staged",
+    "stages": 2,
+    "epoch_samples": 256,
+    "max_drop": 100.0,
+    "final_epochs": 0,
+}
 EXACT_RANKS = {"round_to": 1, "min_saving": 0.0}
 
 
@@ -465,7 +471,13 @@ def test_lowrank_mode_factorizes_and_cuts_macs() -> None:
 def test_without_retries_a_rejected_stage_leaves_its_layers_dense() -> None:
     torch.set_num_threads(1)
     model = load_model(DIGITS_MODEL)
-    options = {"stages": 2, "epoch_samples": 64, "max_drop": 0.0, "sparsity": 0.99}
+    options = {
+        "schedule": "staged",
+        "stages": 2,
+        "epoch_samples": 64,
+        "max_drop": 0.0,
+        "sparsity": 0.99,
+    }
     options.update({"max_layer_sparsity": 0.99, "retries": 0, "slack": 0.0, "final_epochs": 0})
     lct = create_pass("lct", options, _digits_context())
     lct(model)
@@ -495,7 +507,14 @@ def _top1(model: ir.Model, spec: str) -> float:
 
 # A target far beyond what 64 images of training can recover: the full increment breaks
 # max_drop, so only backed-off increments can be accepted.
-BACK_OFF = {"stages": 2, "epoch_samples": 64, "max_drop": 1.0, "retries": 3, "slack": 0.0}
+BACK_OFF = {
+    "schedule": "staged",
+    "stages": 2,
+    "epoch_samples": 64,
+    "max_drop": 1.0,
+    "retries": 3,
+    "slack": 0.0,
+}
 BACK_OFF["final_epochs"] = 0
 
 
@@ -599,7 +618,14 @@ def _assert_left_as_it_was(model: ir.Model, original: ir.Model, rows: list[dict]
     assert all(row["level"] == 0 and not row["collapsed"] for row in rows)
 
 
-SCRIPTED = {"stages": 2, "epoch_samples": 64, "retries": 0, "max_drop": 1.0, "slack": 1.0}
+SCRIPTED = {
+    "schedule": "staged",
+    "stages": 2,
+    "epoch_samples": 64,
+    "retries": 0,
+    "max_drop": 1.0,
+    "slack": 1.0,
+}
 SCRIPTED.update({"sparsity": 0.8, "final_epochs": 1})
 
 
@@ -682,7 +708,7 @@ def test_the_time_budget_holds_across_stages_and_retries(monkeypatch: pytest.Mon
     torch.set_num_threads(1)
     clock = _work_clock(monkeypatch, step_s=0.2)
     budget = 20.0
-    options = {"stages": 4, "retries": 2, "max_drop": 0.0, "sparsity": 0.99}
+    options = {"schedule": "staged", "stages": 4, "retries": 2, "max_drop": 0.0, "sparsity": 0.99}
     options.update({"max_layer_sparsity": 0.99, "time_budget_s": budget, "epochs_per_stage": 50})
     options["epoch_samples"] = 64
     lct = _budgeted(options, clock)
@@ -864,7 +890,13 @@ def test_resnet18_from_the_zoo(tmp_path: Path, subspace: str) -> None:
     rng = np.random.default_rng(0)
     x = rng.standard_normal((96, 3, 64, 64)).astype(np.float32)
     context = PassContext(calibration=x, seed=0)
-    options = {"stages": 2, "epoch_samples": 32, "batch_size": 16, "subspace": subspace}
+    options = {
+        "schedule": "staged",
+        "stages": 2,
+        "epoch_samples": 32,
+        "batch_size": 16,
+        "subspace": subspace,
+    }
     options["max_drop"] = 100.0
     lct = create_pass("lct", options, context)
     lct(model)

@@ -205,7 +205,14 @@ def test_lowrank_gradual_with_nothing_that_holds_leaves_the_model_and_says_so(
 # The staged schedule says the same
 # ---------------------------------------------------------------------------------------------
 
-STAGED = {"stages": 2, "epoch_samples": 64, "retries": 0, "max_drop": 1.0, "slack": 1.0}
+STAGED = {
+    "schedule": "staged",
+    "stages": 2,
+    "epoch_samples": 64,
+    "retries": 0,
+    "max_drop": 1.0,
+    "slack": 1.0,
+}
 STAGED.update({"sparsity": 0.8, "final_epochs": 1})
 
 

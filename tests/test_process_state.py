@@ -170,7 +170,10 @@ SEQUENCE = """
 from onnxcompress.pipeline.run import compress
 
 options = {{
-    "lct": {{"stages": 2, "epoch_samples": 128, "max_drop": 100.0, "final_epochs": 0}},
+    "lct": {{
+        "schedule": "staged", "stages": 2, "epoch_samples": 128, "max_drop": 100.0,
+        "final_epochs": 0,
+    }},
     "lrf": {{"target_macs": 0.5, "round_to": 1}},
     "cheapconv": {{"epochs": 1, "epoch_samples": 128, "min_channels": 1}},
     "resect": {{"target_layers": 1, "epochs": 1, "epoch_samples": 128, "max_drop": 100.0}},
