@@ -63,10 +63,7 @@ class TargetOutcome:
 
     def warning(self, pass_name: str) -> str:
         reached = "nothing" if self.reached is None else f"{self.reached:.4g}"
-        return (
-            f"{pass_name} did not reach {self.option}={self.goal:g} (reached {reached}): "
-            f"{self.reason}"
-        )
+        return f"{pass_name} missed {self.option}={self.goal:g} (reached {reached}): {self.reason}"
 
 
 @dataclasses.dataclass

@@ -317,15 +317,24 @@ class LayerwiseCompressiveTraining(CompressionPass[LctConfig]):
         why = summary.get("stopped") or (report.declined[-1].reason if report.declined else "")
         if cfg.subspace == "lowrank" and cfg.target_macs is not None:
             reached = after.macs / before.macs if before.macs else 1.0
+            if reached < cfg.target_macs:
+                # Below the goal: the allocation's steps are coarse, not the training short.
+                granularity = (
+                    "removed more than asked: the nearest allocation at or under the target "
+                    "is below it, because ranks move in steps of round_to and a layer saves "
+                    "MACs only once factorizing it saves min_saving of them"
+                )
+            else:
+                granularity = (
+                    "ranks are multiples of round_to and a layer is factorized only when that "
+                    "saves min_saving of its MACs"
+                )
             report.check_target(
                 "target_macs",
                 cfg.target_macs,
                 reached,
                 tolerance=TARGET_TOLERANCE,
-                reason=why
-                or summary.get("budget_note", "")
-                or "ranks are multiples of round_to and a layer is factorized only when that "
-                "saves min_saving of its MACs",
+                reason=why or summary.get("budget_note", "") or granularity,
             )
         elif cfg.subspace == "sparse":
             report.check_target(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -1140,3 +1141,23 @@ def test_gradual_lowrank_reaches_the_target_ranks() -> None:
     for row in lct.report.layers:
         assert row["level"] == 1.0 and row["rank"] == row["target_rank"]
     assert lct.report.summary["macs_after"] < lct.report.summary["macs_before"]
+
+
+@pytest.mark.parametrize(
+    ("reached", "words"),
+    [(0.5427, "removed more than asked"), (0.75, "ranks are multiples of round_to")],
+)
+def test_a_lowrank_miss_says_which_side_of_target_macs_it_fell(reached: float, words: str) -> None:
+    """Landing below target_macs is the allocation's coarse steps, not a shortfall; the warning
+    says so instead of explaining why it could not get down to the target."""
+    from onnxcompress.graph.metrics import ModelMetrics
+    from onnxcompress.passes.base import PassReport
+
+    lct = create_pass("lct", {"subspace": "lowrank", "target_macs": 0.6}, _digits_context())
+    report = PassReport("lct", {})
+    before = ModelMetrics(params=1, macs=10_000, layers=[], file_size=None, batch=1)
+    after = dataclasses.replace(before, macs=round(reached * before.macs))
+    lct.check_targets(before, after, report)
+    (warning,) = report.warnings
+    assert warning.startswith(f"lct missed target_macs=0.6 (reached {reached:.4g})")
+    assert words in warning

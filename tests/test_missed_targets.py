@@ -38,7 +38,7 @@ def test_a_target_check_is_met_only_within_the_tolerance_on_both_sides() -> None
     assert not over.met and "overshot" in over.reason
     assert [t.option for t in report.targets] == ["target_macs"]  # the last check stands
     assert report.warnings == [
-        "lrf did not reach target_macs=0.5 (reached 0.386): overshot the target by more than "
+        "lrf missed target_macs=0.5 (reached 0.386): overshot the target by more than "
         "the tolerance 0.02"
     ]
     assert not report.targets_met
@@ -56,7 +56,7 @@ def test_lrf_that_cannot_land_within_the_tolerance_warns_and_strict_exits_3(
     payload = json.loads(stdout)
     assert payload["targets_met"] is False
     (missed,) = payload["missed"]
-    assert missed.startswith("lrf did not reach target_macs=0.5 (reached 0.816)")
+    assert missed.startswith("lrf missed target_macs=0.5 (reached 0.816)")
     assert "round_to=32" in missed
     step = payload["steps"][1]["report"]
     assert step["targets_met"] is False and step["summary"]["target_met"] is False

@@ -36,7 +36,7 @@ class SweepRow:
         max_rel: largest relative output deviation from the original.
         latency_ms / original_latency_ms: p50 at ``batch``, measured interleaved.
         error: why the point failed (verification or the pass), else None.
-        warnings: the pass's missed targets (``lrf did not reach target_macs=0.5 ...``).
+        warnings: the pass's missed targets (``lrf missed target_macs=0.5 ...``).
     """
 
     target: float
