@@ -104,6 +104,13 @@ def _add_compress_data_arguments(p: argparse.ArgumentParser) -> None:
         help="count MACs with an input at these dims, e.g. input=1x3x640x640 (for models with "
         "symbolic height and width; default: the --data images' size); the output stays dynamic",
     )
+    data.add_argument(
+        "--static-shape",
+        action="store_true",
+        help="fix the inputs to the --shape dims (batch included) before the passes run: shape "
+        "arithmetic folds to constants, channel groups it froze can be cut, and the written "
+        "model runs at that size only (onnxsim's --overwrite-input-shape)",
+    )
 
 
 def _add_budget_arguments(p: argparse.ArgumentParser) -> None:

@@ -362,6 +362,11 @@ def format_markdown(payload: Mapping[str, Any], plot_names: set[str] | None = No
         from onnxcompress.graph.input_shapes import shapes_text
 
         out.append(f"MACs are counted at input `{shapes_text(payload['macs_counted_at'])}`.")
+        if payload.get("static_shape"):
+            out.append(
+                f"The output's inputs are fixed at `{shapes_text(payload['static_shape'])}` "
+                "(`--static-shape`): it runs at that size only."
+            )
     out += ["", "## Budget", ""]
     budget = {k: v for k, v in (payload.get("budget") or {}).items() if v is not None}
     out.append(

@@ -84,6 +84,8 @@ class CompressionResult:
     missed: list[str] = dataclasses.field(default_factory=list)
     # The dims of each graph input every MAC count, budget and target of the run was made at.
     macs_counted_at: dict[str, list[int]] | None = None
+    # The dims ``--static-shape`` fixed the inputs to (None: the output keeps the input's dims).
+    static_shape: dict[str, list[int]] | None = None
 
     @property
     def targets_met(self) -> bool:
@@ -109,6 +111,7 @@ class CompressionResult:
             "targets_met": self.targets_met,
             "missed": self.missed,
             "macs_counted_at": self.macs_counted_at,
+            "static_shape": self.static_shape,
         }
 
 
@@ -147,6 +150,7 @@ def compress(
     latency: LatencySettings | None = None,
     recipe: dict[str, Any] | None = None,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
+    static_shape: bool = False,
     verify_samples: int = DEFAULT_VERIFY_SAMPLES,
     force: bool = False,
     seed: int = 0,
@@ -176,6 +180,9 @@ def compress(
         input_shapes: the dims to count MACs at for inputs with symbolic height and width
             (``--shape``); without them, the calibration data's. MACs, budgets and every
             step's targets are counted there; the written model keeps its symbolic dims.
+        static_shape: fix the inputs to ``input_shapes`` (every dim, batch included) before
+            the first step, so shape arithmetic folds to constants and the written model is
+            static at that size.
         force: replace an existing output file.
     """
     from onnxcompress.passes import create_pass, pass_class
@@ -212,6 +219,11 @@ def compress(
         raise PassConfigError(
             "budget max_drop needs labelled validation data: give --val-data SPEC "
             "(or [data] validation in the recipe)"
+        )
+    if static_shape and not input_shapes:
+        raise PassConfigError(
+            "--static-shape fixes the inputs to the dims --shape gives: add --shape NAME=DIMS "
+            "(e.g. images=1x3x640x640)"
         )
     trains = [name for name, _ in steps if pass_class(name).needs_training_data]
     if trains and (train_data or data) is None:
@@ -262,6 +274,12 @@ def compress(
     validation = context.validation_set(original, fallback=None)
     if validation is not None:
         say(f"validation: {len(validation)} samples from {eval_data}")
+    if static_shape:
+        from onnxcompress.graph.input_shapes import shapes_text
+
+        assert input_shapes is not None  # refused above
+        _fix_static_shape(model, input_shapes, [calibration, validation], input_path)
+        say(f"static shape: {shapes_text(input_shapes)} (the output runs at this size only)")
     # The gate compares with the original on validation data when there is some: top-1
     # agreement there is what a user will see.
     if validation is not None:
@@ -392,6 +410,8 @@ def compress(
     result = CompressionResult(str(input_path), None, records, before, after)
     result.kept_step, result.stopped = kept_step, stopped
     result.macs_counted_at = counted.input_shapes
+    if static_shape and input_shapes:
+        result.static_shape = {name: list(dims) for name, dims in input_shapes.items()}
     for record in records[: kept_step + 1]:
         result.missed.extend(record.report.get("warnings", ()))
     if last_check is not None:
@@ -447,6 +467,39 @@ def _count_macs_at_real_shapes(
             f"{macs_budgets[0]} cannot be counted: give --shape {name}={template} with the "
             "size it runs at, or --data SPEC"
         )
+
+
+def _fix_static_shape(
+    model: ir.Model,
+    shapes: Mapping[str, Sequence[int]],
+    datasets: Sequence[Any],
+    input_path: Path,
+) -> None:
+    """Fix ``model``'s inputs to ``shapes`` for good (``--static-shape``); canonicalization then
+    folds the shape arithmetic that read them.
+
+    The run's data must be of that size past the batch axis: the verification gate and the
+    accuracy runs feed it to the static model.
+
+    Raises:
+        DataError: a name that is not an input, dims of the wrong rank, or data of another size.
+    """
+    from onnxcompress.errors import DataError
+    from onnxcompress.graph.input_shapes import fix_input_shapes
+
+    inputs = [value for value in model.graph.inputs if not value.is_initializer()]
+    for dataset in datasets:
+        if dataset is None or not inputs:
+            continue
+        name = str(inputs[0].name)
+        dims = shapes.get(name)
+        if dims is not None and tuple(dataset.x.shape[1:]) != tuple(dims[1:]):
+            raise DataError(
+                f"{input_path}: --static-shape {name}={'x'.join(map(str, dims))} does not match "
+                f"the data, whose samples are {'x'.join(map(str, dataset.x.shape[1:]))}: give "
+                "the data's size or data of that size"
+            )
+    fix_input_shapes(model, {name: tuple(dims) for name, dims in shapes.items()}, input_path)
 
 
 def _injected_budget(name: str, options: dict[str, Any], budget: Budget) -> dict[str, float]:

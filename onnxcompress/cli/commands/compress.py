@@ -73,6 +73,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         latency=recipe.latency,
         recipe=recipe.as_dict(),
         input_shapes=parse_shape_overrides(args.shape),
+        static_shape=args.static_shape,
         force=args.force,
         seed=recipe.seed if recipe.seed is not None else 0,
         progress=progress,
@@ -111,6 +112,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
             )
         )
         print(f"MACs counted at {shapes_text(result.macs_counted_at)}")
+        if result.static_shape:
+            print(f"output fixed at {shapes_text(result.static_shape)} (--static-shape)")
         if result.stopped:
             print(f"note: {result.stopped}")
         print(f"wrote {result.output_path}")
