@@ -9,7 +9,11 @@ Removes whole residual branches, blocks and layers found on the graph
 2. Bridges start from a closed-form ridge regression on calibration activations: the bridge
    reproduces the removed part's output from its input, both in the current student.
 3. Significance: each candidate alone is cut (closed-form bridge) and the change of the logits
-   on calibration data is measured (KL divergence and top-1 agreement); least significant first.
+   on calibration data is measured (KL divergence and top-1 agreement). Stages take the
+   candidates with the least KL per unit of what the target counts (MACs, params or layers
+   removed) first: a greedy knapsack, so a cheap cut that saves little does not spend a stage
+   a 15-minute budget cannot spare (on ResNet-20 at target_macs=0.7, ranking by KL alone
+   picked two 1x1 bridges saving 2.6% of the MACs each before any residual branch, 11.6%).
    The ranking is redone on the current student after every accepted stage: a cut changes what
    the rest of the network contributes (after one block goes, its neighbour may matter more).
 4. Stages: cut ``per_stage`` candidates; layer-level learning (the bridge and the compute layers
@@ -292,7 +296,7 @@ class IncrementalResection(CompressionPass[ResectConfig]):
             reference_top1 = self._validate(teacher, val, teacher, first=True)
         report.summary["validation"] = val.name
         report.summary["top1_before"] = reference_top1
-        trials = TrialCuts(cfg, deadline, self._times, self._useful, self._say)
+        trials = TrialCuts(cfg, deadline, self._times, self._useful, self._say, self._priority)
         with deadline.phase("ranking"):
             ranking, complete = trials.rank(teacher, search.candidates, x_rank, first=True)
         # The teacher is a copy of the input model: its trial cuts are the input model's too.
@@ -332,7 +336,7 @@ class IncrementalResection(CompressionPass[ResectConfig]):
                 )
             # A cut that does not shrink what the target measures (a layer swapped for its
             # bridge when layers are counted) only costs accuracy.
-            order = [row["key"] for row in ranking if self._useful(row)]
+            order = [row["key"] for row in self._ordered(ranking)]
             available = self._search(current).by_key()
             picks = [k for k in order if k in available and k not in tried][:step]
             if not picks:
@@ -503,6 +507,24 @@ class IncrementalResection(CompressionPass[ResectConfig]):
             or (cfg.target_params is not None and row["params_removed"] > 0)
         )
 
+    def _priority(self, row: dict[str, Any]) -> tuple[float, float]:
+        """How cheaply a candidate buys progress: its KL per unit it removes of the first
+        target given (layers, MACs, params), then the larger saving first on ties."""
+        cfg = self.cfg
+        if cfg.target_layers is not None:
+            removed = row["layers_removed"]
+        elif cfg.target_macs is not None:
+            removed = row["macs_removed"]
+        else:
+            removed = row["params_removed"]
+        if removed <= 0:
+            return (float("inf"), 0.0)
+        return (row["kl"] / removed, -float(removed))
+
+    def _ordered(self, ranking: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The useful rows of ``ranking``, the cheapest progress first (``_priority``)."""
+        return sorted((row for row in ranking if self._useful(row)), key=self._priority)
+
     def _target_text(self) -> str:
         cfg = self.cfg
         parts = []
@@ -563,7 +585,7 @@ class IncrementalResection(CompressionPass[ResectConfig]):
 
     def _expected_stages(self, ranking: list[dict[str, Any]], start: _Size) -> int:
         per_stage = self.cfg.per_stage
-        useful = [row for row in ranking if self._useful(row)]
+        useful = self._ordered(ranking)
         size = dataclasses.replace(start)
         stages = 0
         for first in range(0, len(useful), per_stage):

@@ -94,6 +94,8 @@ class TrialCuts:
         times: the pass's measured work; the slowest trial cut is recorded here.
         useful: whether a ranking row shrinks what the pass's target measures.
         say: the pass's progress lines.
+        priority: the order the stages take useful rows in (smallest first); the trial cuts
+            of the first ``per_stage`` are kept for the stage that takes them.
     """
 
     def __init__(
@@ -103,12 +105,14 @@ class TrialCuts:
         times: WorkTimes,
         useful: Callable[[dict[str, Any]], bool],
         say: Callable[[str], None],
+        priority: Callable[[dict[str, Any]], tuple[float, float]],
     ) -> None:
         self.cfg = cfg
         self._deadline = deadline
         self._times = times
         self._useful = useful
         self._say = say
+        self._priority = priority
         self._trials: dict[str, tuple[ir.Model, list[Resection]]] = {}
         # The model the kept trial cuts were cut from.
         self.trials_of: ir.Model | None = None
@@ -171,8 +175,9 @@ class TrialCuts:
         minimum) ran out. ``first``: the first ranking, whose first trial cut times the ranking
         for the up-front check of the budget.
 
-        The cut copies of the ``per_stage`` least significant useful candidates are kept for
-        ``cut`` (the stage would redo the very same cut and bridge fit).
+        The cut copies of the ``per_stage`` useful candidates the stages take first
+        (``priority``) are kept for ``cut`` (the stage would redo the very same cut and bridge
+        fit).
         """
         from onnxcompress.runtime.evaluate import predict
 
@@ -181,7 +186,7 @@ class TrialCuts:
         fitter = bridge_fitter(x, ridge=self.cfg.ridge)
         reference = class_scores(predict(model, x), len(x))
         rows: list[dict[str, Any]] = []
-        kept: list[tuple[tuple[float, float], str, ir.Model, list[Resection]]] = []
+        kept: list[tuple[tuple[float, float], str, ir.Model, list[Resection]]] = []  # priority
         complete = True
         for index, candidate in enumerate(candidates, 1):
             if index > 1 and deadline.limited:
@@ -215,7 +220,7 @@ class TrialCuts:
             }
             rows.append(row)
             if cuts and self._useful(row):
-                kept.append(((kl, -agreement), candidate.key, trial, cuts))
+                kept.append((self._priority(row), candidate.key, trial, cuts))
                 kept.sort(key=lambda item: item[0])
                 del kept[self.cfg.per_stage :]
             logger.info(

@@ -785,3 +785,20 @@ def test_zoo_models_yield_valid_resected_models(name: str) -> None:
 )
 def test_zoo_models_yield_valid_resected_models_slow(name: str, exporter: str) -> None:
     zoo_resect(name, exporter, target_macs=0.85, kinds="branch;block;layer", max_stages=4)
+
+
+def test_stages_take_the_least_kl_per_unit_of_the_target_first() -> None:
+    """A greedy knapsack: with a MACs target, a harmless-looking cut that saves little comes
+    after one that costs a bit more KL but saves far more MACs; with a layers target the same
+    rows order by KL per layer removed. Rows that shrink nothing the target counts are left out."""
+    rows = [
+        {"key": "bridge", "kl": 0.28, "macs_removed": 1_000_000, "layers_removed": 0},
+        {"key": "branch", "kl": 0.37, "macs_removed": 4_700_000, "layers_removed": 2},
+        {"key": "layer", "kl": 0.51, "macs_removed": 2_400_000, "layers_removed": 1},
+    ]
+    for row in rows:
+        row["params_removed"] = 1
+    by_macs = create_pass("resect", {"target_macs": 0.7})
+    assert [r["key"] for r in by_macs._ordered(rows)] == ["branch", "layer", "bridge"]  # type: ignore[attr-defined]
+    by_layers = create_pass("resect", {"target_layers": 10})
+    assert [r["key"] for r in by_layers._ordered(rows)] == ["branch", "layer"]  # type: ignore[attr-defined]
