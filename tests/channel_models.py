@@ -401,6 +401,44 @@ def channels_last_misread() -> ir.Model:
     return net.build([net.head(conv, 4), net.head(pooled, 8)])
 
 
+def channels_last_se() -> ir.Model:
+    """tf2onnx's squeeze-excite: the block's mean and its gate are taken in NHWC between
+    Transpose pairs (ReduceMean over axes 1, 2; the gate multiplies the NHWC features)."""
+    net = Net(20)
+    x = image_input(net)
+    h = net.relu(net.conv(x, 3, 8))
+    nhwc = net.op("Transpose", [h], perm=[0, 2, 3, 1])
+    pooled = net.op("ReduceMean", [nhwc], axes=[1, 2], keepdims=1)
+    squeezed = net.relu(net.conv(net.op("Transpose", [pooled], perm=[0, 3, 1, 2]), 8, 4, k=1))
+    gate = net.op("HardSigmoid", [net.conv(squeezed, 4, 8, k=1)])
+    scaled = net.op("Mul", [nhwc, net.op("Transpose", [gate], perm=[0, 2, 3, 1])])
+    back = net.op("Transpose", [scaled], perm=[0, 3, 1, 2])
+    return net.build([net.head(net.relu(net.conv(back, 8, 6)), 6)])
+
+
+def channels_last_concat() -> ir.Model:
+    """Two NHWC tensors concatenated on their channel axis (3): Concat's layout constants
+    assume axis 1, so both groups stay frozen."""
+    net = Net(21)
+    x = image_input(net)
+    a = net.op("Transpose", [net.relu(net.conv(x, 3, 4))], perm=[0, 2, 3, 1])
+    b = net.op("Transpose", [net.relu(net.conv(x, 3, 6))], perm=[0, 2, 3, 1])
+    joined = net.op("Concat", [a, b], axis=3)
+    back = net.op("Transpose", [joined], perm=[0, 3, 1, 2])
+    return net.build([net.head(net.relu(net.conv(back, 10, 4)), 4)])
+
+
+def channels_last_matmul() -> ir.Model:
+    """A MatMul on an NHWC tensor contracts its channel axis (a Dense layer in channels-last
+    layout): not cut yet, so the group feeding it stays frozen."""
+    net = Net(22)
+    x = image_input(net)
+    nhwc = net.op("Transpose", [net.relu(net.conv(x, 3, 6))], perm=[0, 2, 3, 1])
+    dense = net.op("MatMul", [nhwc, net.const(net.weight(6, 4))])
+    back = net.op("Transpose", [dense], perm=[0, 3, 1, 2])
+    return net.build([net.head(net.relu(back), 4)])
+
+
 def spatial_transpose() -> ir.Model:
     """A Transpose that swaps H and W leaves the channels on axis 1."""
     net = Net(19)
@@ -487,6 +525,7 @@ BUILDERS: dict[str, Callable[[], ir.Model]] = {
     "unknown_op": unknown_op,
     "odd_reshape": odd_reshape,
     "shared_weights": shared_weights,
+    "channels_last_se": channels_last_se,
 }
 
 # Kept apart from BUILDERS (which every pass's generic tests run on): the channel analysis and
@@ -495,6 +534,8 @@ CHANNEL_AXIS_BUILDERS: dict[str, Callable[[], ir.Model]] = {
     "channels_last": channels_last,
     "channels_last_head": channels_last_head,
     "channels_last_misread": channels_last_misread,
+    "channels_last_concat": channels_last_concat,
+    "channels_last_matmul": channels_last_matmul,
     "spatial_transpose": spatial_transpose,
 }
 
@@ -511,6 +552,7 @@ PRUNABLE = [
     "flatten_gemm",
     "mlp",
     "split_slice",
+    "channels_last_se",
 ]
 
 

@@ -302,12 +302,9 @@ def test_channels_last_region_is_carried_on_axis_3() -> None:
     ]
     assert [ws.node.name for ws in group.consumers] == ["conv_13"]
     assert not group.linear_path  # per-channel affine and Relu on the way
-    # Surgery does not cut through a moved channel axis yet: frozen, with the reason.
-    assert group.frozen_reason == (
-        "Transpose transpose_4 moves the channel axis to 3; cutting channels through a moved "
-        "channel axis is not supported yet"
-    )
-    assert [g.name for g in analysis.prunable] == ["conv_13"]
+    # Elementwise, broadcast and Transpose ops cut on any axis: the group is prunable.
+    assert group.frozen_reason is None
+    assert [g.name for g in analysis.prunable] == ["conv_3", "conv_13"]
 
 
 def test_channels_last_reduce_head_reaches_the_gemm() -> None:
@@ -320,7 +317,33 @@ def test_channels_last_reduce_head_reaches_the_gemm() -> None:
     assert group.axis(pooled) == 1
     np.testing.assert_array_equal(group.positions(pooled).ravel(), np.arange(6))
     assert [(ws.node.name, ws.axis) for ws in group.consumers] == [("gemm_9", 1)]
-    assert "Transpose transpose_5 moves the channel axis to 3" in (group.frozen_reason or "")
+    assert group.frozen_reason is None
+
+
+def test_tf2onnx_squeeze_excite_in_nhwc_is_one_prunable_group() -> None:
+    """The features, their NHWC copy, the gate and the gated product share one group; the
+    squeeze conv reads its channels back on axis 1 (after the second Transpose)."""
+    model = cm.channels_last_se()
+    analysis = analyze_channels(model)
+    group = group_by_producer(analysis, "conv_3", "conv_14")
+    assert group.frozen_reason is None and group.size == 8
+    assert {ws.node.name for ws in group.producers} == {"conv_3", "conv_14"}  # features, gate
+    assert {ws.node.name for ws in group.consumers} == {"conv_10", "conv_21"}  # squeeze, next
+    assert group.axis(node(model, "mul_17").outputs[0]) == 3
+    assert sorted(g.name for g in analysis.prunable) == ["conv_10", "conv_21", "conv_3, conv_14"]
+
+
+@pytest.mark.parametrize(
+    ("build", "op"), [(cm.channels_last_concat, "Concat concat_11"), (cm.channels_last_matmul, "")]
+)
+def test_ops_that_assume_axis_1_freeze_channels_moved_off_it(build: Any, op: str) -> None:
+    """Negative: a Concat on the NHWC channel axis rewrites layout constants that assume
+    axis 1, and a MatMul contracts the moved channel axis; neither is cut."""
+    analysis = analyze_channels(build())
+    group = group_by_producer(analysis, "conv_3")
+    assert group.is_frozen
+    reason = group.frozen_reason or ""
+    assert (op in reason and "channels-last" in reason) if op else "MatMul matmul_7" in reason
 
 
 def test_fixed_axis_ops_freeze_channels_that_lie_elsewhere() -> None:

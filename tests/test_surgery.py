@@ -326,14 +326,28 @@ def test_bad_requests_raise() -> None:
         fold_compensation(model, group, [0], [0, 1], np.ones((1, 2)))
 
 
-def test_channels_on_a_moved_axis_are_not_cut() -> None:
-    """The analysis follows channels through a Transpose to NHWC; surgery refuses to cut them."""
+def test_channels_on_a_moved_axis_are_cut_with_their_nhwc_constants() -> None:
+    """Through a Transpose to NHWC, per-channel Mul/Add constants on the last axis are sliced
+    with the channels, and the NHWC tensors lose them on axis 3 (exact for zeroed channels)."""
     model = cm.channels_last()
-    analysis = analyze_channels(model)
-    group = replaceable_group(analysis, "conv_3")
-    with pytest.raises(
-        ValueError, match="frozen: Transpose transpose_4 moves the channel axis to 3"
-    ):
+    reference = clone_model(model)
+    group = replaceable_group(analyze_channels(model), "conv_3")
+    zero_channels(group, [1, 4])
+    feeds = cm.feeds_for(model)
+    before = cm.run(model, feeds)
+    remove_channels(model, group, [1, 4])
+    check_valid(model, reference)
+    assert_same(before, cm.run(model, feeds))
+    constants = [model.graph.node(name).inputs[1] for name in ("mul_6", "add_8")]
+    assert [c.const_value.numpy().shape for c in constants] == [(4,), (4,)]  # type: ignore[union-attr]
+    assert list(model.graph.node("relu_9").outputs[0].shape or [])[-1] == 4
+
+
+def test_channels_moved_into_a_concat_are_not_cut() -> None:
+    """Negative: Concat's layout constants assume axis 1; surgery refuses the frozen group."""
+    model = cm.channels_last_concat()
+    group = replaceable_group(analyze_channels(model), "conv_3")
+    with pytest.raises(ValueError, match="frozen: Concat concat_11 meets channels moved"):
         remove_channels(model, group, [0])
     with pytest.raises(ValueError, match="frozen"):
         fold_compensation(model, group, [0], [1], np.ones((1, 1)))

@@ -58,8 +58,12 @@ of removed components, so removing channels of one group never invalidates anoth
 Limits: channels-last regions (ConvNeXt's permuted blocks, NHWC graphs from tf2onnx between their
 Transposes) are followed: a Transpose carries the channels to their new axis, elementwise and
 layout ops follow them there, and an op that ONNX defines on axis 1 (Conv, pooling,
-BatchNormalization, Flatten...) freezes an input whose channels lie elsewhere. Surgery does not
-cut through a moved channel axis yet, so a group that leaves axis 1 stays frozen, saying so. A
+BatchNormalization, Flatten...) freezes an input whose channels lie elsewhere. Channels off
+axis 1 are cut through the families that carry no layout constant assuming axis 1
+(``OpRule.cuts_any_axis``: elementwise, broadcast arithmetic with its per-channel constants
+sliced on their own axis, reductions, softmax and normalizations over other axes, Transpose,
+Squeeze): tf2onnx's NHWC squeeze-excite blocks prune. Any other op meeting them (Concat, Split,
+Slice, Reshape, a MatMul contracting them...) freezes the group, naming the op. A
 channel shuffle (Reshape-Transpose-Reshape, ShuffleNet) is frozen; LRN freezes the channels it
 normalizes (removing one would change its neighbours).
 

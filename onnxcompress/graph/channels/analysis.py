@@ -65,7 +65,6 @@ class Builder:
         self.n_slots = 0
         self.edges: list[tuple[np.ndarray, np.ndarray]] = []
         self.blocks: list[tuple[np.ndarray, str]] = []
-        self.moves: list[tuple[ir.Value, str]] = []
         self.explained: list[np.ndarray] = []
         self.records: list[WeightSlice] = []
         self.fixups: list[LayoutFixup] = []
@@ -132,20 +131,42 @@ class Builder:
         """State that ``value`` (an output of ``node``) holds its channels on ``axis``.
 
         Call before asking for the value's channels. When the channels of ``source`` (an input)
-        lie on another axis, ``node`` moves them; groups that leave axis 1 stay frozen, as
-        surgery does not cut through a moved channel axis yet.
+        lie on another axis, ``node`` moves them (``source`` is kept for that reading; which
+        ops may then cut them is decided once every rule has run, :meth:`_block_moved_axes`).
         """
+        del node, source  # the move is read off ``self.axes`` when the analysis finishes
         if value is None or value in self.base:
             return
         self.axes[value] = axis
-        if source is not None and axis != CHANNEL_AXIS and self.axis(source) != axis:
-            self.moves.append(
-                (
-                    value,
-                    f"{describe(node)} moves the channel axis to {axis}; cutting channels "
-                    "through a moved channel axis is not supported yet",
+
+    def _block_moved_axes(self) -> None:
+        """Freeze channels held off axis 1 wherever an op touching them cannot be cut there.
+
+        Channels-last regions (tf2onnx's NHWC squeeze-excite blocks, a Transpose pair around
+        per-channel arithmetic) are cut like any other: elementwise, broadcasting arithmetic,
+        reductions and Transposes carry no layout constant that assumes axis 1
+        (``OpRule.cuts_any_axis``). Any other op reading or writing such a tensor freezes it,
+        naming the op.
+        """
+        for value in self.tensor_order:
+            axis = self.axes.get(value, CHANNEL_AXIS)
+            if axis == CHANNEL_AXIS:
+                continue
+            producer = value.producer()
+            nodes = ([producer] if producer is not None else []) + [u.node for u in value.uses()]
+            for node in nodes:
+                rule = rule_for(node)
+                if rule is not None and (rule.cuts_any_axis or rule.channel_axis is not None):
+                    # A fixed-axis op (Conv, pooling...) already froze what it misreads.
+                    continue
+                start = self.base[value]
+                self.block(
+                    np.arange(start, start + self.count[value]),
+                    f"{describe(node)} meets channels moved to axis {axis} (channels-last), "
+                    "where they are cut only through elementwise, broadcast, reduce, softmax, "
+                    "normalization and Transpose ops",
                 )
-            )
+                break
 
     def channels(self, value: ir.Value | None) -> int | None:
         if value is None:
@@ -326,10 +347,7 @@ class Builder:
                         "is not understood",
                     )
                 )
-        for value, reason in self.moves:
-            if value in self.base:
-                start = self.base[value]
-                self.block(np.arange(start, start + self.count[value]), reason)
+        self._block_moved_axes()
 
         reasons: dict[int, list[str]] = {}
         for ids, reason in self.blocks:

@@ -68,6 +68,7 @@ class ElementwiseRule(_UnaryRule):
         "Shrink Identity Cast Not IsNaN IsInf Sin Cos Dropout"
     )
     channel_axis = None
+    cuts_any_axis = True
     linear_ops = op_set("Identity Dropout Cast")
     homogeneous_ops = op_set("Relu LeakyRelu")
 
@@ -93,6 +94,7 @@ class BroadcastRule(OpRule):
         "GreaterOrEqual And Or Xor Mod"
     )
     channel_axis = None
+    cuts_any_axis = True
 
     def analyze(self, node: ir.Node, b: Builder) -> None:
         analyze_broadcast(node, b)
@@ -235,6 +237,7 @@ class LayerNormRule(OpRule):
     family = "layernorm"
     op_types = op_set("LayerNormalization")
     channel_axis = None
+    cuts_any_axis = True
 
     def analyze(self, node: ir.Node, b: Builder) -> None:
         x = required(node, 0)
@@ -266,6 +269,7 @@ class SoftmaxRule(OpRule):
     family = "softmax"
     op_types = op_set("Softmax LogSoftmax Hardmax")
     channel_axis = None
+    cuts_any_axis = True
 
     def analyze(self, node: ir.Node, b: Builder) -> None:
         x = required(node, 0)
@@ -290,6 +294,7 @@ class ReduceRule(OpRule):
         "ReduceLogSumExp ReduceSumSquare"
     )
     channel_axis = None
+    cuts_any_axis = True
     linear_ops = op_set("ReduceMean ReduceSum")
     homogeneous_ops = op_set("ReduceMax ReduceMin")
 

@@ -449,6 +449,7 @@ class TransposeRule(OpRule):
     family = "transpose"
     op_types = op_set("Transpose")
     channel_axis = None
+    cuts_any_axis = True
     linear_ops = op_set("Transpose")
 
     def analyze(self, node: ir.Node, b: Builder) -> None:
@@ -470,6 +471,7 @@ class SqueezeRule(OpRule):
     family = "squeeze"
     op_types = op_set("Squeeze Unsqueeze")
     channel_axis = None
+    cuts_any_axis = True
     linear_ops = op_set("Squeeze Unsqueeze")
 
     def analyze(self, node: ir.Node, b: Builder) -> None:

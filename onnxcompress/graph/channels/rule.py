@@ -62,6 +62,11 @@ class OpRule(Generic[FixupT]):
             between channels (channel r = sum_k lambda_k channel k) survives them.
         homogeneous_ops: further ops that are positively homogeneous (f(a x) = a f(x), a > 0)
             and the same for every channel, so a scale relation survives them.
+        cuts_any_axis: surgery on the family's ops is right whichever axis holds the
+            channels (no layout constants, per-channel constants sliced on the axis the rule
+            computed), so channels moved off axis 1 (channels-last regions) may be cut
+            through them. Families that rewrite layout constants assume axis 1 and freeze a
+            moved channel axis until they are taught otherwise.
     """
 
     family: ClassVar[str] = ""
@@ -70,6 +75,7 @@ class OpRule(Generic[FixupT]):
     channel_axis: ClassVar[int | None] = CHANNEL_AXIS
     linear_ops: ClassVar[frozenset[str]] = frozenset()
     homogeneous_ops: ClassVar[frozenset[str]] = frozenset()
+    cuts_any_axis: ClassVar[bool] = False
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.family})"
