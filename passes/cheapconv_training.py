@@ -92,7 +92,7 @@ def prepare_training(
     hints = hint_pairs(cfg, teacher, model, replaced_outputs) if not online else ()
     config = finetune_config_from(
         cfg,
-        epochs=cfg.epochs,
+        epochs=cfg.epoch_count,
         alpha=alpha,
         loss="mutual" if online else ("hint" if hints else "kd"),
         hint_tensors=hints,

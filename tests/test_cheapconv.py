@@ -729,7 +729,8 @@ def test_the_whole_pass_with_training_ends_within_its_budget(
     monkeypatch.setattr(PassContext, "load", staticmethod(load))
     monkeypatch.setattr(trainer_module.Trainer, "_step", step)
     budget = 6.0
-    options = {"epochs": 1000, "batch_size": 32, "time_budget_s": budget, "init": "activations"}
+    # No ``epochs``: under a budget the default trains until the clock ends the run.
+    options = {"batch_size": 32, "time_budget_s": budget, "init": "activations"}
     context = PassContext(calibration=digits_images(64), train_spec="digits[:256]")
     compression = budgeted(options, context, fit_clock)
     model = digits_chain(4)
@@ -813,3 +814,12 @@ def test_zoo_models_stay_valid_and_cheaper(name: str, exporter: str, size: int):
         out = run(model, x)
         assert out.shape == expected_shape and np.all(np.isfinite(out))
         assert model_metrics(model).macs < model_metrics(original).macs
+
+
+def test_epochs_default_to_the_budget_with_one_and_to_three_without() -> None:
+    with_budget = create_pass("cheapconv", {"time_budget_s": 900}, PassContext())
+    assert with_budget.cfg.epoch_count == cheapconv_module.CLOCK_EPOCHS  # type: ignore[attr-defined]
+    without = create_pass("cheapconv", {}, PassContext())
+    assert without.cfg.epoch_count == cheapconv_module.DEFAULT_EPOCHS == 3  # type: ignore[attr-defined]
+    given = create_pass("cheapconv", {"epochs": 5, "time_budget_s": 900}, PassContext())
+    assert given.cfg.epoch_count == 5  # type: ignore[attr-defined]
