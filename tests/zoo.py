@@ -71,10 +71,11 @@ class PruningLimit:
 # What is known not to prune (lrf and merge alike, both exporters, target_macs=0.7).
 KNOWN_LIMITS: dict[str, PruningLimit] = {
     "convnext_tiny": PruningLimit(
-        ("Transpose", "moves the channel axis"),
+        ("LayerNormalization", "normalizes over the channel axis"),
         0,
-        "channels-last blocks (LayerNorm and MLP between Transposes): channel groups are "
-        "frozen at the Transposes, so no group is prunable",
+        "channels-last blocks: every LayerNorm normalizes over the channels (removing one "
+        "changes every other's normalization, so it is not cut) and the MLP's MatMuls contract "
+        "them, so no group is prunable",
     ),
     "light_shufflenet": PruningLimit(
         ("Reshape", "Transpose"),
