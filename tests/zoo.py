@@ -78,7 +78,8 @@ KNOWN_LIMITS: dict[str, PruningLimit] = {
         "them, so no group is prunable",
     ),
     "light_shufflenet": PruningLimit(
-        ("Reshape", "Transpose"),
+        # The shuffle's Reshape to 5-D, and the moved channel axis a Reshape then misreads.
+        ("Reshape", "holds its channels on axis"),
         0,
         "channel shuffle (Reshape to 5-D, Transpose) after every grouped 1x1 conv, and grouped "
         "convs tie their input channels to their shuffled outputs: every group is frozen",
