@@ -120,21 +120,11 @@ class Builder:
             return CHANNEL_AXIS
         return self.axes.get(value, CHANNEL_AXIS)
 
-    def place(
-        self,
-        node: ir.Node,
-        value: ir.Value | None,
-        axis: int,
-        *,
-        source: ir.Value | None = None,
-    ) -> None:
-        """State that ``value`` (an output of ``node``) holds its channels on ``axis``.
-
-        Call before asking for the value's channels. When the channels of ``source`` (an input)
-        lie on another axis, ``node`` moves them (``source`` is kept for that reading; which
-        ops may then cut them is decided once every rule has run, :meth:`_block_moved_axes`).
+    def place(self, value: ir.Value | None, axis: int) -> None:
+        """State that ``value`` (an output of the node being analyzed) holds its channels on
+        ``axis``. Call before asking for the value's channels. Which ops may cut channels off
+        axis 1 is decided once every rule has run (:meth:`_block_moved_axes`).
         """
-        del node, source  # the move is read off ``self.axes`` when the analysis finishes
         if value is None or value in self.base:
             return
         self.axes[value] = axis

@@ -132,7 +132,7 @@ def analyze_broadcast(node: ir.Node, b: Builder) -> None:
             node, f"{describe(node)} combines operands whose channels lie on different axes"
         )
         return
-    b.place(node, y, out_axis)
+    b.place(y, out_axis)
     cy = b.channels(y)
     if cy is None:
         cy = next(
@@ -251,7 +251,7 @@ class LayerNormRule(OpRule):
             return
         block_extra_outputs(node, b, f"the statistics outputs of {describe(node)} are used")
         y = node.outputs[0]
-        b.place(node, y, channel, source=x)
+        b.place(y, channel)
         if b.identity(node, x, y) and x is not None:
             b.path(node, (x, y), linear=False, homogeneous=False)
 
@@ -338,5 +338,5 @@ class ArgReduceRule(OpRule):
             b.block_node(node, f"{describe(node)} reduces over the channel (or batch) axis")
             return
         dropped = not node.attributes.get_int("keepdims", 1) and axis < channel
-        b.place(node, y, channel - 1 if dropped else channel, source=x)
+        b.place(y, channel - 1 if dropped else channel)
         b.identity(node, x, y)

@@ -67,7 +67,7 @@ class ConcatRule(OpRule):
             )
             return
         channel = channel_axes.pop() if channel_axes else CHANNEL_AXIS
-        b.place(node, y, channel)
+        b.place(y, channel)
         axis = node.attributes.get_int("axis", 0) % out_rank
         if axis != channel:
             if len(computed) != len(node.inputs):
@@ -124,7 +124,7 @@ class SplitRule(OpRule[SplitFixup]):
             return
         channel = b.axis(x)
         for out in node.outputs:
-            b.place(node, out, channel, source=x)
+            b.place(out, channel)
         axis = node.attributes.get_int("axis", 0) % x_rank
         if axis != channel:
             if not check_side_inputs(node, b):
@@ -264,7 +264,7 @@ class SliceRule(OpRule[SliceFixup]):
         start = max(0, min(cx, start + cx if start < 0 else start))
         end = max(0, min(cx, end + cx if end < 0 else end))
         count = max(0, end - start)
-        b.place(node, y, channel, source=x)
+        b.place(y, channel)
         xs = b.slots(x)
         ys = b.slots(y, declare=count)
         if xs is None or ys is None or ys.size != count or count == 0:
@@ -327,7 +327,7 @@ class GatherRule(OpRule[GatherFixup]):
             b.block_node(node, f"{describe(node)} gathers channels into a different layout")
             return
         picked = np.where(indices < 0, indices + cx, indices).astype(np.int64)
-        b.place(node, y, channel, source=x)
+        b.place(y, channel)
         xs = b.slots(x)
         ys = b.slots(y, declare=picked.size)
         if xs is None or ys is None or ys.size != picked.size:
@@ -406,7 +406,7 @@ class PadRule(OpRule[PadFixup]):
             b.block_node(node, f"{describe(node)} pads the batch axis")
             return
         channel = b.axis(x)
-        b.place(node, y, channel, source=x)
+        b.place(y, channel)
         before, after = befores.get(channel, 0), afters.get(channel, 0)
         linear = mode in ("reflect", "edge", "wrap") or value == 0.0
         if before == 0 and after == 0:

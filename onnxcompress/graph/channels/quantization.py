@@ -84,7 +84,7 @@ class _QuantizationRule(OpRule):
             if static_dim(x, b.axis(x)) != scale.size:
                 b.block_node(node, f"{describe(node)} has {scale.size} scales for its channels")
                 return
-        b.place(node, y, b.axis(x), source=x)
+        b.place(y, b.axis(x))
         if not b.identity(node, x, y):
             return
         b.path(node, (x, y), linear=False, homogeneous=not per_channel)

@@ -180,7 +180,7 @@ class OpRule(Generic[FixupT]):
         ``y`` holds its channels on ``axis`` (default: the axis of ``x``'s).
         """
         if x is not None:
-            b.place(node, y, b.axis(x) if axis is None else axis, source=x)
+            b.place(y, b.axis(x) if axis is None else axis)
         if b.identity(node, x, y) and y is not None and x is not None:
             linear, homogeneous = self.uniformity(node.op_type)
             b.path(node, (x, y), linear=linear, homogeneous=homogeneous)
