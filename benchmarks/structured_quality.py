@@ -27,6 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import harness
+import torch_pruning_anchor
 
 from onnxcompress.data import Dataset, load_dataset
 from onnxcompress.graph.canonicalize import canonicalize
@@ -47,6 +48,9 @@ BUDGET_SOURCE = "lrf activations"
 # The usual L1 setting (as Torch-Pruning's numbers in METHODS.md): the same fraction of every
 # block's inner channels, the fraction chosen so that the MACs meet the target.
 UNIFORM_L1 = "L1 magnitude, uniform inner-block ratio (no compensation)"
+# Issue 20's anchor: Torch-Pruning itself on the PyTorch weights of the same network.
+TORCH_PRUNING = "torch-pruning"
+TORCH_PRUNING_L1 = "Torch-Pruning L1, inner block channels (BN kept)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,14 +58,14 @@ class Method:
     """One row family of the table: a pass with fixed options, or the magnitude baseline."""
 
     label: str
-    pass_name: str | None  # None: the L1 baseline
+    pass_name: str | None  # None: the L1 baseline; TORCH_PRUNING: the anchor
     options: dict[str, Any]
     # For the same-budget baseline: the method whose channel counts it copies (None with
     # pass_name None: the uniform baseline).
     budget_of: str | None = None
 
 
-def methods(merge_available: bool) -> list[Method]:
+def methods(merge_available: bool, anchor_available: bool = False) -> list[Method]:
     rows = [
         Method("lrf weights", "lrf", {"criterion": "weights", "round_to": 8}),
         Method("lrf activations", "lrf", {"criterion": "activations", "round_to": 8}),
@@ -70,6 +74,7 @@ def methods(merge_available: bool) -> list[Method]:
             "lrf",
             {"criterion": "activations", "round_to": 8, "reconstruct": False},
         ),
+        Method("lrf synthetic (data-free)", "lrf", {"criterion": "synthetic", "round_to": 8}),
         Method("lrf activations, round_to=1", "lrf", {"criterion": "activations", "round_to": 1}),
         # 16: ONNX Runtime's NCHWc block on AVX-512 CPUs (see results/latency.md).
         Method("lrf activations, round_to=16", "lrf", {"criterion": "activations", "round_to": 16}),
@@ -77,6 +82,9 @@ def methods(merge_available: bool) -> list[Method]:
     if merge_available:
         rows += [
             Method("merge weights", "merge", {"criterion": "weights", "round_to": 8}),
+            Method(
+                "merge synthetic (data-free)", "merge", {"criterion": "synthetic", "round_to": 8}
+            ),
             Method("merge activations", "merge", {"criterion": "activations", "round_to": 8}),
             Method(
                 "merge activations, no reconstruction",
@@ -94,6 +102,8 @@ def methods(merge_available: bool) -> list[Method]:
         ),
         Method(UNIFORM_L1, None, {"round_to": 1}),
     ]
+    if anchor_available:
+        rows.append(Method(TORCH_PRUNING_L1, TORCH_PRUNING, {}))
     return rows
 
 
@@ -139,6 +149,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     merge_available = "merge" in REGISTRY
     if not merge_available:
         print("merge: not available (no pass registered as 'merge')")
+    network = None
+    if args.model:
+        print("Torch-Pruning anchor: left out (it runs on the shared ResNet-20's weights only)")
+    elif not torch_pruning_anchor.available():
+        print("Torch-Pruning anchor: left out (install it: pip install -e '.[anchors]')")
+    else:
+        network = torch_pruning_anchor.load_resnet(shared)
+    chosen = [
+        m
+        for m in methods(merge_available, network is not None)
+        if not args.methods or any(part in m.label for part in args.methods)
+    ]
     eval_spec = harness.cifar10_spec(shared, "500:1000")
     calib_spec = harness.cifar10_spec(shared, f"0:{args.calibration_per_class}")
     evaluation = load_dataset(eval_spec)
@@ -155,8 +177,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     for target in args.targets:
         reports: dict[str, list[dict[str, Any]]] = {}
-        for method in methods(merge_available):
-            row = evaluate_method(method, target, teacher, context, evaluation, reports)
+        for method in chosen:
+            row = evaluate_method(method, target, teacher, context, evaluation, reports, network)
             row["macs_ratio"] = row["macs"] / teacher_metrics.macs
             row["params_ratio"] = row["params"] / teacher_metrics.params
             rows.append(row)
@@ -232,11 +254,16 @@ def evaluate_method(
     context: PassContext,
     evaluation: Dataset,
     reports: dict[str, list[dict[str, Any]]],
+    network: Any = None,
 ) -> dict[str, Any]:
-    """Compress a copy of ``teacher`` with ``method`` at ``target`` and score it."""
+    """Compress a copy of ``teacher`` with ``method`` at ``target`` and score it (``network``:
+    the PyTorch module the Torch-Pruning anchor prunes)."""
     start = time.perf_counter()
     summary: dict[str, Any] = {}
-    if method.pass_name is None and method.budget_of is None:
+    if method.pass_name == TORCH_PRUNING:
+        pruned, model, _ = torch_pruning_anchor.prune_to_macs(network, target)
+        torch_pruning_anchor.check_export(pruned, model, evaluation.x[:8])
+    elif method.pass_name is None and method.budget_of is None:
         model = uniform_magnitude_prune(teacher, target)
     elif method.pass_name is None:
         assert method.budget_of is not None
@@ -312,7 +339,10 @@ def to_markdown(result: dict[str, Any]) -> str:
         "counts of the lrf activations row with the same round_to (same budget), keeping the "
         "filters with the largest L1 norm, without compensation. The uniform row is the usual "
         "L1 setting instead: the same fraction of every residual block's inner channels "
-        "(groups made by one Conv), the fraction bisected to meet the MAC target.",
+        "(groups made by one Conv), the fraction bisected to meet the MAC target. The "
+        "Torch-Pruning row runs the library itself on the PyTorch weights of the same network "
+        "(`benchmarks/torch_pruning_anchor.py`): L1 importance, BatchNorm kept, the same "
+        "fraction of every block's inner channels, bisected to the MAC target or just below.",
         "",
         "All rows:",
         "",
@@ -366,6 +396,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--out-dir",
         default=str(harness.DEFAULT_RESULTS),
         help="where to write structured_quality.md/.json (default benchmarks/results)",
+    )
+    parser.add_argument(
+        "--methods",
+        type=lambda text: [part.strip() for part in text.split(",") if part.strip()],
+        default=[],
+        help="comma-separated parts of row labels to run (default: every row); e.g. "
+        "'lrf activations,merge weights,Torch-Pruning'. A same-budget L1 row needs the row "
+        "it copies",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the passes do")
     args = parser.parse_args(argv)

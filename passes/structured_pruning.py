@@ -28,8 +28,13 @@ from onnxcompress.runtime.latency_table import LatencyTarget
 
 logger = logging.getLogger(__name__)
 
-CRITERIA = ("weights", "activations")
+CRITERIA = ("weights", "activations", "synthetic")
+# Criteria that fit on activations: the user's data, or inputs the pass makes itself.
+ACTIVATION_CRITERIA = ("activations", "synthetic")
 COSTS = ("macs", "latency")
+ALLOCATIONS = ("global", "uniform")
+# criterion=synthetic probes the network with this many images it makes itself.
+SYNTHETIC_SAMPLES = 512
 # The default round_to: the target's vector block on groups of at least WIDE_GROUP_BLOCKS
 # blocks, at most DEFAULT_ROUND_TO on narrower ones. A coarse step costs little accuracy on a
 # wide layer, where the time is, and much on a narrow one: measured on ResNet-20 (groups of 16,
@@ -53,7 +58,17 @@ class StructuredPruningConfig(PassConfig):
         target_macs: keep this fraction of the model's MACs (global allocation).
         target_params: keep this fraction of the parameters (instead of target_macs).
         ratio: remove this fraction of every prunable group (per-layer, no allocation).
-        criterion: ``weights`` (data-free, the paper) or ``activations`` (needs --data).
+        criterion: ``weights`` (data-free, the paper: filters compared by their weights),
+            ``activations`` (fits on the activations of --data), or ``synthetic``
+            (data-free: the same fits on activations of images the pass makes itself,
+            smooth noise with natural-image statistics, ``onnxcompress.data.synthetic``).
+        allocation: how the budget is shared between groups. ``global``: channels ranked
+            across all groups by estimated output change per unit saved. ``uniform``: the
+            same fraction of every group made by a single producer (a block's inner
+            channels), groups made by several producers (residual streams) left whole, the
+            fraction searched to meet the target, as magnitude pruners usually do. Default:
+            ``uniform`` with ``criterion=synthetic`` (whose estimates rank channels well
+            within a layer but not across layers), ``global`` otherwise.
         target_latency: keep this fraction of the model's measured ONNX Runtime latency on the
             run's target (``--provider``, ``--latency-batch``, ``--threads``): channels are
             priced by a latency model of the target (each conv timed at a few widths, cached),
@@ -91,6 +106,7 @@ class StructuredPruningConfig(PassConfig):
     target_latency: float | None = None
     cost: str = "macs"
     criterion: str = "weights"
+    allocation: str | None = None
     round_to: int = 0
     exclude: tuple[str, ...] = ()
     min_channels: int = 1
@@ -138,12 +154,26 @@ class StructuredPruningConfig(PassConfig):
             raise PassConfigError("ridge must be in [0, 1) and tolerance in (0, 0.5)")
         if self.calibration_batch < 1:
             raise PassConfigError("calibration_batch must be >= 1")
+        if self.allocation is None:
+            self.allocation = "uniform" if self.criterion == "synthetic" else "global"
+        if self.allocation not in ALLOCATIONS:
+            raise PassConfigError(
+                f"allocation={self.allocation!r} is not one of {', '.join(ALLOCATIONS)}"
+            )
+        if self.allocation == "uniform" and (
+            self.ratio is not None or self.target_latency is not None or self.cost != "macs"
+        ):
+            raise PassConfigError(
+                "allocation=uniform searches one fraction for every group against target_macs "
+                "or target_params; ratio already cuts every group alike, and latency pricing "
+                "ranks channels globally"
+            )
         if self.reconstruct is None:
-            self.reconstruct = self.criterion == "activations"
-        elif self.reconstruct and self.criterion != "activations":
+            self.reconstruct = self.criterion in ACTIVATION_CRITERIA
+        elif self.reconstruct and self.criterion not in ACTIVATION_CRITERIA:
             raise PassConfigError(
                 "reconstruct=true refits layers on calibration data: use criterion=activations "
-                "(and --data), or leave reconstruct off"
+                "(and --data) or criterion=synthetic, or leave reconstruct off"
             )
         if not 0.0 <= self.reconstruct_ridge < 1.0:
             raise PassConfigError("reconstruct_ridge must be in [0, 1)")
@@ -183,8 +213,9 @@ class StructuredPruningPass(CompressionPass[PruningConfigT], abc.ABC):
         if cfg.criterion == "activations" and self.context.calibration is None:
             raise PassConfigError(
                 f"{self.name} criterion=activations fits on calibration data: give --data SPEC "
-                "(or use criterion=weights, which needs none)"
+                "(or use criterion=synthetic or weights, which need none)"
             )
+        self._calibration = self._calibration_batch(model, report)
         analysis = analyze_channels(model)
         candidates = self._candidates(analysis, report)
         before = model_metrics(model)
@@ -296,7 +327,7 @@ class StructuredPruningPass(CompressionPass[PruningConfigT], abc.ABC):
         """Refit the layers whose inputs were cut; one report entry per layer tried."""
         from onnxcompress.passes.reconstruction import reconstruct
 
-        calibration = self.context.calibration
+        calibration = self._calibration
         assert calibration is not None
         # A refit's target is the original layer's output at the channels the layer still
         # computes (a tensor's channels may belong to several groups).
@@ -499,16 +530,10 @@ class StructuredPruningPass(CompressionPass[PruningConfigT], abc.ABC):
     ) -> dict[int, int]:
         cfg = self.cfg
         if cfg.ratio is not None:
-            counts = {}
-            for fit in fits:
-                size = fit.group.size
-                keep = max(self._min_keep(fit.group), size - int(size * cfg.ratio))
-                multiple = self._multiple(fit.group)
-                if multiple > 1 and size > multiple:
-                    keep = min(size, int(np.ceil(keep / multiple) * multiple))
-                counts[fit.group.id] = min(size - keep, len(fit.plan.order))
-            return {k: v for k, v in counts.items() if v > 0}
+            return self._fraction_counts(fits, cfg.ratio)
         assert target is not None
+        if cfg.allocation == "uniform":
+            return self._uniform(fits, current, target)
         latency_goal = cfg.target_latency is not None
         worth = (
             self._pricing.worth_curves([f.group for f in fits], self._min_keep)
@@ -560,10 +585,93 @@ class StructuredPruningPass(CompressionPass[PruningConfigT], abc.ABC):
             exact=exact,
         )
 
+    def _calibration_batch(self, model: ir.Model, report: PassReport) -> np.ndarray | None:
+        """The inputs the activation criteria fit on: the user's calibration batch, or with
+        ``criterion=synthetic`` images made here at the model's first input's shape."""
+        if self.cfg.criterion != "synthetic":
+            return self.context.calibration
+        from onnxcompress.data.synthetic import natural_noise
+        from onnxcompress.graph.input_shapes import counted_at, spatial_dims_open
+
+        first = model.graph.inputs[0]
+        name = str(first.name)
+        shape = (counted_at(model) or {}).get(name)
+        if shape is None:
+            if name in spatial_dims_open(model) or first.shape is None:
+                raise PassConfigError(
+                    f"{self.name} criterion=synthetic makes images at the input's size, and "
+                    f"{name!r} has symbolic dims: give --shape {name}=1x3xHxW"
+                )
+            shape = tuple(d if isinstance(d, int) else 1 for d in first.shape)
+        dims = [SYNTHETIC_SAMPLES, *(int(d) for d in shape[1:])]
+        # NHWC when the last axis looks like colour channels and the second does not.
+        channels_last = len(dims) == 4 and dims[3] in (1, 3, 4) and dims[1] not in (1, 3, 4)
+        report.notes.append(
+            f"criterion=synthetic: fitted on {SYNTHETIC_SAMPLES} synthetic images of "
+            f"{'x'.join(str(d) for d in dims[1:])} (smooth noise, zero mean and unit variance "
+            "per channel: it assumes normalized inputs), no data"
+        )
+        return natural_noise(dims, seed=self.context.seed, channels_last=channels_last)
+
+    def _fraction_counts(self, fits: Sequence[GroupFit], fraction: float) -> dict[int, int]:
+        """Channels to cut from each group to remove ``fraction`` of it: whole multiples of
+        its ``round_to`` kept, never below its minimum nor past its plan."""
+        counts = {}
+        for fit in fits:
+            size = fit.group.size
+            keep = max(self._min_keep(fit.group), size - int(size * fraction))
+            multiple = self._multiple(fit.group)
+            if multiple > 1 and size > multiple:
+                keep = min(size, int(np.ceil(keep / multiple) * multiple))
+            counts[fit.group.id] = min(size - keep, len(fit.plan.order))
+        return {k: v for k, v in counts.items() if v > 0}
+
+    def _uniform(self, fits: Sequence[GroupFit], current: float, target: float) -> dict[int, int]:
+        """``allocation=uniform``: cut every single-producer group by the same fraction, as
+        far as the total must fall to land within a quarter of the tolerance above ``target``.
+
+        A group loses whole chunks of its ``round_to``, so "the same fraction" is a staircase:
+        each chunk is taken at the fraction of its group it completes, lowest first, until the
+        exact saving suffices. Groups made by several producers (residual streams) stay whole
+        unless there is no other group.
+        """
+        cfg = self.cfg
+        inner = [fit for fit in fits if len(fit.group.producer_nodes) == 1] or list(fits)
+        exact = ExactSavings(
+            [fit.group for fit in inner],
+            params=cfg.target_params is not None,
+            factors=self._macs_factors,
+        )
+        needed = current - target - cfg.tolerance * self._start_total / 4
+        steps = []
+        multiples = {}
+        for fit in inner:
+            size = fit.group.size
+            most = min(size - self._min_keep(fit.group), len(fit.plan.order))
+            multiple = self._multiple(fit.group) if size > self._multiple(fit.group) else 1
+            multiples[fit.group.id] = multiple
+            steps += [
+                (cut / size, fit.group.id, cut) for cut in range(multiple, most + 1, multiple)
+            ]
+        counts: dict[int, int] = {}
+        taken = []
+        for level, key, cut in sorted(steps, key=lambda step: step[0]):
+            if exact(counts) >= needed:
+                break
+            counts[key] = cut
+            taken.append((level, key))
+        # The last chunk may overshoot by far on a coarse staircase: give back chunks taken
+        # earlier (the highest fractions first) while the saving still suffices.
+        for _, key in sorted(taken, reverse=True):
+            smaller = {**counts, key: counts[key] - min(multiples[key], counts[key])}
+            if exact(smaller) >= needed:
+                counts = {k: v for k, v in smaller.items() if v > 0}
+        return counts
+
     def _fit_groups(self, model: ir.Model, groups: Sequence[ChannelGroup]) -> list[GroupFit]:
-        if self.cfg.criterion != "activations":
+        if self.cfg.criterion not in ACTIVATION_CRITERIA:
             return [self.fit_group(model, group, None) for group in groups]
-        calibration = self.context.calibration
+        calibration = self._calibration
         assert calibration is not None
         views = activation_views(model, groups, calibration, self.cfg.calibration_batch)
         return [self.fit_group(model, group, views[group.id]) for group in groups]

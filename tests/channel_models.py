@@ -162,6 +162,17 @@ def residual() -> ir.Model:
     return net.build([net.head(out, 10)])
 
 
+def random_convnet(size: int = 8) -> ir.Model:
+    """Three conv-relu layers (24, 32, 32 channels) with a MaxPool: wide enough for budgets."""
+    net = Net(43)
+    x = image_input(net, size=size)
+    h = net.relu(net.conv(x, 3, 24))
+    h = net.relu(net.conv(h, 24, 32))
+    h = net.op("MaxPool", [h], kernel_shape=[2, 2], strides=[2, 2])
+    h = net.relu(net.conv(h, 32, 32))
+    return net.build([net.head(h, 32)])
+
+
 def option_a() -> ir.Model:
     """ResNet option-A shortcut: stride-2 Slice + channel Pad with zeros, like ResNet-20."""
     net = Net(2)

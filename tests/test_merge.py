@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from channel_models import BUILDERS, PRUNABLE, Net, feeds_for, image_input, run
+from channel_models import BUILDERS, PRUNABLE, Net, feeds_for, image_input, random_convnet, run
 
 from onnxcompress.errors import PassConfigError
 from onnxcompress.graph.canonicalize import canonicalize
@@ -213,16 +213,6 @@ def test_linear_path_folds_the_bias_difference() -> None:
 # ---------------------------------------------------------------------------------------------
 # Budgets, options, reports
 # ---------------------------------------------------------------------------------------------
-
-
-def random_convnet() -> ir.Model:
-    net = Net(43)
-    x = image_input(net)
-    h = net.relu(net.conv(x, 3, 24))
-    h = net.relu(net.conv(h, 24, 32))
-    h = net.op("MaxPool", [h], kernel_shape=[2, 2], strides=[2, 2])
-    h = net.relu(net.conv(h, 32, 32))
-    return net.build([net.head(h, 32)])
 
 
 def test_noop_budget_changes_nothing() -> None:
