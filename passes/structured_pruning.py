@@ -17,7 +17,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcompress.errors import PassConfigError
-from onnxcompress.fitting.allocation import ExactSavings, GroupPath, allocate
+from onnxcompress.fitting.allocation import ExactSavings, GroupPath, allocate, chunk_ends
 from onnxcompress.fitting.replaceability import RemovalPlan
 from onnxcompress.graph.channels import ChannelAnalysis, ChannelGroup, analyze_channels
 from onnxcompress.graph.model_io import clone_model, drop_resident_external_pages
@@ -630,10 +630,11 @@ class StructuredPruningPass(CompressionPass[PruningConfigT], abc.ABC):
         """``allocation=uniform``: cut every single-producer group by the same fraction, as
         far as the total must fall to land within a quarter of the tolerance above ``target``.
 
-        A group loses whole chunks of its ``round_to``, so "the same fraction" is a staircase:
-        each chunk is taken at the fraction of its group it completes, lowest first, until the
-        exact saving suffices. Groups made by several producers (residual streams) stay whole
-        unless there is no other group.
+        A group stops only where its width is a multiple of its ``round_to`` (the global
+        allocator's chunk ends), so "the same fraction" is a staircase: each chunk is taken at
+        the fraction of its group it completes, lowest first, until the exact saving suffices.
+        Groups made by several producers (residual streams) stay whole unless there is no
+        other group; groups no wider than their step are left alone, as by the allocator.
         """
         cfg = self.cfg
         inner = [fit for fit in fits if len(fit.group.producer_nodes) == 1] or list(fits)
@@ -643,30 +644,30 @@ class StructuredPruningPass(CompressionPass[PruningConfigT], abc.ABC):
             factors=self._macs_factors,
         )
         needed = current - target - cfg.tolerance * self._start_total / 4
-        steps = []
-        multiples = {}
+        ends: dict[int, list[int]] = {}
+        steps = []  # (fraction of its group a chunk end reaches, group, index of the end)
         for fit in inner:
-            size = fit.group.size
+            key, size, multiple = fit.group.id, fit.group.size, self._multiple(fit.group)
+            if multiple > 1 and size <= multiple:
+                continue
             most = min(size - self._min_keep(fit.group), len(fit.plan.order))
-            multiple = self._multiple(fit.group) if size > self._multiple(fit.group) else 1
-            multiples[fit.group.id] = multiple
-            steps += [
-                (cut / size, fit.group.id, cut) for cut in range(multiple, most + 1, multiple)
-            ]
-        counts: dict[int, int] = {}
-        taken = []
-        for level, key, cut in sorted(steps, key=lambda step: step[0]):
-            if exact(counts) >= needed:
+            ends[key] = chunk_ends(size, most, multiple)
+            steps += [(end / size, key, index) for index, end in enumerate(ends[key])]
+        steps.sort()
+        taken: dict[int, int] = {}  # group -> index of its last chunk end taken
+        order = []
+        for level, key, index in steps:
+            if exact({k: ends[k][i] for k, i in taken.items()}) >= needed:
                 break
-            counts[key] = cut
-            taken.append((level, key))
+            taken[key] = index
+            order.append((level, key))
         # The last chunk may overshoot by far on a coarse staircase: give back chunks taken
         # earlier (the highest fractions first) while the saving still suffices.
-        for _, key in sorted(taken, reverse=True):
-            smaller = {**counts, key: counts[key] - min(multiples[key], counts[key])}
-            if exact(smaller) >= needed:
-                counts = {k: v for k, v in smaller.items() if v > 0}
-        return counts
+        for _, key in sorted(order, reverse=True):
+            smaller = {**taken, key: taken[key] - 1}
+            if exact({k: ends[k][i] for k, i in smaller.items() if i >= 0}) >= needed:
+                taken = smaller
+        return {k: ends[k][i] for k, i in taken.items() if i >= 0}
 
     def _fit_groups(self, model: ir.Model, groups: Sequence[ChannelGroup]) -> list[GroupFit]:
         if self.cfg.criterion not in ACTIVATION_CRITERIA:

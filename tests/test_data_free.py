@@ -146,6 +146,17 @@ def test_uniform_allocation_lands_near_the_target_with_coarse_chunks() -> None:
         assert target - 0.02 <= ratio <= target + 0.02, (target, ratio)
 
 
+def test_uniform_allocation_keeps_widths_at_multiples_of_round_to() -> None:
+    """round_to is about the widths kept: a 24-channel group on steps of 16 may only go to 16
+    (cutting 8), never to 8."""
+    original = random_convnet(size=16)
+    model = clone_model(original)
+    report = compress("lrf", model, allocation="uniform", target_macs=0.4, round_to=16)
+    assert report["layers"]
+    for row in report["layers"]:
+        assert row["channels_after"] % 16 == 0, report["layers"]
+
+
 @pytest.mark.parametrize(
     ("options", "fragment"),
     [

@@ -93,7 +93,7 @@ def allocate(
         if limit == 0 or path.saving <= 0 or too_narrow:
             continue
         costs = np.maximum.accumulate(np.asarray(path.costs[:limit], dtype=float))
-        steps = _chunk_ends(path.size, limit, multiple)
+        steps = chunk_ends(path.size, limit, multiple)
         if not steps:
             continue
         chunks[path.key] = [(end, float(costs[end - 1])) for end in steps]
@@ -248,7 +248,7 @@ def _chunk_gain(ends: list[tuple[int, float]], index: int, saving: float) -> flo
     return (ends[index][0] - start) * saving
 
 
-def _chunk_ends(size: int, limit: int, multiple: int) -> list[int]:
+def chunk_ends(size: int, limit: int, multiple: int) -> list[int]:
     """Cumulative removal counts a group may stop at, keeping widths at multiples."""
     if multiple <= 1:
         return list(range(1, limit + 1))
