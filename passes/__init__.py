@@ -60,6 +60,11 @@ REGISTRY: dict[str, PassEntry] = {
             "finetune:Finetune",
             "recover accuracy: distill from the original in the torch bridge",
         ),
+        PassEntry(
+            "quantize",
+            "quantize:Quantize",
+            "int8 static quantization (QDQ) with ONNX Runtime's tool, calibrated on --data",
+        ),
     )
 }
 

@@ -355,6 +355,8 @@ class CompressionPass(InPlacePass, Generic[ConfigT]):
     # Trains on the run's training data (``--train-data``, else ``--data``): the pipeline
     # refuses a run without any before it starts, and loads it at the start of the step.
     needs_training_data: ClassVar[bool] = False
+    # Leaves an integer (QDQ) model the torch bridge cannot train: no training step may follow.
+    quantizes: ClassVar[bool] = False
     # Refines what the step before it made (finetune): the two are one stage, and the budget
     # is checked at the end of the stage, not between them.
     joins_previous_stage: ClassVar[bool] = False

@@ -226,6 +226,7 @@ def compress(
             "(e.g. images=1x3x640x640)"
         )
     trains = [name for name, _ in steps if pass_class(name).needs_training_data]
+    _refuse_training_after_quantization(steps)
     if trains and (train_data or data) is None:
         raise PassConfigError(
             f"a {trains[0]} step needs training data: give --train-data SPEC (or [data] train)"
@@ -434,6 +435,23 @@ def compress(
         result.after["file_size"] = written.stat().st_size
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _refuse_training_after_quantization(steps: Sequence[tuple[str, Mapping[str, Any]]]) -> None:
+    """A training step after a quantizing one would fail deep in the torch bridge (it trains
+    float models); say so before any work, with the order that works."""
+    from onnxcompress.passes import pass_class
+
+    quantizing = [i for i, (name, _) in enumerate(steps) if pass_class(name).quantizes]
+    if not quantizing:
+        return
+    first = quantizing[0]
+    later = [name for name, _ in steps[first + 1 :] if pass_class(name).needs_training_data]
+    if later:
+        raise PassConfigError(
+            f"a {later[0]} step cannot follow {steps[first][0]}: training runs on float models; "
+            f"put {steps[first][0]} last (prune, fine-tune, then quantize)"
+        )
 
 
 def _count_macs_at_real_shapes(
