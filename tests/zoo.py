@@ -174,6 +174,64 @@ def export_torchvision(name: str, exporter: str = "torchscript", size: int = 224
     return path
 
 
+# torchvision's segmentation models (random weights, no backbone download), with the input size
+# they export at cheaply. Segmenters and detectors are usually exported with symbolic height
+# and width: each is swept at a fixed size and with dynamic H/W, counted at the same size.
+SEGMENTATION_MODELS: list[tuple[str, int]] = [
+    ("lraspp_mobilenet_v3_large", 128),
+    ("deeplabv3_mobilenet_v3_large", 128),
+    ("fcn_resnet50", 96),
+]
+DYNAMIC_HW = "torchscript-dynamic-hw"
+
+
+@functools.cache
+def export_segmentation(name: str, exporter: str = "torchscript", size: int = 128) -> Path:
+    """Export ``torchvision.models.segmentation.<name>`` (its ``out`` map) in eval mode.
+
+    Input ``input`` (batch dynamic; height and width too with ``DYNAMIC_HW``), output
+    ``output``.
+    """
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    factory = getattr(torchvision.models.segmentation, name)
+    network = factory(weights=None, weights_backbone=None)
+    randomize_batchnorm(network)
+    network.eval()
+
+    class MainOutput(torch.nn.Module):
+        """The segmentation map alone (torchvision returns a dict)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.network = network
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.network(x)["out"]
+
+    axes = {0: "batch"}
+    if exporter == DYNAMIC_HW:
+        axes = {0: "batch", 2: "height", 3: "width"}
+    elif exporter != "torchscript":
+        raise ValueError(exporter)
+    path = _CACHE / f"{name}-{exporter}-{size}.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            MainOutput().eval(),
+            (torch.randn(1, 3, size, size),),
+            str(path),
+            dynamo=False,
+            opset_version=17,
+            input_names=["input"],
+            output_names=["output"],
+            dynamic_axes={"input": axes, "output": axes},
+        )
+    return path
+
+
 # ---------------------------------------------------------------------------------------------
 # onnx's light model zoo
 # ---------------------------------------------------------------------------------------------
