@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import importlib.util
 import json
 import logging
 import re
@@ -29,9 +30,18 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 # tests/ holds the exporters the tests share
 from zoo import (  # noqa: E402
+    DYNAMIC_HW,
     KNOWN_LIMITS,
+    SEGMENTATION_MODELS,
+    SMP_SEGMENTERS,
+    TIMM_CLASSIFIERS,
     TORCHVISION_CLASSIFIERS,
+    ULTRALYTICS_MODELS,
+    export_segmentation,
+    export_smp,
+    export_timm,
     export_torchvision,
+    export_ultralytics,
     light_model,
     light_model_names,
 )
@@ -48,8 +58,11 @@ EXPORTERS = ("torchscript", "dynamo")
 MIN_DROP = 0.2
 
 
-def check_model(model: Any, original_path: Path) -> tuple[bool, str]:
-    """Checker (full), ORT session, output shapes as the original's, finite outputs."""
+def check_model(
+    model: Any, original_path: Path, shape: tuple[int, ...] | None = None
+) -> tuple[bool, str]:
+    """Checker (full), ORT session, output shapes as the original's, finite outputs (random
+    inputs of ``shape`` for a model with symbolic height and width)."""
     import onnx
     import onnx_ir as ir
 
@@ -64,7 +77,10 @@ def check_model(model: Any, original_path: Path) -> tuple[bool, str]:
     except Exception as exc:
         return False, f"ORT session: {str(exc).splitlines()[0][:200]}"
     reference = make_session(original_path)
-    feeds = random_feeds(reference, batch=2 if _dynamic_batch(reference) else 1, seed=0)
+    overrides = {reference.get_inputs()[0].name: (2, *shape[1:])} if shape else None
+    feeds = random_feeds(
+        reference, batch=2 if _dynamic_batch(reference) else 1, seed=0, overrides=overrides
+    )
     try:
         outputs = session.run(None, feeds)
     except Exception as exc:
@@ -107,15 +123,24 @@ def _reason_kind(reason: str) -> str:
     return text if len(text) <= 100 else text[:97] + "..."
 
 
-def run_case(path: Path, pass_name: str, target_macs: float) -> dict[str, Any]:
-    """Load, canonicalize, compress, measure and check one model with one pass."""
+def run_case(
+    path: Path, pass_name: str, target_macs: float, shape: tuple[int, ...] | None = None
+) -> dict[str, Any]:
+    """Load, canonicalize, compress, measure and check one model with one pass.
+
+    ``shape``: for a model with symbolic height and width, the input shape its MACs (and the
+    pass's budget) are counted at, as ``compress --shape`` does.
+    """
     from onnxcompress.graph.canonicalize import canonicalize
+    from onnxcompress.graph.input_shapes import count_macs_at
     from onnxcompress.graph.metrics import model_metrics
     from onnxcompress.graph.model_io import load_model
     from onnxcompress.passes import create_pass
 
     model = load_model(path)
     canonicalize(model)
+    if shape is not None:
+        count_macs_at(model, {str(model.graph.inputs[0].name): shape})
     before = model_metrics(model)
     row: dict[str, Any] = {
         "macs_before": before.macs,
@@ -137,7 +162,7 @@ def run_case(path: Path, pass_name: str, target_macs: float) -> dict[str, Any]:
     row["seconds"] = round(time.perf_counter() - start, 2)
     after = model_metrics(model)
     report = compression.report.as_dict()
-    valid, problem = check_model(model, path)
+    valid, problem = check_model(model, path, shape)
     drop = 1.0 - after.macs / before.macs if before.macs else 0.0
     row.update(
         macs_after=after.macs,
@@ -164,7 +189,38 @@ def cases(models: list[str] | None, exporters: list[str]) -> list[tuple[str, str
         if wanted is None or name in wanted
     ]
     out += [(name, "onnx-zoo", 224) for name in light_model_names() if not wanted or name in wanted]
+    # Each exported at a fixed size and with dynamic H/W; timm, smp and ultralytics need the
+    # zoo extra.
+    families = list(SEGMENTATION_MODELS)
+    for module, models in (
+        ("timm", TIMM_CLASSIFIERS),
+        ("segmentation_models_pytorch", SMP_SEGMENTERS),
+    ):
+        if importlib.util.find_spec(module) is not None:
+            families += models
+        else:
+            print(f"{module} is not installed (pip install -e '.[zoo]'): its models skipped")
+    out += [
+        (name, exporter, size)
+        for name, size in families
+        for exporter in ("torchscript", DYNAMIC_HW)
+        if wanted is None or name in wanted
+    ]
     return out
+
+
+def export(name: str, exporter: str, size: int) -> Path:
+    if exporter == "onnx-zoo":
+        return light_model(name)
+    if name in dict(SEGMENTATION_MODELS):
+        return export_segmentation(name, exporter, size)
+    if name in dict(TIMM_CLASSIFIERS):
+        return export_timm(name, exporter, size)
+    if name in dict(SMP_SEGMENTERS):
+        return export_smp(name, exporter, size)
+    if name in dict(ULTRALYTICS_MODELS):
+        return export_ultralytics(name, exporter, size)
+    return export_torchvision(name, exporter, size)
 
 
 def fmt_millions(value: int | None) -> str:
@@ -178,7 +234,8 @@ def markdown(rows: list[dict[str, Any]], target_macs: float) -> str:
     limited = sum(1 for r in rows if r.get("valid") and r["model"] in KNOWN_LIMITS)
     lines = [
         f"Each pass at `target_macs={target_macs}` (criterion `weights`, data-free) on random "
-        "seeded weights; MACs at batch 1 and the input size shown; valid = full onnx.checker, "
+        "seeded weights; MACs at batch 1 and the input size shown (a dynamic-H/W export is "
+        "counted at that size, as `compress --shape` does); valid = full onnx.checker, "
         "an ONNX Runtime session, the original's output shapes, finite outputs.",
         "",
         f"{len(rows)} runs: {pruned} valid with at least {MIN_DROP:.0%} fewer MACs, {limited} "
@@ -263,7 +320,9 @@ def _compact_groups(rows: list[dict[str, Any]], passes: list[str]) -> list[list[
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="*", help="only these (torchvision or light_* names)")
+    parser.add_argument(
+        "--models", nargs="*", help="only these (torchvision, segmentation or light_* names)"
+    )
     parser.add_argument("--passes", nargs="*", default=["lrf", "merge"])
     parser.add_argument("--exporters", nargs="*", default=list(EXPORTERS))
     parser.add_argument("--target-macs", type=float, default=0.7)
@@ -292,10 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, exporter, size in cases(args.models, args.exporters):
         t0 = time.perf_counter()
         try:
-            if exporter == "onnx-zoo":
-                path = light_model(name)
-            else:
-                path = export_torchvision(name, exporter, size)
+            path = export(name, exporter, size)
         except Exception as exc:
             message = f"export failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
             print(f"{name} {exporter}: {message}", flush=True)
@@ -308,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
         export_seconds = time.perf_counter() - t0
         for pass_name in passes:
             row = {"model": name, "exporter": exporter, "size": size, "pass": pass_name}
-            row |= run_case(path, pass_name, args.target_macs)
+            shape = (1, 3, size, size) if exporter == DYNAMIC_HW else None
+            row |= run_case(path, pass_name, args.target_macs, shape)
             row["export_seconds"] = round(export_seconds, 2)
             rows.append(row)
             print(

@@ -232,6 +232,134 @@ def export_segmentation(name: str, exporter: str = "torchscript", size: int = 12
     return path
 
 
+# timm classifiers and segmentation-models-pytorch segmenters: the ``zoo`` extra (``pip install
+# -e '.[zoo]'``), never a runtime or test dependency; tests of them skip without it. Random
+# weights (``pretrained=False``, ``encoder_weights=None``): nothing is downloaded.
+TIMM_CLASSIFIERS: list[tuple[str, int]] = [
+    ("hrnet_w18_small", 64),
+    ("dla34", 64),
+    ("dpn68", 64),
+    ("res2net50_14w_8s", 64),
+    ("repvgg_a0", 64),
+    ("ghostnet_100", 64),
+    ("mobilevit_xxs", 64),
+    ("convnext_nano", 64),
+    ("cspdarknet53", 64),
+    ("rexnet_100", 64),
+]
+SMP_SEGMENTERS: list[tuple[str, int]] = [
+    ("smp_Unet_resnet34", 128),
+    ("smp_FPN_resnet34", 128),
+    ("smp_DeepLabV3Plus_resnet34", 128),
+]
+
+
+# Ultralytics detectors and segmenters, built from their YAML configs (random weights) and
+# exported by ultralytics' own ``export`` (as users do), at a fixed size and with dynamic H/W.
+ULTRALYTICS_MODELS: list[tuple[str, int]] = [
+    ("yolov8n", 160),
+    ("yolo11n", 160),
+    ("yolov8n-seg", 160),
+]
+
+
+@functools.cache
+def export_ultralytics(name: str, exporter: str = "torchscript", size: int = 160) -> Path:
+    """``YOLO("<name>.yaml").export(format="onnx")`` offline; ``DYNAMIC_HW`` for dynamic=True.
+
+    Input ``images``; outputs as ultralytics names them. Nothing is downloaded or installed
+    (``YOLO_OFFLINE``, ``YOLO_AUTOINSTALL``).
+    """
+    import os
+    import shutil
+
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    os.environ.setdefault("YOLO_AUTOINSTALL", "False")
+    os.environ.setdefault("YOLO_VERBOSE", "False")
+    from ultralytics import YOLO
+
+    work = _CACHE / f"ultralytics-{name}-{exporter}"
+    work.mkdir(exist_ok=True)
+    here = os.getcwd()
+    os.chdir(work)  # ultralytics writes the export beside the (virtual) weights file
+    try:
+        written = YOLO(f"{name}.yaml").export(
+            format="onnx",
+            imgsz=size,
+            dynamic=exporter == DYNAMIC_HW,
+            simplify=False,
+            opset=17,
+            verbose=False,
+        )
+    finally:
+        os.chdir(here)
+    path = _CACHE / f"{name}-{exporter}-{size}.onnx"
+    shutil.move(str(work / written), path)
+    return path
+
+
+def _export_module(module, path: Path, size: int, dynamic_hw: bool) -> Path:
+    """TorchScript export (opset 17): input ``input``, output ``output``; batch dynamic, and
+    height and width too with ``dynamic_hw``."""
+    import torch
+
+    axes = {0: "batch", 2: "height", 3: "width"} if dynamic_hw else {0: "batch"}
+    output_axes = axes if dynamic_hw and module_is_dense(module, size) else {0: "batch"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            (torch.randn(1, 3, size, size),),
+            str(path),
+            dynamo=False,
+            opset_version=17,
+            input_names=["input"],
+            output_names=["output"],
+            dynamic_axes={"input": axes, "output": output_axes},
+        )
+    return path
+
+
+def module_is_dense(module, size: int) -> bool:
+    """Whether the module's output is a map of the input's height and width (a segmenter)."""
+    import torch
+
+    with torch.no_grad():
+        out = module(torch.randn(1, 3, size, size))
+    return out.dim() == 4 and tuple(out.shape[2:]) == (size, size)
+
+
+@functools.cache
+def export_timm(name: str, exporter: str = "torchscript", size: int = 64) -> Path:
+    """Export ``timm.create_model(name)`` with random weights; ``DYNAMIC_HW`` for symbolic H/W."""
+    import timm
+    import torch
+
+    torch.manual_seed(0)
+    module = timm.create_model(name, pretrained=False)
+    randomize_batchnorm(module)
+    module.eval()
+    return _export_module(
+        module, _CACHE / f"timm-{name}-{exporter}-{size}.onnx", size, exporter == DYNAMIC_HW
+    )
+
+
+@functools.cache
+def export_smp(name: str, exporter: str = "torchscript", size: int = 128) -> Path:
+    """Export ``smp.<Arch>(encoder_name=...)`` named ``smp_<Arch>_<encoder>``, random weights."""
+    import segmentation_models_pytorch as smp
+    import torch
+
+    _, architecture, encoder = name.split("_", 2)
+    torch.manual_seed(0)
+    module = getattr(smp, architecture)(encoder_name=encoder, encoder_weights=None, classes=3)
+    randomize_batchnorm(module)
+    module.eval()
+    return _export_module(
+        module, _CACHE / f"{name}-{exporter}-{size}.onnx", size, exporter == DYNAMIC_HW
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # onnx's light model zoo
 # ---------------------------------------------------------------------------------------------
