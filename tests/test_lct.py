@@ -447,6 +447,41 @@ def test_sparse_mode_collapses_layers_and_shrinks_the_file() -> None:
     onnx.checker.check_model(ir.serde.serialize_model(model), full_check=True)
 
 
+@pytest.mark.parametrize(("values", "target"), [("int8", 0.2), ("float32", 0.5)])
+def test_target_file_aims_the_sparsity_at_the_file_asked_for(values: str, target: float) -> None:
+    """The sparsity comes from the file target: the written model lands on it (within the
+    target tolerance) with fewer zeros than the 0.9 default, and the console says what it aims
+    at."""
+    torch.set_num_threads(1)
+    model = load_model(DIGITS_MODEL)
+    options = {**FAST, "target_file": target, "values": values}
+    lct = create_pass("lct", options, _digits_context())
+    lct(model)
+    summary = lct.report.summary
+    plan = summary["file_plan"]
+    assert plan["predicted_file"] <= target
+    assert 0.0 < plan["sparsity"] < 0.9
+    reached = summary["file_bytes_after"] / summary["file_bytes_before"]
+    assert abs(reached - target) <= 0.02, (reached, plan)
+    assert abs(reached - plan["predicted_file"]) <= 0.02
+    assert [t.option for t in lct.report.targets] == ["target_file"]
+    assert lct.report.targets_met
+    assert any(note.startswith("lct aims at sparsity") for note in lct.report.notes)
+
+
+def test_a_file_target_no_sparsity_reaches_is_reported_missed() -> None:
+    """float32 values need 4 bytes per kept weight plus the mask: 5% of the file is out of
+    reach under max_layer_sparsity, and the report says so rather than claiming it."""
+    torch.set_num_threads(1)
+    model = load_model(DIGITS_MODEL)
+    lct = create_pass("lct", {**FAST, "target_file": 0.05}, _digits_context())
+    lct(model)
+    plan = lct.report.summary["file_plan"]
+    assert plan["sparsity"] == pytest.approx(0.98) and plan["predicted_file"] > 0.05
+    assert not lct.report.targets_met
+    assert lct.report.warnings and "target_file=0.05" in lct.report.warnings[0]
+
+
 def test_lowrank_mode_factorizes_and_cuts_macs() -> None:
     from onnxcompress.graph.metrics import model_metrics
 
@@ -855,6 +890,9 @@ def test_after_step_hook_runs_after_every_optimizer_step() -> None:
         ({"subspace": "pruned"}, "subspace"),
         ({"sparsity": 1.0}, "sparsity"),
         ({"sparsity": 0}, "sparsity"),
+        ({"sparsity": 0.5, "target_file": 0.2}, "not both"),
+        ({"subspace": "lowrank", "target_file": 0.2}, "target_file is a sparse target"),
+        ({"target_file": 1.5}, "target_file"),
         ({"subspace": "lowrank", "target_macs": 0.5, "energy": 0.9}, "not both"),
         ({"subspace": "lowrank", "target_macs": 1.5}, "target_macs"),
         ({"max_drop": -1}, "max_drop"),

@@ -41,7 +41,7 @@ import dataclasses
 import json
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -185,6 +185,32 @@ def encoded_sizes(
     sizes = {key: size + extra_bytes for key, size in sizes.items()}
     sizes["dense"] = flat.size * flat.dtype.itemsize
     return sizes
+
+
+def predicted_stored_bytes(shape: Sequence[int], nonzeros: int, values: str = "float32") -> int:
+    """The bytes ``store_sparse`` will give a float32 weight of ``shape`` with ``nonzeros``
+    non-zero values (its decoder included), without building it: what planning a file size
+    needs. The gaps encoding's filler entries (one per run of 255 zeros) are not counted, and
+    int8 values are assumed to keep the float zeros (rounding may add a few more).
+    """
+    size = math.prod(int(d) for d in shape)
+    dense = 4 * size
+    options: dict[str, int] = {}
+    extra = 0
+    if values == "int8" and len(shape) >= 2:
+        item, extra = 1, 4 * int(shape[0])  # one float32 scale per output channel
+        options["dense8"] = size + extra
+    elif values == "float16":
+        item = 2
+        options["dense16"] = 2 * size
+    else:
+        item = 4
+    options["mask"] = (size + 7) // 8 + (nonzeros + 1) * item + extra
+    options["gaps"] = (nonzeros * (1 + item) if nonzeros else size * item) + extra
+    best = min(options.values())
+    if dense - best <= DECODER_BYTES:
+        return dense
+    return best + DECODER_BYTES
 
 
 def _opset(model: ir.Model) -> int:
