@@ -195,6 +195,7 @@ def cases(models: list[str] | None, exporters: list[str]) -> list[tuple[str, str
     for module, models in (
         ("timm", TIMM_CLASSIFIERS),
         ("segmentation_models_pytorch", SMP_SEGMENTERS),
+        ("ultralytics", ULTRALYTICS_MODELS),
     ):
         if importlib.util.find_spec(module) is not None:
             families += models

@@ -458,3 +458,33 @@ def test_torchvision_totals_match_published(arch: str, exporter: str, zoo_dir: P
     # Real exports hold nothing the counter cannot count and no mis-sized weight.
     assert uncounted_ops(raw) == [] and uncounted_ops(canonical) == []
     assert channel_mismatches(raw) == [] and channel_mismatches(canonical) == []
+
+
+def test_a_computed_dim_the_exporter_named_afresh_is_counted_at_its_value() -> None:
+    """TorchScript exports name some computed dims with fresh symbols (``unk__1``: batch times
+    the patches of a MobileViT unfold). Counted as 1 like the batch, such a MatMul came out
+    4x low; the count now infers the dim from the inputs at batch 1."""
+    graph = oh.make_graph(
+        [
+            oh.make_node("Reshape", ["x", "target"], ["tokens"]),
+            oh.make_node("MatMul", ["tokens", "w"], ["y"]),
+        ],
+        "patches",
+        [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 4, 16, 32])],
+        [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["unk__1", 16, 8])],
+        initializer=[
+            onh.from_array(np.array([-1, 16, 32], dtype=np.int64), "target"),
+            _weight("w", (32, 8)),
+        ],
+        value_info=[
+            oh.make_tensor_value_info("tokens", onnx.TensorProto.FLOAT, ["unk__1", 16, 32])
+        ],
+    )
+    proto = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+    model = ir.serde.deserialize_model(proto)
+    # 4 patches x 16 tokens x 32 -> 8 per image.
+    assert model_metrics(model).macs == 4 * 16 * 32 * 8
+    assert model_metrics(model, batch=2).macs == 2 * 4 * 16 * 32 * 8
+    # The model keeps its own (symbolic) shapes.
+    tokens = next(node for node in model.graph if node.op_type == "MatMul").inputs[0]
+    assert tokens is not None and tokens.shape is not None and str(tokens.shape[0]) == "unk__1"

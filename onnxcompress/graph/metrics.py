@@ -338,6 +338,37 @@ def _compute_nodes(model: ir.Model) -> Iterable[ir.Node]:
             yield node
 
 
+def _batch_fixed_shapes(model: ir.Model, batch: int) -> dict[str, tuple[int, ...]] | None:
+    """The inputs at ``batch`` when the graph's computed values carry symbols of their own.
+
+    Exporters name some computed dims with fresh symbols (``unk__1``: the batch times the
+    patches of a MobileViT unfold); counted as ``batch`` like the inputs' own symbols, such a
+    MatMul's MACs came out 4x low. Fixing the inputs at ``batch`` and inferring again gives
+    those dims their values. Only for inputs whose dims past the batch are fixed (open height
+    and width are counted at ``--shape``/data sizes by the caller); None when nothing needs it.
+    """
+    inputs = [value for value in model.graph.inputs if not value.is_initializer()]
+    if not inputs or any(value.shape is None for value in inputs):
+        return None
+    if any(not isinstance(dim, int) for value in inputs for dim in list(value.shape or ())[1:]):
+        return None
+    own = {str(dim) for value in inputs for dim in (value.shape or ()) if not isinstance(dim, int)}
+    foreign = any(
+        not isinstance(dim, int) and (getattr(dim, "value", None) is None or str(dim) not in own)
+        for node in _compute_nodes(model)
+        for value in (*node.inputs, *node.outputs)
+        if value is not None and value.shape is not None
+        for dim in value.shape
+    )
+    if not foreign:
+        return None
+    return {
+        str(value.name): (batch, *(d for d in list(value.shape or ())[1:] if isinstance(d, int)))
+        for value in inputs
+        if value.shape is not None and len(value.shape) and not isinstance(value.shape[0], int)
+    } or None
+
+
 def _shapes_missing(model: ir.Model) -> bool:
     return any(out.shape is None for node in _compute_nodes(model) for out in node.outputs[:1])
 
@@ -393,6 +424,8 @@ def model_metrics(
     if batch < 1:
         raise ValueError(f"batch must be positive, got {batch}")
     shapes = input_shapes if input_shapes is not None else counted_at(model)
+    if not shapes:
+        shapes = _batch_fixed_shapes(model, batch)
     if shapes and shapes_differ(model, shapes):
         with shapes_fixed(model, shapes):
             return _count(model, batch, file_size)
