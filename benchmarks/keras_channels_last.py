@@ -1,10 +1,11 @@
-"""Channels-last reach: Keras MobileNetV3Small through tf2onnx, pruned by lrf and merge.
+"""Channels-last reach: Keras applications through tf2onnx, pruned by lrf and merge.
 
 tf2onnx keeps NHWC<->NCHW Transpose pairs around every squeeze-excite block of a Keras
 MobileNetV3 (the block's mean is a ReduceMean over axes 1, 2 of the NHWC tensor, and the gate
 multiplies the NHWC features). This exports the network with random weights (nothing is
 downloaded), then runs ``lrf`` and ``merge`` at ``target_macs=0.7`` data-free, as a user would,
-and reports the MACs reached and why any group was left alone.
+and reports the MACs reached and why any group was left alone. ``--models`` adds the other
+Keras applications issue 19 tried (ResNet50, EfficientNetB0; default: all three).
 
 TensorFlow does not belong in the project's environment: give an interpreter that has
 ``tensorflow-cpu`` and ``tf2onnx`` (about 2 minutes to install from the registry)::
@@ -52,7 +53,8 @@ import numpy as np
 import tensorflow as tf
 import tf2onnx
 
-model = tf.keras.applications.MobileNetV3Small(weights=None, input_shape=(224, 224, 3), classes=10)
+application = getattr(tf.keras.applications, sys.argv[2])
+model = application(weights=None, input_shape=(224, 224, 3), classes=10)
 rng = np.random.default_rng(0)
 for w in model.weights:
     value = w.numpy()
@@ -67,11 +69,17 @@ print(tf.__version__, tf2onnx.__version__)
 """
 
 
-def export(tf_python: Path, work: Path) -> tuple[Path, str]:
-    script, out = work / "export_mobilenetv3small.py", work / "mobilenetv3small_tf2onnx.onnx"
+MODELS = ("MobileNetV3Small", "ResNet50", "EfficientNetB0")
+
+
+def export(tf_python: Path, work: Path, application: str) -> tuple[Path, str]:
+    script, out = work / "export_keras.py", work / f"{application.lower()}_tf2onnx.onnx"
     script.write_text(EXPORT)
     done = subprocess.run(
-        [str(tf_python), str(script), str(out)], capture_output=True, text=True, check=False
+        [str(tf_python), str(script), str(out), application],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if done.returncode != 0 or not out.exists():
         raise SystemExit(f"export failed:\n{done.stderr[-3000:]}")
@@ -80,12 +88,12 @@ def export(tf_python: Path, work: Path) -> tuple[Path, str]:
 
 
 def prune(model: Path, name: str, work: Path) -> dict[str, Any]:
-    out, report_path = work / f"mobilenetv3small-{name}.onnx", work / f"{name}.json"
+    out, report_path = work / f"{model.stem}-{name}.onnx", work / f"{model.stem}-{name}.json"
     cli = Path(sys.executable).parent / "onnxcompress"
     command = [str(cli), "compress", str(model), "-o", str(out), "--force"]
     command += ["--pass", f"{name}:target_macs={TARGET}", "--report", str(report_path)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
-    record: dict[str, Any] = {"pass": name, "exit_code": done.returncode}
+    record: dict[str, Any] = {"model": model.stem, "pass": name, "exit_code": done.returncode}
     if done.returncode not in (0, 3):
         record["stderr_tail"] = done.stderr[-2000:]
         return record
@@ -110,14 +118,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_RESULTS)
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/onnxcompress-keras"))
     parser.add_argument("--name", default=NAME)
+    parser.add_argument(
+        "--models",
+        default=",".join(MODELS),
+        help=f"comma-separated tf.keras.applications names (default {','.join(MODELS)})",
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    model, versions = export(args.tf_python, args.work_dir)
-    records = [prune(model, name, args.work_dir) for name in ("lrf", "merge")]
+    records, versions, labels = [], "", {}
+    for application in args.models.split(","):
+        model, versions = export(args.tf_python, args.work_dir, application)
+        records += [prune(model, name, args.work_dir) for name in ("lrf", "merge")]
+        labels[model.stem] = application
     rows = [
         [
+            labels.get(r["model"], r["model"]),
             r["pass"],
             f"{r['macs']:.3f}" if "macs" in r else "-",
             f"{r['params']:.3f}" if "params" in r else "-",
@@ -129,12 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     state = machine_state()
     markdown = "\n\n".join(
         [
-            "# Keras MobileNetV3Small through tf2onnx: channels-last reach",
+            "# Keras applications through tf2onnx: channels-last reach",
             f"Random weights (perturbed), exported by tensorflow/tf2onnx {versions}, input "
-            f"NHWC 1x224x224x3; each pass at `target_macs={TARGET}`, data-free; fractions of "
+            f"NHWC Nx224x224x3; each pass at `target_macs={TARGET}`, data-free; fractions of "
             f"the original. {load_text(state)}.",
             markdown_table(
-                ["pass", "MACs", "params", "groups cut", "groups left alone (why)"], rows
+                ["model", "pass", "MACs", "params", "groups cut", "groups left alone (why)"],
+                rows,
             ),
             f"Reproduce: `{command_line()}`",
         ]

@@ -146,8 +146,7 @@ class Quantize(CompressionPass[QuantizeConfig]):
         report.notes.append(
             f"int8 QDQ: {report.summary['int8_weights']} weights int8"
             f"{' per channel' if cfg.per_channel else ''}, activations {cfg.activations} "
-            f"calibrated ({cfg.calibrate}) on {samples} samples of {source}; run training "
-            "steps before this one"
+            f"calibrated ({cfg.calibrate}) on {samples} samples of {source}"
         )
 
     def _calibration_batches(self, model: ir.Model) -> tuple[str, list[np.ndarray]]:

@@ -205,3 +205,29 @@ def test_a_training_step_after_quantize_is_a_user_error(tmp_path: Path, capsys) 
     assert len(lines) == 1 and "Traceback" not in err
     assert "quantize" in lines[0]
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_a_met_budget_skips_later_passes_but_not_the_quantize_step(tmp_path: Path, capsys) -> None:
+    """Once every budget target is met, later compression steps are skipped; quantizing is how
+    the model is stored, so it still runs (and the provenance lists the steps that ran)."""
+    if not DEMO_MODEL.exists():
+        pytest.skip("models/digits_resnet.onnx has not been trained yet")
+    output, report = tmp_path / "int8.onnx", tmp_path / "report"
+    code = main(
+        [
+            "compress", str(DEMO_MODEL), "-o", str(output), "--data", "digits",
+            "--target-macs", "0.75", "--pass", "lrf:target_macs=0.7", "--pass",
+            "merge:target_macs=0.9", "--pass", "quantize", "--report", str(report),
+            "--report-batches", "1",
+        ]
+    )  # fmt: skip
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    result = json.loads((report / "report.json").read_text())
+    assert [record["name"] for record in result["steps"]] == ["canonicalize", "lrf", "quantize"]
+    assert "later steps skipped but quantize" in result["stopped"]
+    assert result["kept_step"] == 2
+    written = ir.load(output)
+    assert op_count(written, "QuantizeLinear") > 0
+    recipe = json.loads(written.metadata_props["onnxcompress.recipe"])
+    assert "merge" not in json.dumps(recipe)

@@ -399,9 +399,17 @@ def compress(
             break
         kept, kept_step, kept_accuracy, last_check = clone_model(model), index, step_accuracy, check
         if index > 0 and budget.targets and check.targets_met and index + 1 < len(steps):
+            # Quantizing is how the model is stored, not a way to a MACs target: it still runs.
+            # The steps list is cut in place (the loop reads it by position), so records, step
+            # indices and provenance keep describing the steps that ran.
+            encodings = [step for step in steps[index + 1 :] if pass_class(step[0]).quantizes]
             stopped = f"every target met after step {index} ({name}); later steps skipped"
+            if encodings:
+                stopped += f" but {', '.join(step[0] for step in encodings)}"
             say(stopped)
-            break
+            if not encodings:
+                break
+            steps[index + 1 :] = encodings
     bar.close()
     assert kept is not None and kept_step is not None  # step 0 always ends a stage
     model = kept
