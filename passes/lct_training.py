@@ -217,7 +217,9 @@ class LctTraining:
         deadline = self._deadline
 
         def check(module: OnnxModule) -> float:
-            top1 = scorer.score(module, cfg.check_samples, self._deadline)
+            # On the whole set's scale: the floor and keep_above are whole-set numbers, and
+            # the check's images are a subset (Scorer.score_on_teacher_scale).
+            top1 = scorer.score_on_teacher_scale(module, cfg.check_samples, self._deadline)
             module.train()
             return top1
 
@@ -335,7 +337,7 @@ class LctTraining:
         cfg = self.cfg
         at, state, check_top1 = projector.snapshot
         result.model, result.module = result.model_from_state(state)
-        top1 = scorer.score(result.module, deadline=self._deadline)
+        top1 = scorer.score_on_teacher_scale(result.module, deadline=self._deadline)
         within = top1 >= reference - cfg.max_drop
         share = projector.share(at)
         for layer, level in zip(projector.ranked, projector.levels(at), strict=True):
@@ -422,7 +424,7 @@ class LctTraining:
             projector.finish(result.module)
         write_back(result.model, result.module)
         tic = clock()
-        top1 = scorer.score(result.module, deadline=self._deadline)
+        top1 = scorer.score_on_teacher_scale(result.module, deadline=self._deadline)
         return result, top1, clock() - tic
 
     def _final(

@@ -643,6 +643,8 @@ def _scripted_scores(monkeypatch: pytest.MonkeyPatch, offsets: list[float]) -> N
         return float(self.teacher_score) + remaining.pop(0)  # type: ignore[attr-defined]
 
     monkeypatch.setattr(lct_scoring.Scorer, "score", score)
+    # Checks and attempts read scores on the teacher's scale: the same script.
+    monkeypatch.setattr(lct_scoring.Scorer, "score_on_teacher_scale", score)
 
 
 def _assert_left_as_it_was(model: ir.Model, original: ir.Model, rows: list[dict]) -> None:
@@ -960,6 +962,31 @@ def test_limited_scoring_spreads_over_class_sorted_data() -> None:
     index = scorer.subset(50)
     assert index.size == 50 and len(set(data.y[index].tolist())) == 10
     assert scorer.score(Scorer.module_of(scorer, load_model(DIGITS_MODEL))) == scorer.teacher_score
+
+
+def test_a_check_on_a_subset_is_read_on_the_whole_sets_scale() -> None:
+    """A check scores a spread subset; read against the whole-set reference, a subset harder
+    than the set counted as lost accuracy (0.46 points of ResNet-20's 0.5-point slack). On the
+    teacher's scale, the teacher checked against itself loses nothing, whatever the subset."""
+    from onnxcompress.data import Dataset
+    from onnxcompress.passes.lct_scoring import Scorer
+
+    context = _digits_context()
+    assert context.calibration is not None and context.calibration_labels is not None
+    labels = context.calibration_labels.copy()
+    scorer_probe = Scorer(
+        load_model(DIGITS_MODEL), Dataset(context.calibration, labels, "x"), "cpu"
+    )
+    # Make the checked images harder: mislabel every other one the check takes.
+    checked = scorer_probe.subset(100)
+    labels[checked[::2]] = (labels[checked[::2]] + 1) % 10
+    data = Dataset(context.calibration, labels, "harder subset")
+    scorer = Scorer(load_model(DIGITS_MODEL), data, "cpu")
+    teacher = Scorer.module_of(scorer, load_model(DIGITS_MODEL))
+    raw, on_subset = scorer.score_paired(teacher, 100)
+    assert raw == on_subset < scorer.teacher_score - 20  # the subset is far harder
+    assert scorer.score(teacher, 100) == raw
+    assert scorer.score_on_teacher_scale(teacher, 100) == scorer.teacher_score
 
 
 def test_scoring_stops_at_the_deadline_on_a_spread_subset(monkeypatch: pytest.MonkeyPatch) -> None:

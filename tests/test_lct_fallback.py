@@ -52,6 +52,8 @@ def _scripted_scores(monkeypatch: pytest.MonkeyPatch, offsets: list[float]) -> l
         return float(self.teacher_score) + remaining.pop(0)  # type: ignore[attr-defined]
 
     monkeypatch.setattr(lct_scoring.Scorer, "score", score)
+    # Checks and attempts read scores on the teacher's scale: the same script.
+    monkeypatch.setattr(lct_scoring.Scorer, "score_on_teacher_scale", score)
     return remaining
 
 
