@@ -463,7 +463,7 @@ def test_target_file_aims_the_sparsity_at_the_file_asked_for(values: str, target
     assert 0.0 < plan["sparsity"] < 0.9
     reached = summary["file_bytes_after"] / summary["file_bytes_before"]
     assert abs(reached - target) <= 0.02, (reached, plan)
-    assert abs(reached - plan["predicted_file"]) <= 0.02
+    assert abs(reached - plan["predicted_file"]) <= 0.005  # the plan stores a copy once
     assert [t.option for t in lct.report.targets] == ["target_file"]
     assert lct.report.targets_met
     assert any(note.startswith("lct aims at sparsity") for note in lct.report.notes)
