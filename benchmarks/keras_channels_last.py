@@ -65,6 +65,27 @@ for w in model.weights:
 spec = (tf.TensorSpec((None, 224, 224, 3), tf.float32, name="input"),)
 fn = tf.function(lambda x: model(x, training=False))
 tf2onnx.convert.from_function(fn, input_signature=spec, opset=17, output_path=sys.argv[1])
+# Without ImageNet weights, EfficientNet's Normalization layer keeps its mean and variance as
+# adapt() state, which tf2onnx exports as extra graph inputs (``.../Sub/y:0`` and
+# ``.../Sqrt/x:0``, each [1, 1, 1, C]); with the released weights they are constants. Store
+# the layer's values as initializers, as the released model would have them.
+import onnx
+from onnx import numpy_helper
+
+norms = [layer for layer in model.layers if isinstance(layer, tf.keras.layers.Normalization)]
+if norms:
+    exported = onnx.load(sys.argv[1])
+    norm = norms[0]
+    values = {"Sub/y:0": np.asarray(norm.mean), "Sqrt/x:0": np.asarray(norm.variance)}
+    for graph_input in list(exported.graph.input):
+        suffix = next((key for key in values if graph_input.name.endswith(key)), None)
+        if suffix is None:
+            continue
+        dims = [d.dim_value for d in graph_input.type.tensor_type.shape.dim]
+        array = values[suffix].astype(np.float32).reshape(dims)
+        exported.graph.initializer.append(numpy_helper.from_array(array, graph_input.name))
+        exported.graph.input.remove(graph_input)
+    onnx.save(exported, sys.argv[1])
 print(tf.__version__, tf2onnx.__version__)
 """
 
