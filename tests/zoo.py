@@ -211,25 +211,10 @@ def export_segmentation(name: str, exporter: str = "torchscript", size: int = 12
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.network(x)["out"]
 
-    axes = {0: "batch"}
-    if exporter == DYNAMIC_HW:
-        axes = {0: "batch", 2: "height", 3: "width"}
-    elif exporter != "torchscript":
+    if exporter not in ("torchscript", DYNAMIC_HW):
         raise ValueError(exporter)
     path = _CACHE / f"{name}-{exporter}-{size}.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(
-            MainOutput().eval(),
-            (torch.randn(1, 3, size, size),),
-            str(path),
-            dynamo=False,
-            opset_version=17,
-            input_names=["input"],
-            output_names=["output"],
-            dynamic_axes={"input": axes, "output": axes},
-        )
-    return path
+    return _export_module(MainOutput().eval(), path, size, exporter == DYNAMIC_HW)
 
 
 # timm classifiers and segmentation-models-pytorch segmenters: the ``zoo`` extra (``pip install
