@@ -196,14 +196,14 @@ def sparsity_for_file(
     from onnxcompress.graph.sparse_storage import predicted_stored_bytes
 
     allocation = _GlobalThreshold(model, layers, cfg.max_layer_sparsity)
-    dense = [4 * math.prod(layer.shape) for layer in layers]
+    elements = [math.prod(layer.shape) for layer in layers]
 
     def predicted(sparsity: float) -> float:
         total = bytes_before
-        for layer, zeros, raw in zip(layers, allocation.zeros(sparsity), dense, strict=True):
+        for layer, zeros, size in zip(layers, allocation.zeros(sparsity), elements, strict=True):
             if zeros > 0:
-                nonzeros = math.prod(layer.shape) - zeros
-                total += predicted_stored_bytes(layer.shape, nonzeros, cfg.values) - raw
+                stored = predicted_stored_bytes(layer.shape, size - zeros, cfg.values)
+                total += stored - 4 * size  # a float32 weight becomes its stored form
         return total / bytes_before
 
     def lowest(goal: float) -> float:
@@ -258,17 +258,19 @@ class _GlobalThreshold:
     """Zeros per layer under one global magnitude threshold, for any global sparsity."""
 
     def __init__(self, model: ir.Model, layers: list[Layer], max_layer_sparsity: float) -> None:
-        self.magnitudes = [np.abs(layer_weight(model, layer)).reshape(-1) for layer in layers]
-        self.everything = np.sort(np.concatenate(self.magnitudes))
-        self.caps = [math.floor(max_layer_sparsity * m.size) for m in self.magnitudes]
-        self.sorted = [np.sort(m) for m in self.magnitudes]
+        # Each layer's magnitudes sorted, so its count below a threshold is a binary search.
+        self.per_layer = [
+            np.sort(np.abs(layer_weight(model, layer)).reshape(-1)) for layer in layers
+        ]
+        self.everything = np.sort(np.concatenate(self.per_layer))
+        self.caps = [math.floor(max_layer_sparsity * m.size) for m in self.per_layer]
 
     def zeros(self, sparsity: float) -> list[int]:
         count = round(sparsity * self.everything.size)
         threshold = self.everything[count - 1] if count > 0 else -np.inf
         return [
             min(int(np.searchsorted(mags, threshold, side="right")), cap)
-            for mags, cap in zip(self.sorted, self.caps, strict=True)
+            for mags, cap in zip(self.per_layer, self.caps, strict=True)
         ]
 
 

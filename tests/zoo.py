@@ -139,19 +139,8 @@ def export_torchvision(name: str, exporter: str = "torchscript", size: int = 224
     model.eval()
     path = _CACHE / f"{name}-{exporter}-{size}.onnx"
     if exporter == "torchscript":
-        with warnings.catch_warnings():
-            # The legacy exporter is deprecated but it is the one most deployed models came from.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            torch.onnx.export(
-                model,
-                (torch.randn(1, 3, size, size),),
-                str(path),
-                dynamo=False,
-                opset_version=17,
-                input_names=["input"],
-                output_names=["output"],
-                dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
-            )
+        # The legacy exporter is deprecated but it is the one most deployed models came from.
+        _export_module(model, path, size, dynamic_hw=False)
     elif exporter == "dynamo":
         # An example batch of 1 lets torch.export specialize the batch to 1 wherever a size-1
         # dim takes part in broadcasting (convnext_tiny's LayerNorm permutes), which then

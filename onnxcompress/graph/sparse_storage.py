@@ -175,15 +175,26 @@ def encoded_sizes(
     nonzero = np.flatnonzero(flat)
     steps = np.diff(nonzero, prepend=0)
     fillers = int(np.maximum(0, (steps - 1) // MAX_GAP).sum())
+    return _sizes_by_encoding(
+        flat.size, nonzero.size, fillers, item, flat.dtype.itemsize, extra_bytes
+    )
+
+
+def _sizes_by_encoding(
+    elements: int, nonzeros: int, fillers: int, item: int, dense_item: int, extra_bytes: int
+) -> dict[str, int]:
+    """``encoded_sizes`` from counts: ``item`` bytes per stored value, ``dense_item`` per
+    element of the tensor as it is, ``fillers`` gap entries for runs of zeros longer than
+    ``MAX_GAP``."""
     sizes = {
-        "mask": (flat.size + 7) // 8 + (nonzero.size + 1) * item,
+        "mask": (elements + 7) // 8 + (nonzeros + 1) * item,
         # ScatterND of nothing is left out: an all-zero tensor takes the mask.
-        "gaps": (nonzero.size + fillers) * (1 + item) if nonzero.size else flat.size * item,
+        "gaps": (nonzeros + fillers) * (1 + item) if nonzeros else elements * item,
     }
-    if item < flat.dtype.itemsize:
-        sizes[f"dense{8 * item}"] = flat.size * item
+    if item < dense_item:
+        sizes[f"dense{8 * item}"] = elements * item
     sizes = {key: size + extra_bytes for key, size in sizes.items()}
-    sizes["dense"] = flat.size * flat.dtype.itemsize
+    sizes["dense"] = elements * dense_item
     return sizes
 
 
@@ -193,23 +204,18 @@ def predicted_stored_bytes(shape: Sequence[int], nonzeros: int, values: str = "f
     needs. The gaps encoding's filler entries (one per run of 255 zeros) are not counted, and
     int8 values are assumed to keep the float zeros (rounding may add a few more).
     """
-    size = math.prod(int(d) for d in shape)
-    dense = 4 * size
-    options: dict[str, int] = {}
-    extra = 0
-    if values == "int8" and len(shape) >= 2:
-        item, extra = 1, 4 * int(shape[0])  # one float32 scale per output channel
-        options["dense8"] = size + extra
-    elif values == "float16":
-        item = 2
-        options["dense16"] = 2 * size
-    else:
-        item = 4
-    options["mask"] = (size + 7) // 8 + (nonzeros + 1) * item + extra
-    options["gaps"] = (nonzeros * (1 + item) if nonzeros else size * item) + extra
-    best = min(options.values())
-    if dense - best <= DECODER_BYTES:
-        return dense
+    elements = math.prod(int(d) for d in shape)
+    item, extra = {"float16": 2, "int8": 1}.get(values, 4), 0
+    if values == "int8":
+        if len(shape) >= 2:
+            extra = 4 * int(shape[0])  # one float32 scale per output channel
+        else:
+            item = 4  # 1-D tensors keep float32 values (store_sparse)
+    sizes = _sizes_by_encoding(elements, nonzeros, 0, item, 4, extra)
+    # store_sparse's choice: the smallest encoding, unless it saves no more than a decoder.
+    best = min(size for key, size in sizes.items() if key != "dense")
+    if sizes["dense"] - best <= DECODER_BYTES:
+        return sizes["dense"]
     return best + DECODER_BYTES
 
 

@@ -225,8 +225,8 @@ def compress(
             "--static-shape fixes the inputs to the dims --shape gives: add --shape NAME=DIMS "
             "(e.g. images=1x3x640x640)"
         )
-    trains = [name for name, _ in steps if pass_class(name).needs_training_data]
     _refuse_training_after_quantization(steps)
+    trains = [name for name, _ in steps if pass_class(name).needs_training_data]
     if trains and (train_data or data) is None:
         raise PassConfigError(
             f"a {trains[0]} step needs training data: give --train-data SPEC (or [data] train)"
