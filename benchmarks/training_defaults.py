@@ -67,7 +67,10 @@ class Run:
 
 RUNS = (
     Run("resect", "resect:target_macs=0.7", "macs", 0.72, 1.5),
-    Run("cheapconv", "cheapconv:kind=separable", "conv_macs", 1 / 4, 4.0),
+    # Each target is given as the pass's own option, as a user with that budget would: MACs
+    # for resect, lct lowrank and cheapconv (which keeps the worst fits per MAC dense within
+    # it), the file for lct sparse.
+    Run("cheapconv", "cheapconv:kind=separable,target_macs=0.25", "conv_macs", 1 / 4, 4.0),
     # The file target is given as the pass's own target (target_file), as resect gets its MACs.
     Run("lct-sparse", "lct:subspace=sparse,values=int8,target_file=0.2", "file", 1 / 5, 1.0),
     Run("lct-lowrank", "lct:subspace=lowrank,target_macs=0.6", "macs", 0.67, 1.5),

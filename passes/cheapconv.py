@@ -49,7 +49,7 @@ import fnmatch
 import logging
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx_ir as ir
@@ -59,11 +59,14 @@ from onnxcompress.errors import PassConfigError
 from onnxcompress.graph.canonicalize import infer_shapes
 from onnxcompress.graph.model_io import clone_model
 from onnxcompress.graph.op_families import DEFAULT_DOMAINS
-from onnxcompress.passes.base import CompressionPass, PassConfig, PassReport
+from onnxcompress.passes.base import CompressionPass, PassConfig, PassReport, check_fraction
 from onnxcompress.passes.cheapconv_init import fit_images, fit_layer
 from onnxcompress.passes.cheapconv_rewrite import ConvRewriter, ConvSite
 from onnxcompress.passes.cheapconv_training import Training, prepare_training, train_substituted
 from onnxcompress.torch_bridge.training_options import TrainingOptions
+
+if TYPE_CHECKING:
+    from onnxcompress.graph.metrics import ModelMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +85,8 @@ FIT_SHARE = 0.5
 # The training's estimated minimum is kept back from the init this many times over: the
 # estimate is a lower bound, timed on a machine whose load may change by the time it trains.
 TRAINING_MARGIN = 1.5
+# target_macs counts as met this far above it (as the other passes' MAC targets).
+TARGET_TOLERANCE = 0.02
 # Epochs without a time budget (``epochs`` left at None).
 DEFAULT_EPOCHS = 3
 # With a time budget and ``epochs`` left at None: more epochs than any budget holds, so the
@@ -107,6 +112,12 @@ class CheapConvConfig(PassConfig, TrainingOptions):
         include: node-name patterns (fnmatch, ``;``-separated on the command line); only
             matching Convs are replaced (empty: every eligible Conv).
         exclude: node-name patterns never replaced.
+        target_macs: the model's MACs after the rewrite, as a fraction of before (None: every
+            eligible Conv is replaced). The eligible Convs are replaced in order of their
+            closed-form approximation error per MAC saved, lowest first, until the target
+            holds; the ones whose replacement would cost the most accuracy per MAC stay dense
+            (declined, with why). A target that replacing all of them cannot reach is a miss
+            the console reports.
         keep_first: leave the first Conv of the graph (the stem) alone.
         min_channels: leave Convs with fewer input channels alone.
         smoothness: correlation ρ of neighbouring input pixels assumed by the data-free fits
@@ -166,6 +177,7 @@ class CheapConvConfig(PassConfig, TrainingOptions):
     shift_op: str = "slice"
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    target_macs: float | None = None
     keep_first: bool = True
     min_channels: int = 8
     smoothness: float = 0.0
@@ -215,6 +227,7 @@ class CheapConvConfig(PassConfig, TrainingOptions):
             raise PassConfigError(
                 "cheapconv: ridge, rounds and hint_weight must be >= 0, calibration_batch >= 1"
             )
+        check_fraction("target_macs", self.target_macs)
         self.check_training_options("cheapconv")
 
     @property
@@ -231,6 +244,7 @@ class CheapConvolutions(CompressionPass[CheapConvConfig]):
 
     name = "cheapconv"
     config_class = CheapConvConfig
+    budget_options = ("target_macs",)
     _fit_data: bool = False
     # The clock of ``time_budget_s`` (None: ``time.monotonic``); tests inject a ManualClock.
     clock: Clock | None = None
@@ -250,6 +264,8 @@ class CheapConvolutions(CompressionPass[CheapConvConfig]):
         cfg = self.cfg
         infer_shapes(model)
         sites = self._select(model, report)
+        if cfg.target_macs is not None and sites:
+            sites = self._sites_for_target(model, sites, cfg.target_macs, report)
         will_train = bool(sites) and cfg.epoch_count > 0 and self.context.train_spec is not None
         teacher = clone_model(model) if will_train and cfg.distill == "offline" else None
         self._fit_data = bool(sites) and self._wants_data_fit()
@@ -424,6 +440,79 @@ class CheapConvolutions(CompressionPass[CheapConvConfig]):
         fit_layer(self.cfg, model, original, layer, nodes, x)
 
     # -- selection ---------------------------------------------------------------------------
+
+    def check_targets(self, before: ModelMetrics, after: ModelMetrics, report: PassReport) -> None:
+        goal = self.cfg.target_macs
+        if goal is None:
+            return
+        reached = after.macs / before.macs if before.macs else 1.0
+        # A budget: at or under it is met (each Conv is replaced whole, so the plan lands
+        # under the target by up to one layer's saving).
+        report.check_target(
+            "target_macs",
+            goal,
+            reached,
+            tolerance=TARGET_TOLERANCE,
+            met=reached <= goal + TARGET_TOLERANCE,
+            reason=report.summary.get("target_plan", {}).get("note", "")
+            or "replacing every eligible Conv does not save that much",
+        )
+
+    def _sites_for_target(
+        self, model: ir.Model, sites: list[ConvSite], goal: float, report: PassReport
+    ) -> list[ConvSite]:
+        """The sites to replace so that the model's MACs land at or under ``goal`` of now:
+        every one, less those whose closed-form error per MAC saved is highest while the
+        target still holds without them. Planned on a copy rewritten with the same closed
+        forms, so the MACs are the rewrite's own."""
+        from onnxcompress.graph.input_shapes import at_counted_shapes
+        from onnxcompress.graph.metrics import model_metrics, node_macs
+
+        trial = clone_model(model)
+        order = {id(node): index for index, node in enumerate(model.graph)}
+        trial_nodes = list(trial.graph)
+        rewriter = ConvRewriter(self.cfg, fit_data=False)
+        with at_counted_shapes(model):
+            total = model_metrics(model).macs
+            before = [node_macs(site.node) for site in sites]
+        errors: list[float] = []
+        replaced: list[list[ir.Node]] = []
+        for site in sites:
+            layer: dict[str, Any] = {}
+            trial_site = ConvSite.of(trial_nodes[order[id(site.node)]])
+            replaced.append(rewriter.rewrite(trial, trial_site, layer, []))
+            errors.append(float(layer["rel_error"]))
+        infer_shapes(trial)
+        with at_counted_shapes(trial):
+            after = [sum(node_macs(node) for node in nodes) for nodes in replaced]
+        saved = [b - a for b, a in zip(before, after, strict=True)]
+        planned = total - sum(saved)
+        budget = goal * total
+        keep = set()
+        # Most harmful per MAC saved first: each stays dense while the target still holds.
+        for index in sorted(range(len(sites)), key=lambda i: -errors[i] / max(saved[i], 1)):
+            if planned + saved[index] <= budget:
+                keep.add(index)
+                planned += saved[index]
+        plan: dict[str, Any] = {
+            "target_macs": goal,
+            "planned_macs": round(planned / max(total, 1), 4),
+            "kept_dense": [sites[i].node.name for i in sorted(keep)],
+        }
+        if planned > budget:
+            plan["note"] = (
+                f"replacing every eligible Conv leaves {planned / max(total, 1):.3f} of the MACs "
+                "(the rest is in layers cheapconv does not replace)"
+            )
+        report.summary["target_plan"] = plan
+        for index in sorted(keep):
+            node = sites[index].node
+            report.decline(
+                node.name or f"Conv:{node.outputs[0].name}",
+                f"kept dense: target_macs={goal:g} holds without replacing it (closed-form "
+                f"error {errors[index]:.3f}, among the highest per MAC saved)",
+            )
+        return [site for index, site in enumerate(sites) if index not in keep]
 
     def _select(self, model: ir.Model, report: PassReport) -> list[ConvSite]:
         sites: list[ConvSite] = []

@@ -320,6 +320,55 @@ class LctTraining:
         )
         return None, history, _joined(projector.halted, stopped)
 
+    def train_fitted(
+        self,
+        model: ir.Model,
+        teacher: ir.Model,
+        train: Dataset,
+        scorer: Scorer,
+        layers: list[Layer],
+        reference: float,
+    ) -> tuple[Accepted | None, list[dict[str, Any]], str | None]:
+        """The ``fit`` schedule's training: ``model`` already has every layer at its rank
+        (``lct_fit``); it is scored, then distilled at those ranks for the rest of the budget
+        (or ``epochs``), the better of the two kept. None when that ends more than ``max_drop``
+        below the original (nothing on the way held either: there is no way between)."""
+        cfg = self.cfg
+        for layer in layers:
+            layer.level, layer.stage = 1.0, 1
+        module = scorer.module_of(model)
+        top1 = scorer.score_on_teacher_scale(module, deadline=self._deadline)
+        logger.info("lct fit: top-1 %.2f vs %.2f before training", top1, reference)
+        history: list[dict[str, Any]] = [
+            {
+                "stage": "fit",
+                "attempt": 1,
+                "increment": 1.0,
+                "layers": [layer.node for layer in layers],
+                "top1": top1,
+                "reference_top1": reference,
+                "accepted": top1 >= reference - cfg.max_drop,
+                "accepted_top1": top1,
+                "steps": 0,
+                "seconds": 0.0,
+            }
+        ]
+        accepted = Accepted(module, model, top1, layers)
+        accepted = self._final(
+            accepted, teacher, train, scorer, layers, True, reference, history, epochs=cfg.epochs
+        )
+        if accepted.top1 >= reference - cfg.max_drop:
+            return accepted, history, None
+        for layer in layers:
+            layer.level = 0.0
+        return (
+            None,
+            history,
+            f"the run ended at top-1 {accepted.top1:.2f}, {reference - accepted.top1:.2f} "
+            f"points below the original's {reference:.2f} (max_drop={cfg.max_drop}); the "
+            "model is left as it was",
+        )
+
     def _gradual_fallback(
         self,
         result: Any,

@@ -25,6 +25,7 @@ import numpy as np
 import onnx_ir as ir
 import scipy.linalg
 
+from onnxcompress.fitting.lowrank import reduced_rank_fit, truncate
 from onnxcompress.fitting.ridge import ridge_solve
 from onnxcompress.graph.edits import (
     constant_array,
@@ -98,7 +99,15 @@ def reconstruct(
         layers = tqdm(list(layers), desc="reconstruction", unit="layer", leave=False)
     refits = []
     for node in layers:
-        refit = _refit(student, original, node, kept_outputs.get(node.name or ""), x, ridge, batch)
+        refit = refit_layer(
+            student,
+            original,
+            node,
+            x,
+            ridge=ridge,
+            batch=batch,
+            keep=kept_outputs.get(node.name or ""),
+        )
         if refit is None:
             continue
         refits.append(refit)
@@ -145,15 +154,28 @@ def _inputs_were_cut(node: ir.Node, reference: ir.Node) -> bool:
     return False
 
 
-def _refit(
+def refit_layer(
     student: ir.Model,
     original: ir.Model,
     node: ir.Node,
-    keep: np.ndarray | None,
     x: np.ndarray,
+    *,
     ridge: float,
     batch: int,
+    keep: np.ndarray | None = None,
+    rank: int | None = None,
 ) -> Refit | None:
+    """Refit one Conv (one group) or Gemm of ``student`` against the same-named output of
+    ``original`` on ``student``'s own inputs; None when the node cannot be refit (a computed or
+    broadcast bias, too many input features, inputs all but constant, a different node).
+
+    Args:
+        keep: the original's output channels this node still computes (None: all).
+        rank: fit a weight of at most this rank (``lct``'s low-rank fit: reduced-rank
+            regression, ``fitting.lowrank.reduced_rank_fit``). The rank-``rank`` weight is
+            always written: the fit, or the weight's truncated SVD when that reproduces the
+            output better (``error_before`` is the truncated SVD's error).
+    """
     source, output = node.inputs[0], node.outputs[0]
     if source is None or not source.name or not output.name or not node.name:
         return None
@@ -194,18 +216,29 @@ def _refit(
         return None
     if stats.cross.shape != (matrix.shape[1] + 1, matrix.shape[0]):
         return None
+    if rank is not None:
+        matrix = truncate(matrix, rank)
     before = np.concatenate([matrix, bias[:, None]], axis=1).T.astype(np.float64)
     try:
         with warnings.catch_warnings():
             # Inputs that are (nearly) all zero leave nothing to fit from; the solve says so.
             warnings.simplefilter("error", scipy.linalg.LinAlgWarning)
-            solution = ridge_solve(stats.gram, stats.cross, ridge, intercept=True)
+            if rank is None:
+                solution = ridge_solve(stats.gram, stats.cross, ridge, intercept=True)
+            else:
+                low, low_bias = reduced_rank_fit(stats.gram, stats.cross, rank, ridge)
+                solution = np.concatenate([low, low_bias[:, None]], axis=1).T
     except scipy.linalg.LinAlgWarning:
         logger.info("reconstruction: %s skipped (its inputs are all but constant)", node.name)
-        return None
+        if rank is not None:
+            solution = before  # the rank still holds: the truncated SVD
+        else:
+            return None
     refit = Refit(node.name, stats.relative_error(before), stats.relative_error(solution))
     if not refit.kept:
-        return refit
+        if rank is None:
+            return refit
+        solution = before
     new_matrix = solution[:-1].T
     new_weight = new_matrix.reshape(weight.shape) if trans_b else new_matrix.T
     graph = student.graph
@@ -231,4 +264,4 @@ def _patch_batch(output: ir.Value, features: int, batch: int) -> int:
     return max(1, min(batch, PATCH_ELEMENTS_PER_BATCH // max(features * positions, 1)))
 
 
-__all__ = ["Refit", "reconstruct"]
+__all__ = ["Refit", "reconstruct", "refit_layer"]

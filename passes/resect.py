@@ -270,6 +270,8 @@ class IncrementalResection(CompressionPass[ResectConfig]):
         teacher = clone_model(model)
         before = _size(model)
         self._before = before
+        # What the target still needs removed (``_priority``), updated before every stage.
+        self._needed: float | None = self._still_needed(before)
         report.summary.update(
             {
                 "layers_before": before.layers,
@@ -336,6 +338,7 @@ class IncrementalResection(CompressionPass[ResectConfig]):
                 )
             # A cut that does not shrink what the target measures (a layer swapped for its
             # bridge when layers are counted) only costs accuracy.
+            self._needed = self._still_needed(current_size)
             order = [row["key"] for row in self._ordered(ranking)]
             available = self._search(current).by_key()
             picks = [k for k in order if k in available and k not in tried][:step]
@@ -509,7 +512,9 @@ class IncrementalResection(CompressionPass[ResectConfig]):
 
     def _priority(self, row: dict[str, Any]) -> tuple[float, float]:
         """How cheaply a candidate buys progress: its KL per unit it removes of the first
-        target given (layers, MACs, params), then the larger saving first on ties."""
+        target given (layers, MACs, params), counting no more than the target still needs
+        (``_needed``: a cut past it buys nothing towards it, so a big cut does not outrank a
+        small, harmless one that closes the gap), then the larger saving first on ties."""
         cfg = self.cfg
         if cfg.target_layers is not None:
             removed = row["layers_removed"]
@@ -519,7 +524,21 @@ class IncrementalResection(CompressionPass[ResectConfig]):
             removed = row["params_removed"]
         if removed <= 0:
             return (float("inf"), 0.0)
-        return (row["kl"] / removed, -float(removed))
+        progress = removed if self._needed is None else min(removed, max(self._needed, 1e-9))
+        return (row["kl"] / progress, -float(removed))
+
+    def _still_needed(self, size: _Size) -> float | None:
+        """What the first target given still needs removed from ``size`` (layers, MACs or
+        params; the unit ``_priority`` counts in), None when no target is set."""
+        cfg, before = self.cfg, self._before
+        layers = self._layer_target()
+        if layers is not None:
+            return size.layers - layers
+        if cfg.target_macs is not None:
+            return size.macs - cfg.target_macs * before.macs
+        if cfg.target_params is not None:
+            return size.params - cfg.target_params * before.params
+        return None
 
     def _ordered(self, ranking: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The useful rows of ``ranking``, the cheapest progress first (``_priority``)."""

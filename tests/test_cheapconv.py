@@ -823,3 +823,46 @@ def test_epochs_default_to_the_budget_with_one_and_to_three_without() -> None:
     assert without.cfg.epoch_count == cheapconv_module.DEFAULT_EPOCHS == 3  # type: ignore[attr-defined]
     given = create_pass("cheapconv", {"epochs": 5, "time_budget_s": 900}, PassContext())
     assert given.cfg.epoch_count == 5  # type: ignore[attr-defined]
+
+
+def _chain_macs(model: ir.Model) -> int:
+    from onnxcompress.graph.input_shapes import at_counted_shapes
+
+    with at_counted_shapes(model):
+        return model_metrics(model).macs
+
+
+def test_target_macs_keeps_the_worst_fits_per_mac_dense_and_lands_under_it() -> None:
+    """Body convs with an exactly separable kernel fit at no error; the random ones are the
+    worst per MAC saved and stay dense while the target holds without them."""
+    model = digits_chain(bodies=4)
+    for name in ("w1", "w3"):  # exactly separable: rank-1 spatial kernel per channel pair
+        rng = np.random.default_rng(int(name[1:]))
+        depth = rng.standard_normal((8, 3, 3))
+        mix = rng.standard_normal((8, 8))
+        kernel = (mix[:, :, None, None] * depth[None]).astype(np.float32)
+        model.graph.initializers[name].const_value = ir.tensor(kernel, name=name)
+    before = _chain_macs(model)
+    every_conv_replaced = clone_model(model)
+    cheapconv(every_conv_replaced)
+    all_replaced = _chain_macs(every_conv_replaced) / before
+    # A target halfway between "replace all" and "replace none" keeps some layers dense.
+    goal = (1.0 + all_replaced) / 2.0
+    report = cheapconv(model, target_macs=goal)
+    reached = _chain_macs(model) / before
+    assert all_replaced < reached <= goal + 1e-9
+    plan = report["summary"]["target_plan"]
+    assert plan["kept_dense"] and set(plan["kept_dense"]) <= {"body2", "body4"}
+    declined = {d["node"]: d["reason"] for d in report["declined"]}
+    assert all("kept dense: target_macs" in declined[name] for name in plan["kept_dense"])
+    replaced = {layer["node"] for layer in report["layers"]}
+    assert {"body1", "body3"} <= replaced
+    assert all(t["met"] for t in report["targets"])
+
+
+def test_a_target_macs_beyond_reach_is_reported_missed_with_why() -> None:
+    model = digits_chain(bodies=2)
+    report = cheapconv(model, target_macs=0.01)
+    (target,) = report["targets"]
+    assert not target["met"] and "replacing every eligible Conv leaves" in target["reason"]
+    assert report["summary"]["target_plan"]["kept_dense"] == []

@@ -802,3 +802,23 @@ def test_stages_take_the_least_kl_per_unit_of_the_target_first() -> None:
     assert [r["key"] for r in by_macs._ordered(rows)] == ["branch", "layer", "bridge"]  # type: ignore[attr-defined]
     by_layers = create_pass("resect", {"target_layers": 10})
     assert [r["key"] for r in by_layers._ordered(rows)] == ["branch", "layer"]  # type: ignore[attr-defined]
+
+
+def test_a_cut_counts_only_the_progress_the_target_still_needs() -> None:
+    """ResNet-20 at 0.767 of the MACs with target_macs=0.7 (issue 22's run): a residual
+    branch (KL 1.30, 11.6 % of the MACs) outranked a bridge (KL 0.31, 2.6 %) by KL per MAC,
+    though only 6.7 % was still needed; counted up to that, the harmless bridge goes first."""
+    from onnxcompress.passes.resect import _Size
+
+    resect = create_pass("resect", {"target_macs": 0.7}, PassContext())
+    branch = {"kl": 1.30, "macs_removed": 116, "layers_removed": 2, "params_removed": 1}
+    bridge = {"kl": 0.31, "macs_removed": 26, "layers_removed": 1, "params_removed": 1}
+    resect._before = _Size(layers=20, macs=1000, params=100)
+    resect._needed = None  # plain KL per MAC: the branch first
+    assert resect._priority(branch) < resect._priority(bridge)
+    resect._needed = resect._still_needed(_Size(layers=18, macs=767, params=90))
+    assert resect._needed == pytest.approx(67.0)
+    assert resect._priority(bridge) < resect._priority(branch)
+    # Far from the target both count whole, as before.
+    resect._needed = resect._still_needed(_Size(layers=20, macs=1000, params=100))
+    assert resect._priority(branch) < resect._priority(bridge)

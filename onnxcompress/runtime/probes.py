@@ -112,6 +112,29 @@ def pair_statistics(
     return accumulator.statistics()
 
 
+def second_moment(
+    model: ir.Model,
+    x: np.ndarray,
+    batch: int,
+    positions_per_image: int | None = None,
+    seed: int = 0,
+) -> np.ndarray:
+    """``E[z zᵀ]`` of the only output of ``model`` (channels on axis 1) over the batches of
+    ``x``, one sample per position (``positions_per_image``: as in ``pair_statistics``)."""
+    from onnxcompress.runtime.capture import run_batches
+    from onnxcompress.runtime.session import make_session
+
+    session = make_session(model, optimize=False)
+    accumulator = GramAccumulator(intercept=False)
+    rng = np.random.default_rng(seed)
+    for z, *_ in run_batches(session, x, batch):
+        if positions_per_image is not None and z.ndim > 2:
+            z, _ = _sample_positions(z, z, positions_per_image, rng)
+        accumulator.add(z, channel_axis=1)
+    stats = accumulator.statistics()
+    return stats.gram / max(stats.count, 1)
+
+
 def _sample_positions(
     z: np.ndarray, y: np.ndarray, count: int, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -127,4 +150,4 @@ def _sample_positions(
     )
 
 
-__all__ = ["pair_statistics", "patch_probe", "truncated"]
+__all__ = ["pair_statistics", "patch_probe", "second_moment", "truncated"]
