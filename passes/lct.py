@@ -14,10 +14,13 @@ constraints (``final_share`` of the time) recovers what the short stages could n
 misses ``max_drop``, the result is the last stage that met it by itself. The collapsed weights
 are stored compactly (``onnxcompress.graph.sparse_storage``), so the file really shrinks.
 
-``subspace=lowrank`` (beyond the paper) ranks and trains the same way, but the projection is a
-truncated SVD to rank ``r_l`` (ranks from a global spectral-energy threshold that meets
-``target_macs``, or from a per-layer ``energy``); at the end each collapsed Conv becomes a kxk
-Conv (Cin -> r) plus a 1x1 Conv (r -> Cout) and each Gemm two Gemms, so it runs faster.
+``subspace=lowrank`` (beyond the paper) by default fits every layer at its rank at once from
+the calibration data and distills at those ranks (``schedule=fit``, ``passes/lct_fit.py``); with
+``schedule=gradual`` or ``staged`` it ranks and trains as the sparse subspace does, the
+projection being a truncated SVD to rank ``r_l`` (ranks from a global spectral-energy threshold
+that meets ``target_macs``, or from a per-layer ``energy``). At the end each collapsed Conv
+becomes a kxk Conv (Cin -> r) plus a 1x1 Conv (r -> Cout) and each Gemm two Gemms, so it runs
+faster.
 
 ``time_budget_s`` covers the whole pass from its start: loading the data, scoring the original,
 the sensitivity ranking, every training attempt and its scoring, the final fine-tune and its
@@ -94,10 +97,12 @@ class LctConfig(PassConfig, TrainingOptions):
             default 0.9 costs a 15-minute budget its whole ramp.
         max_layer_sparsity: no layer is pruned beyond this fraction (a layer at 100 % would cut
             the network).
-        target_macs: lowrank: keep this fraction of the model's MACs (global allocation of
-            ranks by one spectral-energy threshold); the default when ``energy`` is not given.
+        target_macs: lowrank: keep this fraction of the model's MACs (``fit``: ranks cut
+            greedily where the least output energy on the calibration images is lost per MAC
+            saved; ``gradual``/``staged``: one threshold on the weights' spectral energy); the
+            default when ``energy`` is not given.
         energy: lowrank: instead of a budget, keep this fraction of each layer's squared
-            singular values.
+            singular values (``fit``: of its response's).
         max_drop: validation top-1 (points) the result may lose against the original.
         slack: a stage is kept while it is within ``max_drop + slack`` points; the final
             fine-tune must bring the model back within ``max_drop`` (else the last stage that
