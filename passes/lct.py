@@ -614,7 +614,9 @@ class LayerwiseCompressiveTraining(CompressionPass[LctConfig]):
         assert calibration is not None  # needs_data
         x = calibration[spread_index(len(calibration), cfg.fit_samples)]
         budget = deadline.share(FIT_SHARE, reserve=minimum_seconds, label="lct fit")
-        moments = input_second_moments(model, layers, x, budget.share(MOMENT_PART))
+        moments = input_second_moments(
+            model, layers, x, budget.share(MOMENT_PART), self.context.progress
+        )
         report.summary["ranks_from"] = "responses" if moments is not None else "weights"
         # Planned in MACs at the run's input shapes (symbolic height and width would count
         # every layer at 1x1).

@@ -107,13 +107,22 @@ def _features(layer: Layer) -> int:
 
 
 def input_second_moments(
-    model: ir.Model, layers: Sequence[Layer], x: np.ndarray, deadline: Deadline
+    model: ir.Model,
+    layers: Sequence[Layer],
+    x: np.ndarray,
+    deadline: Deadline,
+    progress: bool = False,
 ) -> dict[str, np.ndarray] | None:
     """Each layer's input second moment ``E[z zᵀ]`` on ``x`` (by node name), or None when the
     deadline cannot hold them for every layer (the ranks then come from the weights)."""
     moments: dict[str, np.ndarray] = {}
     per_image: float | None = None
-    for done, layer in enumerate(layers):
+    iterator: Sequence[Layer] = layers
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(layers, desc="lct ranks", unit="layer", leave=False)
+    for done, layer in enumerate(iterator):
         features = _features(layer)
         count = fit_images(deadline, per_image, len(layers) - done, len(x))
         if count == 0 or features > MAX_FEATURES:
