@@ -247,6 +247,9 @@ class IncrementalResection(CompressionPass[ResectConfig]):
     summary_line = "remove residual blocks/layers, bridge shape changes, distill in stages"
     config_class = ResectConfig
     needs_data = True
+    # What the target still needs removed (``_priority``): set when the run starts and before
+    # every stage; None (outside a run) counts every cut's whole saving.
+    _needed: float | None = None
 
     # -- the run -----------------------------------------------------------------------------
 
@@ -270,8 +273,7 @@ class IncrementalResection(CompressionPass[ResectConfig]):
         teacher = clone_model(model)
         before = _size(model)
         self._before = before
-        # What the target still needs removed (``_priority``), updated before every stage.
-        self._needed: float | None = self._still_needed(before)
+        self._needed = self._still_needed(before)
         report.summary.update(
             {
                 "layers_before": before.layers,
