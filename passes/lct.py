@@ -421,7 +421,6 @@ class LayerwiseCompressiveTraining(CompressionPass[LctConfig]):
 
     def _compress(self, model: ir.Model, report: PassReport) -> None:
         from onnxcompress.graph.canonicalize import infer_shapes
-        from onnxcompress.graph.input_shapes import at_counted_shapes
         from onnxcompress.graph.metrics import model_metrics
 
         cfg, deadline = self.cfg, self._deadline
@@ -439,11 +438,8 @@ class LayerwiseCompressiveTraining(CompressionPass[LctConfig]):
             return
         fit = cfg.schedule == "fit"
         if lowrank and not fit:
-            # Planned in MACs at the run's input shapes (symbolic height and width would count
-            # every layer at 1x1); allocation only reads the graph.
-            with at_counted_shapes(model):
-                allocate_ranks(model, layers, report, macs_before, cfg)
-            layers = [layer for layer in layers if 0 < layer.rank <= layer.break_even]
+            # Planned in MACs at the run's input shapes (allocate_ranks sizes the layers there).
+            layers = allocate_ranks(model, layers, report, macs_before, cfg)
         elif not lowrank:
             sparsity = cfg.sparsity
             if cfg.target_file is not None:
@@ -600,7 +596,6 @@ class LayerwiseCompressiveTraining(CompressionPass[LctConfig]):
         """The ``fit`` schedule's start (``lct_fit``): ranks from the layers' responses, then
         every layer fit at its rank; returns the layers that are cut."""
         from onnxcompress.data.dataset import spread_index
-        from onnxcompress.graph.input_shapes import at_counted_shapes
         from onnxcompress.passes.lct_fit import (
             FIT_SHARE,
             MOMENT_PART,
@@ -618,11 +613,7 @@ class LayerwiseCompressiveTraining(CompressionPass[LctConfig]):
             model, layers, x, budget.share(MOMENT_PART), self.context.progress
         )
         report.summary["ranks_from"] = "responses" if moments is not None else "weights"
-        # Planned in MACs at the run's input shapes (symbolic height and width would count
-        # every layer at 1x1).
-        with at_counted_shapes(model):
-            allocate_ranks(model, layers, report, macs_before, cfg, moments)
-        layers = [layer for layer in layers if 0 < layer.rank <= layer.break_even]
+        layers = allocate_ranks(model, layers, report, macs_before, cfg, moments)
         if layers:
             self._before_fit = LayerSnapshot(model, [layer.node for layer in layers])
             fit_ranks(model, teacher, layers, x, budget, report, self.context.progress)

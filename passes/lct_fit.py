@@ -36,7 +36,7 @@ from onnxcompress.deadline import Deadline
 from onnxcompress.passes.cheapconv_init import fit_images
 from onnxcompress.passes.lct_layers import Layer
 from onnxcompress.passes.reconstruction import MAX_FEATURES, refit_layer
-from onnxcompress.runtime.probes import patch_probe, second_moment, truncated
+from onnxcompress.runtime.probes import input_probe, second_moment
 
 if TYPE_CHECKING:
     from onnxcompress.passes.base import PassReport
@@ -88,17 +88,6 @@ class LayerSnapshot:
                     graph.initializers.pop(value.name, None)
 
 
-def _input_probe(model: ir.Model, node: ir.Node) -> ir.Model:
-    """A copy of ``model`` computing what ``node`` multiplies by its weight: a Conv's im2col
-    patches, a Gemm's input."""
-    assert node.name is not None
-    if node.op_type == "Conv":
-        return patch_probe(model, node.name)
-    source = node.inputs[0]
-    assert source is not None and source.name is not None
-    return truncated(model, source.name)
-
-
 def _features(layer: Layer) -> int:
     """Input features of the layer's weight matrix (its columns)."""
     if layer.op == "Gemm":
@@ -133,7 +122,7 @@ def input_second_moments(
         tic = time.perf_counter()
         node = model.graph.node(layer.node)
         moments[layer.node] = second_moment(
-            _input_probe(model, node), images, FIT_BATCH, positions_per_image=positions
+            input_probe(model, node), images, FIT_BATCH, positions_per_image=positions
         )
         seconds = (time.perf_counter() - tic) / len(images)
         per_image = seconds if per_image is None else max(per_image, seconds)
@@ -178,13 +167,15 @@ def fit_ranks(
         if refit is None:
             records.append({"node": layer.node, "rank": layer.rank, "fit": "not fit"})
             continue
+        # The truncated SVD is written where the fit does no better (``refit_layer``).
+        written = min(refit.error_before, refit.error_after)
         records.append(
             {
                 "node": layer.node,
                 "rank": layer.rank,
                 "images": len(images),
                 "error_svd": round(refit.error_before, 5),
-                "error_fit": round(min(refit.error_before, refit.error_after), 5),
+                "error_fit": round(written, 5),
             }
         )
         logger.info(
@@ -192,7 +183,7 @@ def fit_ranks(
             layer.node,
             layer.rank,
             refit.error_before,
-            min(refit.error_before, refit.error_after),
+            written,
         )
     report.summary["fit"] = records
 

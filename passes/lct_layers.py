@@ -110,7 +110,10 @@ class Layer:
 
     def macs_at(self, level: float) -> int:
         """lowrank: the node's MACs with the rank at ``level`` (factorized when it is cut)."""
-        rank = self.count_at(level)
+        return self.macs_at_rank(self.count_at(level))
+
+    def macs_at_rank(self, rank: int) -> int:
+        """lowrank: the node's MACs at ``rank``: factorized below the full rank, else dense."""
         if rank >= self.full_rank:
             return self.macs
         return rank * self.rank_cost * self.positions
@@ -282,6 +285,20 @@ def allocate_ranks(
     macs_before: int,
     cfg: LctConfig,
     second_moments: Mapping[str, np.ndarray] | None = None,
+) -> list[Layer]:
+    """Set every layer's target ``rank`` (see ``_allocate_ranks``); returns the layers it cuts
+    (a rank below the full one, at or under the break-even rank)."""
+    _allocate_ranks(model, layers, report, macs_before, cfg, second_moments)
+    return [layer for layer in layers if 0 < layer.rank <= layer.break_even]
+
+
+def _allocate_ranks(
+    model: ir.Model,
+    layers: list[Layer],
+    report: PassReport,
+    macs_before: int,
+    cfg: LctConfig,
+    second_moments: Mapping[str, np.ndarray] | None,
 ) -> None:
     """Ranks from a per-layer energy, or for ``target_macs`` from the spectra.
 
@@ -316,7 +333,7 @@ def allocate_ranks(
         for layer, rank in zip(layers, ranks, strict=True):
             if rank <= layer.break_even:
                 layer.rank = rank
-                layer.target_macs = rank * layer.rank_cost * layer.positions
+                layer.target_macs = layer.macs_at_rank(rank)
             else:
                 layer.rank, layer.target_macs = layer.full_rank, layer.macs
             saved += layer.macs - layer.target_macs
@@ -382,8 +399,7 @@ def _greedy_ranks(
         lower = layer.break_even if rank >= layer.full_rank else rank - layer.multiple
         if lower < max(1, layer.multiple) or layer.break_even <= 0:
             return None
-        before = layer.macs if rank >= layer.full_rank else rank * layer.rank_cost * layer.positions
-        saved = before - lower * layer.rank_cost * layer.positions
+        saved = layer.macs_at_rank(rank) - layer.macs_at_rank(lower)
         lost = float(energies[index][lower:rank].sum()) / totals[index]
         return lower, saved, lost
 

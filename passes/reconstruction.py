@@ -33,7 +33,7 @@ from onnxcompress.graph.edits import (
     private_initializer,
     set_initializer,
 )
-from onnxcompress.runtime.probes import pair_statistics, patch_probe, truncated
+from onnxcompress.runtime.probes import input_probe, pair_statistics, truncated
 
 logger = logging.getLogger(__name__)
 
@@ -199,7 +199,7 @@ def refit_layer(
     if features > MAX_FEATURES:
         logger.info("reconstruction: %s skipped (%d input features)", node.name, features)
         return None
-    probe = patch_probe(student, node.name) if conv else truncated(student, source.name)
+    probe = input_probe(student, node)
     batch = _patch_batch(output, features, batch)
     positions = max(1, -(-ROWS_PER_FEATURE * (features + 1) // len(x)))
     try:

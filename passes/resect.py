@@ -517,28 +517,37 @@ class IncrementalResection(CompressionPass[ResectConfig]):
         target given (layers, MACs, params), counting no more than the target still needs
         (``_needed``: a cut past it buys nothing towards it, so a big cut does not outrank a
         small, harmless one that closes the gap), then the larger saving first on ties."""
-        cfg = self.cfg
-        if cfg.target_layers is not None:
-            removed = row["layers_removed"]
-        elif cfg.target_macs is not None:
-            removed = row["macs_removed"]
-        else:
-            removed = row["params_removed"]
+        unit = self._first_unit()
+        removed = row[f"{unit}_removed"] if unit is not None else 0
         if removed <= 0:
             return (float("inf"), 0.0)
         progress = removed if self._needed is None else min(removed, max(self._needed, 1e-9))
         return (row["kl"] / progress, -float(removed))
 
-    def _still_needed(self, size: _Size) -> float | None:
-        """What the first target given still needs removed from ``size`` (layers, MACs or
-        params; the unit ``_priority`` counts in), None when no target is set."""
-        cfg, before = self.cfg, self._before
-        layers = self._layer_target()
-        if layers is not None:
-            return size.layers - layers
+    def _first_unit(self) -> str | None:
+        """What the first target given counts: ``layers``, ``macs`` or ``params`` (None: no
+        target)."""
+        cfg = self.cfg
+        if cfg.target_layers is not None:
+            return "layers"
         if cfg.target_macs is not None:
+            return "macs"
+        return "params" if cfg.target_params is not None else None
+
+    def _still_needed(self, size: _Size) -> float | None:
+        """What the first target given still needs removed from ``size`` (in the unit
+        ``_priority`` counts), None when no target is set."""
+        cfg, before = self.cfg, self._before
+        unit = self._first_unit()
+        if unit == "layers":
+            layers = self._layer_target()
+            assert layers is not None
+            return size.layers - layers
+        if unit == "macs":
+            assert cfg.target_macs is not None
             return size.macs - cfg.target_macs * before.macs
-        if cfg.target_params is not None:
+        if unit == "params":
+            assert cfg.target_params is not None
             return size.params - cfg.target_params * before.params
         return None
 

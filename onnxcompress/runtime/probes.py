@@ -73,6 +73,17 @@ def truncated(model: ir.Model, name: str) -> ir.Model:
     return probe
 
 
+def input_probe(model: ir.Model, node: ir.Node) -> ir.Model:
+    """A copy of ``model`` computing what ``node`` multiplies by its weight: a Conv's im2col
+    patches (``patch_probe``), a Gemm's or MatMul's input (``truncated``)."""
+    if node.op_type == "Conv":
+        assert node.name is not None
+        return patch_probe(model, node.name)
+    source = node.inputs[0]
+    assert source is not None and source.name is not None
+    return truncated(model, source.name)
+
+
 def pair_statistics(
     source_model: ir.Model,
     target_model: ir.Model,
@@ -150,4 +161,4 @@ def _sample_positions(
     )
 
 
-__all__ = ["pair_statistics", "patch_probe", "second_moment", "truncated"]
+__all__ = ["input_probe", "pair_statistics", "patch_probe", "second_moment", "truncated"]
