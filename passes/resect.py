@@ -102,10 +102,17 @@ class ResectConfig(PassConfig, TrainingOptions):
         retries: undone stages in a row before the run stops. After an undone stage the run
             tries a smaller step: half the candidates of a multi-candidate stage, or the next
             candidate in the ranking after a single one.
+        final_share: with ``time_budget_s`` and a final distillation, this fraction of the
+            budget is kept for the final distillation: once a stage has been taken, no stage
+            starts that would leave it less, and stage training runs share only what lies
+            before it. A stage taken within ``slack`` is only won back by that distillation;
+            a run whose stages spend the whole budget keeps an earlier, larger state.
         kinds: which candidates to consider: ``branch``, ``block``, ``layer``
             (``;``-separated on the command line).
         exclude: node-name patterns (fnmatch) never removed.
-        per_stage: candidates cut per stage.
+        per_stage: candidates cut per stage, at the least. Under ``time_budget_s``, once a
+            stage's wall time is measured, a stage cuts more when the time before the final
+            distillation's share holds fewer stages than the ranking says the target needs.
         max_stages: stop after this many stages (0: no limit).
         ridge: ridge term of the bridge fits, relative to the mean input energy.
         rank_samples: calibration images used for the significance ranking and bridge fits
@@ -139,6 +146,7 @@ class ResectConfig(PassConfig, TrainingOptions):
     max_drop: float = 1.5
     slack: float = 1.0
     retries: int = 2
+    final_share: float = 0.2
     kinds: tuple[str, ...] = KINDS
     exclude: tuple[str, ...] = ()
     per_stage: int = 1
@@ -173,6 +181,8 @@ class ResectConfig(PassConfig, TrainingOptions):
             raise PassConfigError(
                 f"slack={self.slack} (points of top-1) and retries={self.retries} must be >= 0"
             )
+        if not 0.0 <= self.final_share < 1.0:
+            raise PassConfigError(f"final_share={self.final_share} must be in [0, 1)")
         if self.per_stage < 1 or self.max_stages < 0 or self.rank_samples < 1:
             raise PassConfigError("per_stage and rank_samples must be >= 1, max_stages >= 0")
         if min(self.epochs, self.layer_epochs, self.final_epoch_count) < 0:
@@ -316,6 +326,7 @@ class IncrementalResection(CompressionPass[ResectConfig]):
             f"{reference_top1:.2f}% on {len(val)} images ({val.name})"
         )
         training = StageTraining(cfg, self.context, deadline, self._times, self._say)
+        training.reserve_s = self._final_reserve()
         training.planned_epochs = self._plan_epochs(ranking, before)
         current, current_size = model, before
         # The last state within max_drop: what the pass keeps if the result ends beyond it.
@@ -329,18 +340,27 @@ class IncrementalResection(CompressionPass[ResectConfig]):
             if cfg.max_stages and stage >= cfg.max_stages:
                 stop_reason = f"max_stages={cfg.max_stages} reached"
                 break
-            if not deadline.fits(self._times.stage_minimum()):
-                stop_reason = f"time_budget_s={cfg.time_budget_s} holds no further stage"
+            # Once a stage is taken, the final distillation's share is not the stages' to spend:
+            # it is what wins back the points a stage took within slack.
+            reserve = training.reserve_s if current is not model else 0.0
+            if not deadline.fits(self._times.stage_minimum() + reserve):
+                stop_reason = f"time_budget_s={cfg.time_budget_s} holds no further stage" + (
+                    f" before the final distillation's share ({reserve:.0f} s)" if reserve else ""
+                )
                 break
+            stage_start = deadline.spent()
             if stage > 0 and cfg.rerank and undone_in_a_row == 0:
                 with deadline.phase("ranking"):
                     ranking = trials.rerank(current, ranking, x_rank, report)
-                training.planned_epochs = training.spent_epochs + self._plan_epochs(
-                    ranking, current_size
-                )
             # A cut that does not shrink what the target measures (a layer swapped for its
             # bridge when layers are counted) only costs accuracy.
             self._needed = self._still_needed(current_size)
+            if undone_in_a_row == 0:
+                step = self._stage_step(ranking, current_size, training.reserve_s)
+                if stage > 0:
+                    training.planned_epochs = training.spent_epochs + self._plan_epochs(
+                        ranking, current_size, step
+                    )
             order = [row["key"] for row in self._ordered(ranking)]
             available = self._search(current).by_key()
             picks = [k for k in order if k in available and k not in tried][:step]
@@ -379,6 +399,7 @@ class IncrementalResection(CompressionPass[ResectConfig]):
                 params=size.params,
                 seconds=round(deadline.spent(), 1),
             )
+            self._times.stage = deadline.spent() - stage_start
             drop = reference_top1 - top1
             record["accepted"] = drop <= cfg.max_drop + cfg.stage_slack
             record["within_max_drop"] = drop <= cfg.max_drop
@@ -606,15 +627,46 @@ class IncrementalResection(CompressionPass[ResectConfig]):
 
     # -- planning ----------------------------------------------------------------------------
 
-    def _plan_epochs(self, ranking: list[dict[str, Any]], size: _Size) -> int:
+    def _plan_epochs(
+        self, ranking: list[dict[str, Any]], size: _Size, per_stage: int | None = None
+    ) -> int:
         """Training epochs still expected from ``size`` on, for sharing ``time_budget_s``."""
         cfg = self.cfg
-        stages = self._expected_stages(ranking, size)
+        stages = self._expected_stages(ranking, size, per_stage or cfg.per_stage)
         final = max(cfg.final_epoch_count, 1) if cfg.final_distillation else 0
         return stages * (cfg.epochs + cfg.layer_epochs) + final
 
-    def _expected_stages(self, ranking: list[dict[str, Any]], start: _Size) -> int:
+    def _final_reserve(self) -> float:
+        """Seconds of ``time_budget_s`` kept for the final distillation (0: none follows)."""
+        cfg = self.cfg
+        if cfg.time_budget_s is None or not cfg.final_distillation:
+            return 0.0
+        return cfg.final_share * cfg.time_budget_s
+
+    def _stage_step(self, ranking: list[dict[str, Any]], size: _Size, reserve: float) -> int:
+        """Candidates the next stage cuts: ``per_stage``, or more when the time before the
+        final distillation's share holds fewer stages (at the last stage's measured wall time)
+        than the ranking says the target still needs, one candidate a stage. A stage's wall
+        time hardly depends on its cuts (its training runs get a share of the time), so fewer,
+        larger stages are how a budget reaches its target."""
         per_stage = self.cfg.per_stage
+        seconds = self._times.stage
+        if not self._deadline.limited or seconds <= 0:
+            return per_stage
+        affordable = max(1, int((self._deadline.remaining() - reserve) // seconds))
+        needed = self._expected_stages(ranking, size, 1)
+        step = max(per_stage, -(-needed // affordable))
+        if step > per_stage:
+            self._say(
+                f"resect: the target needs about {needed} more cuts and the budget holds "
+                f"{affordable} more stage(s) of ~{seconds:.0f} s: {step} cuts a stage"
+            )
+        return step
+
+    def _expected_stages(
+        self, ranking: list[dict[str, Any]], start: _Size, per_stage: int | None = None
+    ) -> int:
+        per_stage = per_stage or self.cfg.per_stage
         useful = self._ordered(ranking)
         size = dataclasses.replace(start)
         stages = 0

@@ -45,10 +45,13 @@ class WorkTimes:
         validation: the slowest validation so far (the machine's load may change): what is
             kept back for each validation that must follow.
         trial: the slowest trial cut (with its bridge fit and logits) of the rankings so far.
+        stage: the wall time of the last stage (re-ranking, cuts, training, validations); 0
+            before the first.
     """
 
     validation: float = 0.0
     trial: float = 0.0
+    stage: float = 0.0
 
     def stage_minimum(self) -> float:
         """Seconds a stage needs at the least: a cut with its bridge fit (about a trial cut of
@@ -72,6 +75,8 @@ class StageTraining:
         spent_epochs: epochs of the runs started so far.
         throughput: the whole-network training speed (images/s) last measured, or None.
         skipped: why the last run that was skipped could not hold its minimum.
+        reserve_s: seconds at the end of the budget kept for the final distillation: the
+            stages' training runs share only what lies before them.
     """
 
     def __init__(
@@ -91,14 +96,17 @@ class StageTraining:
         self.spent_epochs = 0
         self.throughput: float | None = None
         self.skipped = ""
+        self.reserve_s = 0.0
         self._floor: float | None = None
 
-    def time_left(self, validations: int = 2) -> float | None:
+    def time_left(self, validations: int = 2, final: bool = False) -> float | None:
         """Seconds left for training (None: no budget), keeping back the ``validations`` that
-        follow (a stage's after its training, and the final one) and handing the model back."""
+        follow (a stage's after its training, and the final one) and handing the model back;
+        for a stage (not ``final``) also the final distillation's share."""
         if not self._deadline.limited:
             return None
-        return self._deadline.remaining() - validations * self._times.validation - FINISH_SECONDS
+        kept = validations * self._times.validation + FINISH_SECONDS
+        return self._deadline.remaining() - kept - (0.0 if final else self.reserve_s)
 
     def _budget(self, epochs: int, floor: float = 0.0, runs_after: int = 0) -> float | None:
         """A stage run's share of what is left of ``time_budget_s``: in proportion to the
@@ -189,13 +197,19 @@ class StageTraining:
         cfg = self.cfg
         if train is None or not cfg.trains:
             return student
+        # Several cuts in one stage: one cut's neighbours (or hinted tensor) may be what
+        # another cut of the stage removed.
         student_inputs = {v.name for v in student.graph.inputs}
+        nodes = {n.name for n in student.graph}
+        produced = {v.name for n in student.graph for v in n.outputs}
         pairs = tuple(
             (c.teacher_tensor, c.student_tensor)
             for c in cuts
-            if c.student_tensor not in student_inputs
+            if c.student_tensor not in student_inputs and c.student_tensor in produced
         )
-        trainable = tuple(dict.fromkeys(name for c in cuts for name in c.neighbours))
+        trainable = tuple(
+            dict.fromkeys(name for c in cuts for name in c.neighbours if name in nodes)
+        )
         if cfg.layer_epochs > 0 and pairs and trainable:
             result = self._finetune(
                 student,
@@ -245,7 +259,7 @@ class StageTraining:
         cfg = self.cfg
         if train is None:
             return current
-        epochs, budget = max(cfg.final_epoch_count, 1), self.time_left(validations=1)
+        epochs, budget = max(cfg.final_epoch_count, 1), self.time_left(validations=1, final=True)
         if budget is not None:
             if budget < MIN_FINAL_SECONDS:
                 self._say(f"final distillation skipped: {max(budget, 0):.0f} s of the budget left")

@@ -594,6 +594,68 @@ def test_training_that_does_not_fit_its_share_is_skipped_and_a_rerank_that_does_
     assert "loss" in unhurried["layers"][0]["overall_learning"]
 
 
+def test_the_final_distillation_keeps_its_share_and_stages_cut_more_to_fit_the_budget(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Four cuts to the target, stages of ~4 s in a 20 s budget: without a share for the final
+    distillation the stages spend all but ~2 s of it; with final_share=0.3 (6 s) the stages
+    that the time before the share holds cut two candidates at once, the target is still met
+    and the final distillation gets at least its share (less its validation and the hand-back)."""
+    budget, share = 20.0, 0.3
+    options: dict[str, Any] = dict(
+        kinds="branch;layer", target_layers=2, epochs=1, layer_epochs=1, batch_size=16
+    )
+
+    def run_with(final_share: float) -> dict:
+        clock = work_clock(monkeypatch, step=0.6)
+        model = three_block_resnet()
+        x = calibration(model, 48)
+        return resect(
+            model, x, clock=clock, time_budget_s=budget, final_share=final_share, **options
+        )
+
+    spent_by_stages = run_with(0.0)
+    assert spent_by_stages["summary"]["final_learning"]["budget_s"] < budget * share - 1.2
+    assert all(len(stage["cuts"]) == 1 for stage in spent_by_stages["layers"])
+    kept = run_with(share)
+    summary = kept["summary"]
+    assert summary["target_met"]
+    assert summary["final_learning"]["budget_s"] >= budget * share - 1.2
+    assert max(len(stage["cuts"]) for stage in kept["layers"]) == 2
+    assert len(kept["layers"]) < len(spent_by_stages["layers"])
+    assert summary["time"]["spent_s"] <= budget + 0.6 + 1e-9  # at most one step past it
+
+
+def test_a_stage_cuts_as_many_candidates_as_the_time_left_needs() -> None:
+    """Four cuts of 15 % to target_macs=0.5; stages of 25 s measured. 60 s left with 20 s kept
+    for the final distillation hold one stage: it cuts all four; 100 s hold three: two a
+    stage. Before a stage is measured, and without a budget, ``per_stage``."""
+    from onnxcompress.deadline import Deadline
+    from onnxcompress.passes.resect import _Size
+    from onnxcompress.passes.resect_training import WorkTimes
+
+    rows = [
+        {"key": f"cut{i}", "kl": 0.1 * (i + 1), "macs_removed": 150, "layers_removed": 1}
+        for i in range(5)
+    ]
+    for row in rows:
+        row["params_removed"] = 1
+    size = _Size(layers=20, macs=1000, params=100)
+    resect = create_pass("resect", {"target_macs": 0.5}, PassContext())
+    resect._before = size
+    resect._needed = resect._still_needed(size)
+    resect._times = WorkTimes()
+    clock = ManualClock()
+    resect._deadline = Deadline(100.0, clock=clock)
+    assert resect._stage_step(rows, size, reserve=20.0) == 1  # no stage measured yet
+    resect._times.stage = 25.0
+    assert resect._stage_step(rows, size, reserve=20.0) == 2
+    clock.advance(40.0)
+    assert resect._stage_step(rows, size, reserve=20.0) == 4
+    resect._deadline = Deadline(None, clock=clock)
+    assert resect._stage_step(rows, size, reserve=20.0) == 1
+
+
 def test_final_distillation_hints_at_the_shared_feature_maps() -> None:
     """The hint pairs are, per feature-map shape a conv makes, the student's last tensor that the
     original computes under the same name and shape; the final distillation trains with them."""
@@ -689,6 +751,8 @@ def test_bad_options_are_rejected() -> None:
         create_pass("resect", {"final_lr": "0"})
     with pytest.raises(PassConfigError, match="final_hint_weight"):
         create_pass("resect", {"final_hint_weight": "-1"})
+    with pytest.raises(PassConfigError, match="final_share"):
+        create_pass("resect", {"final_share": "1"})
     with pytest.raises(PassConfigError, match="needs data"):
         create_pass("resect", {})(two_block_resnet())
 
