@@ -363,7 +363,7 @@ class IncrementalResection(CompressionPass[ResectConfig]):
                     )
             order = [row["key"] for row in self._ordered(ranking)]
             available = self._search(current).by_key()
-            picks = [k for k in order if k in available and k not in tried][:step]
+            picks = _disjoint([k for k in order if k not in tried], available, step)
             if not picks:
                 # After undone stages, the last rejection is why the run stopped.
                 stop_reason = "; ".join(r for r in (stop_reason, "no candidates left") if r)
@@ -515,15 +515,18 @@ class IncrementalResection(CompressionPass[ResectConfig]):
                 option, goal, reached, tolerance=TARGET_TOLERANCE, reason=why if short else coarse
             )
 
-    def _met(self, size: _Size) -> bool:
+    def _met(self, size: _Size, tolerance: float = 0.0) -> bool:
+        """Whether ``size`` meets every target; ``tolerance``: a MAC or parameter fraction
+        counts within this much above its target (layer counts are exact)."""
         cfg, before = self.cfg, self._before
         layers = self._layer_target()
         if layers is not None and size.layers > layers:
             return False
-        if cfg.target_macs is not None and size.macs > cfg.target_macs * before.macs:
+        macs = cfg.target_macs
+        if macs is not None and size.macs > (macs + tolerance) * before.macs:
             return False
         params = cfg.target_params
-        return params is None or size.params <= params * before.params
+        return params is None or size.params <= (params + tolerance) * before.params
 
     def _useful(self, row: dict[str, Any]) -> bool:
         cfg = self.cfg
@@ -654,7 +657,9 @@ class IncrementalResection(CompressionPass[ResectConfig]):
         if not self._deadline.limited or seconds <= 0:
             return per_stage
         affordable = max(1, int((self._deadline.remaining() - reserve) // seconds))
-        needed = self._expected_stages(ranking, size, 1)
+        # Counted to the target within its tolerance (as check_targets judges the result):
+        # the stages after may still go further when time is left.
+        needed = self._expected_stages(ranking, size, 1, TARGET_TOLERANCE)
         step = max(per_stage, -(-needed // affordable))
         if step > per_stage:
             self._say(
@@ -664,14 +669,18 @@ class IncrementalResection(CompressionPass[ResectConfig]):
         return step
 
     def _expected_stages(
-        self, ranking: list[dict[str, Any]], start: _Size, per_stage: int | None = None
+        self,
+        ranking: list[dict[str, Any]],
+        start: _Size,
+        per_stage: int | None = None,
+        tolerance: float = 0.0,
     ) -> int:
         per_stage = per_stage or self.cfg.per_stage
         useful = self._ordered(ranking)
         size = dataclasses.replace(start)
         stages = 0
         for first in range(0, len(useful), per_stage):
-            if self._met(size):
+            if self._met(size, tolerance):
                 break
             for row in useful[first : first + per_stage]:
                 size.layers -= row["layers_removed"]
@@ -686,6 +695,26 @@ class IncrementalResection(CompressionPass[ResectConfig]):
         logger.info(message)
         if self.context.progress:
             print(message, file=sys.stderr, flush=True)
+
+
+def _disjoint(order: list[str], available: dict[str, Any], count: int) -> list[str]:
+    """The first ``count`` keys of ``order`` that are candidates now and share no node with
+    an earlier pick: a layer inside a block cut in the same stage would be counted twice, and
+    each was ranked alone."""
+    picks: list[str] = []
+    taken: set[int] = set()
+    for key in order:
+        candidate = available.get(key)
+        if candidate is None:
+            continue
+        nodes = {id(node) for node in candidate.nodes}
+        if nodes & taken:
+            continue
+        picks.append(key)
+        taken |= nodes
+        if len(picks) == count:
+            break
+    return picks
 
 
 __all__ = ["IncrementalResection", "ResectConfig"]

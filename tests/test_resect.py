@@ -656,6 +656,21 @@ def test_a_stage_cuts_as_many_candidates_as_the_time_left_needs() -> None:
     assert resect._stage_step(rows, size, reserve=20.0) == 1
 
 
+def test_a_stage_never_cuts_two_candidates_that_share_a_node() -> None:
+    """A layer inside a branch cut in the same stage would be counted twice (each was ranked
+    alone): the stage skips it and takes the next disjoint candidate."""
+    from onnxcompress.graph.canonicalize import infer_shapes
+    from onnxcompress.passes.resect import _disjoint
+
+    model = two_block_resnet()
+    infer_shapes(model)
+    available = find_candidates(model, kinds=("branch", "layer")).by_key()
+    order = ["branch:add_12_out", "layer:relu_8_out", "layer:conv_11_out", "layer:relu_17_out"]
+    assert _disjoint(order, available, 2) == ["branch:add_12_out", "layer:relu_17_out"]
+    assert _disjoint(["gone", *order], available, 1) == ["branch:add_12_out"]
+    assert _disjoint(order[1:], available, 3) == order[1:]
+
+
 def test_final_distillation_hints_at_the_shared_feature_maps() -> None:
     """The hint pairs are, per feature-map shape a conv makes, the student's last tensor that the
     original computes under the same name and shape; the final distillation trains with them."""
